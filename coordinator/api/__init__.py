@@ -1,0 +1,1 @@
+"""The HTTP edge: quart-trio routes over one shared preprocessing path."""

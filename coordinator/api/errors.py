@@ -1,0 +1,46 @@
+"""Rendering errors in the shape each API family's clients expect."""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+from coordinator.errors import ApiError
+
+
+class Family(enum.Enum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+# Anthropic's documented error types, by status.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "api_error",
+}
+
+
+def error_body(error: ApiError, family: Family) -> dict[str, Any]:
+    if family is Family.ANTHROPIC:
+        kind = _ANTHROPIC_TYPES.get(error.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return {"error": {"message": error.message, "type": error.type, "code": error.code,
+                      "param": None}}
+
+
+def error_headers(error: ApiError) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    return headers
+
+
+def error_json(error: ApiError, family: Family) -> str:
+    return json.dumps(error_body(error, family))

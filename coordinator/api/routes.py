@@ -1,0 +1,272 @@
+"""HTTP routes. Every inference route goes through :func:`Api.inference`, one path.
+
+The walk: auth -> size limit -> tool-schema normalization -> parse and
+validate -> traits -> dispatch (fail-fast, queue, attempts, commit) ->
+stream or assemble. Headers only leave once the dispatch has committed:
+the handler does not return until then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from coordinator import errors
+from coordinator.config import Config
+from coordinator.dispatch.attempt import (
+    Committed,
+    Dispatcher,
+    RequestContext,
+    Timing,
+    plaintext_body,
+)
+from coordinator.dispatch.chunks import Endpoint
+from coordinator.dispatch.relay import InBandError, collect, relay
+from coordinator.metrics import Metrics
+from coordinator.registry.actor import CANCELLED, RegistryClient
+from coordinator.registry.table import Job
+from coordinator.registry.traits import estimate_prompt_tokens, traits_of
+from coordinator.toolschema import normalize_tool_schemas
+
+from . import sse
+from .assemble import assemble
+from .errors import Family, error_body, error_headers
+from .requests import parse_body, validate
+
+log = logging.getLogger(__name__)
+outcomes = logging.getLogger("coordinator.requests")
+
+CLEANUP_KEY = "coordinator.cleanup"
+Cleanup = Callable[[], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Api:
+    config: Config
+    registry: RegistryClient
+    dispatcher: Dispatcher
+    metrics: Metrics
+
+    # -- auth
+    def _authorized(self, keys: tuple[str, ...]) -> bool:
+        if not keys:
+            return True
+        offered = request.headers.get("x-api-key", "")
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            offered = auth[7:].strip()
+        return bool(offered) and any(secrets.compare_digest(offered, k) for k in keys)
+
+    # -- the one inference path
+    async def inference(self, endpoint: Endpoint) -> Response:
+        family = Family.ANTHROPIC if endpoint is Endpoint.MESSAGES else Family.OPENAI
+        timing = Timing(started=trio.current_time())
+        request_id = uuid.uuid4().hex[:16]
+        record: dict[str, Any] = {"request_id": request_id, "route": endpoint.value}
+        try:
+            response = await self._inference(endpoint, timing, request_id, record)
+        except errors.ApiError as exc:
+            record.update(result="error", status=exc.status, error=exc.code or exc.type)
+            response = error_response(exc, family)
+        finally:
+            record["latency_ms"] = round((trio.current_time() - timing.started) * 1000, 3)
+            record.setdefault("result", "cancelled")
+            outcomes.info(json.dumps(record))
+        self.metrics.requests.labels(endpoint.value, str(response.status_code)).inc()
+        return response
+
+    async def _inference(
+        self, endpoint: Endpoint, timing: Timing, request_id: str, record: dict[str, Any]
+    ) -> Response:
+        if not self._authorized(self.config.api_keys):
+            raise errors.unauthorized()
+        raw = await _read_body(self.config.max_body_bytes)
+        raw = normalize_tool_schemas(raw)
+        parsed = validate(endpoint, parse_body(raw))
+        record["model"] = parsed.model
+        job = Job(
+            request_id=request_id,
+            model=parsed.model,
+            traits=traits_of(parsed.body),
+            prompt_tokens=estimate_prompt_tokens(len(raw)),
+            max_tokens=parsed.max_tokens,
+            allowlist=parsed.allowlist,
+        )
+        ctx = RequestContext(job, endpoint, plaintext_body(parsed.body, endpoint), parsed.stream,
+                             timing)
+        timing.parse = trio.current_time() - timing.started
+        try:
+            committed = await self.dispatcher.dispatch(ctx)
+        finally:
+            record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
+        self._on_request_end(committed)
+        record["provider"] = committed.racer.lease.provider_id
+        headers = {
+            "X-Provider-Id": committed.racer.lease.provider_id,
+            "X-Provider-Version": committed.racer.lease.version,
+            "X-Attempts": str(committed.attempts),
+            "X-Timing": timing.header(),
+            "X-Request-Id": request_id,
+        }
+        if not parsed.stream:
+            chunks, usage = await collect(self.dispatcher, committed)
+            record.update(result="success", status=200)
+            body = assemble(endpoint, chunks, usage, request_id)
+            return Response(json.dumps(body), 200, headers, content_type="application/json")
+        record.update(result="streaming", status=200)
+        response = Response(
+            self._sse(endpoint, committed),
+            200,
+            {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            content_type="text/event-stream",
+        )
+        response.timeout = None
+        return response
+
+    def _on_request_end(self, committed: Committed) -> None:
+        """Make sure the winner is released even if its body is never iterated."""
+        cleanups: list[Cleanup] | None = request.scope.get(CLEANUP_KEY)
+        if cleanups is not None:
+            cleanups.append(
+                lambda: self.dispatcher.close_winner(committed, CANCELLED, cancel=True))
+
+    async def _sse(self, endpoint: Endpoint, committed: Committed) -> AsyncIterator[bytes]:
+        items = relay(self.dispatcher, committed)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, InBandError):
+                    self.metrics.inband_errors.labels(item.reason).inc()
+                    log.warning("in-band error after content on %s: %s",
+                                committed.racer.lease.provider_id, item.message)
+                data = sse.frame(endpoint, item)
+                if data:
+                    yield data
+
+    # -- the rest of the surface
+    async def models(self) -> Response:
+        if not self._authorized(self.config.api_keys):
+            return error_response(errors.unauthorized(), Family.OPENAI)
+        snapshot = await self.registry.snapshot()
+        served = sorted({m["id"] for p in snapshot["providers"] for m in p["models"]})
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "coordinator"}
+                for m in served]
+        return json_response({"object": "list", "data": data})
+
+    async def healthz(self) -> Response:
+        snapshot = await self.registry.snapshot()
+        return json_response({"status": "ok", "providers": len(snapshot["providers"]),
+                              "queue_depth": snapshot["queue_depth"]})
+
+    async def metrics_page(self) -> Response:
+        return Response(self.metrics.render(), 200,
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def admin_providers(self) -> Response:
+        if not self.config.admin_keys or not self._authorized(self.config.admin_keys):
+            return error_response(errors.ApiError(
+                403 if not self.config.admin_keys else 401,
+                "admin key required", "authentication_error", "admin_only"), Family.OPENAI)
+        return json_response(await self.registry.snapshot())
+
+
+async def _read_body(limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise errors.too_large(limit)
+    try:
+        raw: bytes = await request.get_data(cache=False, as_text=False)
+    except HTTPException as exc:
+        if exc.code == 413:
+            raise errors.too_large(limit) from None
+        raise errors.bad_request(f"could not read the request body: {exc.description}") from None
+    if len(raw) > limit:
+        raise errors.too_large(limit)
+    return raw
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status, content_type="application/json")
+
+
+def error_response(error: errors.ApiError, family: Family) -> Response:
+    return Response(json.dumps(error_body(error, family)), error.status, error_headers(error))
+
+
+def create_app(api: Api) -> QuartTrio:
+    app = QuartTrio(__name__)
+    # Streams may legitimately run for the whole inference budget; the
+    # dispatcher's idle timeout bounds them, not Quart's 60 s default.
+    app.config.update(
+        RESPONSE_TIMEOUT=None,
+        BODY_TIMEOUT=60,
+        MAX_CONTENT_LENGTH=api.config.max_body_bytes,
+    )
+
+    def route(endpoint: Endpoint) -> Callable[[], Awaitable[Response]]:
+        async def handler() -> Response:
+            return await api.inference(endpoint)
+
+        handler.__name__ = f"inference_{endpoint.name.lower()}"
+        return handler
+
+    for endpoint in Endpoint:
+        app.add_url_rule(endpoint.value, view_func=route(endpoint), methods=["POST"])
+    app.add_url_rule("/v1/models", view_func=api.models, methods=["GET"])
+    app.add_url_rule("/healthz", view_func=api.healthz, methods=["GET"])
+    app.add_url_rule("/metrics", view_func=api.metrics_page, methods=["GET"])
+    app.add_url_rule("/v1/admin/providers", view_func=api.admin_providers, methods=["GET"])
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        return error_response(errors.ApiError(
+            status, exc.description or exc.name, "invalid_request_error",
+            kinds.get(status, "http_error")), family)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
+        return error_response(errors.ApiError(500, "internal error", "server_error",
+                                              "internal_error"), family)
+
+    return app
+
+
+class RequestCleanup:
+    """ASGI wrapper: run each request's registered cleanups once the response is done.
+
+    Quart sends headers and then iterates the body; a consumer that leaves in
+    between would leave the committed provider's slot held. Cleanups are
+    idempotent, so the normal path (the relay's own ``finally``) and this
+    one can both run.
+    """
+
+    def __init__(self, app: QuartTrio) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        cleanups: list[Cleanup] = []
+        scope[CLEANUP_KEY] = cleanups
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                for cleanup in cleanups:
+                    await cleanup()

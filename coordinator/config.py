@@ -1,0 +1,106 @@
+"""Configuration: one frozen attrs value, built from defaults, environment and flags.
+
+Every knob is documented in docs/configuration.md; keep the two in step.
+Environment variables are ``COORDINATOR_<FIELD>`` (upper case); list-valued
+fields take comma-separated values; ``capability_floors`` takes
+``trait=version`` pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+
+def _floors(value: Any) -> Mapping[str, str]:
+    if isinstance(value, str):
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        out: dict[str, str] = {}
+        for pair in pairs:
+            trait, sep, version = pair.partition("=")
+            if not sep:
+                raise ValueError(f"capability floor {pair!r} is not trait=version")
+            out[trait.strip()] = version.strip()
+        return out
+    return dict(value)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)
+
+
+@attrs.frozen
+class Config:
+    # -- listeners
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    provider_host: str = "127.0.0.1"
+    provider_port: int = 8001
+    # -- credentials
+    api_keys: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    admin_keys: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    provider_tokens: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    # -- limits
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_frame_bytes: int = 4 * 1024 * 1024
+    request_buffer_chunks: int = 256
+    # -- dispatch budgets (seconds)
+    max_attempts: int = 3
+    ttft_base: float = 5.0
+    ttft_per_prompt_token: float = 0.001
+    backup_fraction: float = 0.5
+    speculative_backup: bool = True
+    preamble_timeout: float = 90.0
+    inference_timeout: float = 600.0
+    idle_timeout: float = 600.0
+    max_held_chunks: int = 8
+    cancel_send_timeout: float = 2.0
+    # -- routing health
+    breaker_strikes: int = 2
+    breaker_window: float = 60.0
+    breaker_cooldown: float = 300.0
+    capability_floors: Mapping[str, str] = attrs.field(
+        factory=lambda: {"tools": "0.6.3"}, converter=_floors
+    )
+    model_memory_fraction: float = 0.9
+    # -- queue
+    queue_max: int = 256
+    queue_timeout: float = 120.0
+    # -- providers
+    default_provider_slots: int = 8
+    register_timeout: float = 10.0
+    challenge_interval: float = 300.0
+    challenge_timeout: float = 10.0
+    heartbeat_timeout: float = 90.0
+    # -- misc
+    seed: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults, then ``COORDINATOR_*`` variables, then explicit overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            raw = environ.get(f"COORDINATOR_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = _parse(field, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
+    kind = field.type
+    if kind in ("int", int):
+        return int(raw)
+    if kind in ("float", float):
+        return float(raw)
+    if kind in ("bool", bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind in ("int | None",):
+        return int(raw) if raw else None
+    return raw

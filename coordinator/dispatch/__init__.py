@@ -1,0 +1,1 @@
+"""Dispatch: attempts, racers, deferred commit and the post-commit relay."""

@@ -1,0 +1,115 @@
+"""End-to-end encryption (NaCl box over X25519) and challenge signatures (Ed25519).
+
+A request gets a fresh ephemeral key pair; the body is boxed to the provider's
+registered public key and the provider boxes every response chunk back to the
+ephemeral public key. Ciphertext on the wire is base64(24-byte nonce || box),
+which is exactly what ``Box.encrypt`` returns. The shared key is computed once
+per request (``Box`` precomputes it), so each chunk costs one secretbox open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import attrs
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+
+from coordinator.protocol.messages import EncryptedPayload
+
+
+class DecryptError(ValueError):
+    """Ciphertext that is malformed, tampered with, or boxed to another key."""
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DecryptError(f"bad base64: {exc}") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def load_public_key(text: str) -> nacl.public.PublicKey:
+    """Parse a base64 X25519 public key, raising ``ValueError`` when it is not one."""
+    raw = _b64decode(text)
+    if len(raw) != nacl.public.PublicKey.SIZE:
+        raise ValueError(f"public key must be {nacl.public.PublicKey.SIZE} bytes")
+    return nacl.public.PublicKey(raw)
+
+
+@attrs.define(eq=False)
+class RequestCipher:
+    """The coordinator's side of one request: seal the body, open the chunks."""
+
+    provider_key: nacl.public.PublicKey
+    _ephemeral: nacl.public.PrivateKey = attrs.field(factory=nacl.public.PrivateKey.generate)
+    _box: nacl.public.Box = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._box = nacl.public.Box(self._ephemeral, self.provider_key)
+
+    def seal_body(self, plaintext: bytes) -> EncryptedPayload:
+        return EncryptedPayload(
+            ephemeral_public_key=_b64(bytes(self._ephemeral.public_key)),
+            ciphertext=_b64(bytes(self._box.encrypt(plaintext))),
+        )
+
+    def open_chunk(self, payload: EncryptedPayload) -> str:
+        try:
+            plain = self._box.decrypt(_b64decode(payload.ciphertext))
+            return plain.decode("utf-8")
+        except (nacl.exceptions.CryptoError, ValueError, UnicodeDecodeError) as exc:
+            raise DecryptError(f"chunk does not decrypt: {exc}") from None
+
+
+@attrs.define(eq=False)
+class ResponseSealer:
+    """The provider's side of one request: seal each chunk back to the requester."""
+
+    provider_public_key: str
+    _box: nacl.public.Box
+
+    def seal(self, text: str) -> EncryptedPayload:
+        return EncryptedPayload(
+            ephemeral_public_key=self.provider_public_key,
+            ciphertext=_b64(bytes(self._box.encrypt(text.encode("utf-8")))),
+        )
+
+
+def open_request(
+    provider_key: nacl.public.PrivateKey, payload: EncryptedPayload
+) -> tuple[bytes, ResponseSealer]:
+    """Provider side: decrypt a request body; return it and a sealer for the replies."""
+    try:
+        requester = load_public_key(payload.ephemeral_public_key)
+        box = nacl.public.Box(provider_key, requester)
+        body = box.decrypt(_b64decode(payload.ciphertext))
+    except (nacl.exceptions.CryptoError, ValueError) as exc:
+        raise DecryptError(f"request does not decrypt: {exc}") from None
+    sealer = ResponseSealer(_b64(bytes(provider_key.public_key)), box)
+    return body, sealer
+
+
+def _challenge_message(nonce: str, timestamp: float) -> bytes:
+    return f"{nonce}:{timestamp!r}".encode()
+
+
+def sign_challenge(key: nacl.signing.SigningKey, nonce: str, timestamp: float) -> str:
+    """Provider side: prove possession of the registered signing key."""
+    return _b64(key.sign(_challenge_message(nonce, timestamp)).signature)
+
+
+def verify_challenge(verify_key_b64: str, nonce: str, timestamp: float, signature: str) -> bool:
+    """Coordinator side: True only for a valid signature by the registered key."""
+    try:
+        key = nacl.signing.VerifyKey(_b64decode(verify_key_b64))
+        key.verify(_challenge_message(nonce, timestamp), _b64decode(signature))
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
+        return False
+    return True

@@ -1,0 +1,245 @@
+"""Protocol messages: attrs classes, one cattrs converter, one frame codec.
+
+Every frame is a JSON text object with a ``type`` discriminator. Decoding is
+strict (unknown type, wrong field types, oversized frames all raise
+:class:`FrameError`) so the provider edge can reject one frame and keep the
+connection; unknown *fields* are ignored so newer providers can add some.
+Optional fields are omitted on encode when unset: ``template_render_ok`` is
+tri-state and ``false`` must go on the wire, ``None`` must not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+
+
+class FrameError(ValueError):
+    """A frame that cannot be turned into a message. Reject it, keep the socket."""
+
+
+@attrs.frozen
+class Hardware:
+    machine_model: str = ""
+    chip_name: str = ""
+    memory_gb: float = 0.0
+
+
+@attrs.frozen
+class ModelInfo:
+    id: str
+    size_bytes: int = 0
+    model_type: str = ""
+    quantization: str = ""
+    is_vision: bool | None = None
+    # Tri-state: None = no opinion (old provider), False = fenced off.
+    template_render_ok: bool | None = None
+
+
+@attrs.frozen
+class EncryptedPayload:
+    ephemeral_public_key: str
+    ciphertext: str
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# ---- provider -> coordinator -------------------------------------------------
+
+
+@attrs.frozen
+class Register:
+    TYPE = "register"
+    hardware: Hardware
+    models: tuple[ModelInfo, ...]
+    backend: str
+    version: str
+    public_key: str
+    auth_token: str
+    encrypted_response_chunks: bool = True
+    decode_tps: float = 0.0
+    prefill_tps: float = 0.0
+    # Extensions of this coordinator (documented in docs/protocol.md).
+    provider_id: str | None = None
+    signing_public_key: str | None = None
+    max_concurrency: int | None = None
+
+
+@attrs.frozen
+class Heartbeat:
+    TYPE = "heartbeat"
+
+
+@attrs.frozen
+class InferenceAccepted:
+    TYPE = "inference_accepted"
+    request_id: str
+
+
+@attrs.frozen
+class InferenceResponseChunk:
+    TYPE = "inference_response_chunk"
+    request_id: str
+    data: str | None = None
+    encrypted_data: EncryptedPayload | None = None
+
+
+@attrs.frozen
+class InferenceComplete:
+    TYPE = "inference_complete"
+    request_id: str
+    usage: Usage = Usage()
+
+
+@attrs.frozen
+class InferenceError:
+    TYPE = "inference_error"
+    request_id: str
+    error: str
+    status_code: int = 500
+
+
+@attrs.frozen
+class AttestationResponse:
+    TYPE = "attestation_response"
+    nonce: str
+    signature: str
+
+
+# ---- coordinator -> provider -------------------------------------------------
+
+
+@attrs.frozen
+class InferenceRequest:
+    TYPE = "inference_request"
+    request_id: str
+    encrypted_body: EncryptedPayload
+
+
+@attrs.frozen
+class Cancel:
+    TYPE = "cancel"
+    request_id: str
+
+
+@attrs.frozen
+class AttestationChallenge:
+    TYPE = "attestation_challenge"
+    nonce: str
+    timestamp: float
+
+
+Message = (
+    Register
+    | Heartbeat
+    | InferenceAccepted
+    | InferenceResponseChunk
+    | InferenceComplete
+    | InferenceError
+    | AttestationResponse
+    | InferenceRequest
+    | Cancel
+    | AttestationChallenge
+)
+
+_MESSAGE_TYPES: Final[dict[str, type[Any]]] = {
+    cls.TYPE: cls
+    for cls in (
+        Register,
+        Heartbeat,
+        InferenceAccepted,
+        InferenceResponseChunk,
+        InferenceComplete,
+        InferenceError,
+        AttestationResponse,
+        InferenceRequest,
+        Cancel,
+        AttestationChallenge,
+    )
+}
+
+
+def _strict_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _strict_float(value: Any, _: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _strict_bool(value: Any, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _make_converter() -> cattrs.Converter:
+    # cattrs' defaults coerce ("1" -> 1); a wire protocol wants types checked.
+    conv = cattrs.Converter(forbid_extra_keys=False)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook(bool, _strict_bool)
+    # Leaf classes first: a parent's hook captures its children's hooks when built.
+    for cls in (Hardware, ModelInfo, EncryptedPayload, Usage, *_MESSAGE_TYPES.values()):
+        optional = {
+            a.name: override(omit_if_default=True)
+            for a in attrs.fields(cls)
+            if a.default is None
+        }
+        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **optional))
+        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
+    return conv
+
+
+converter: Final = _make_converter()
+
+
+def encode_frame(message: Message) -> str:
+    """Serialize one message to a JSON text frame."""
+    body: dict[str, Any] = converter.unstructure(message)
+    return json.dumps({"type": message.TYPE, **body}, separators=(",", ":"))
+
+
+def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Parse one frame; raise :class:`FrameError` with a short reason on anything off."""
+    if len(frame) > max_bytes:
+        raise FrameError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        raw = json.loads(frame)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FrameError(f"malformed JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise FrameError("frame is not a JSON object")
+    kind = raw.pop("type", None)
+    cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise FrameError(f"unknown message type {kind!r}")
+    try:
+        message: Message = converter.structure(raw, cls)
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
+        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
+            exc, cattrs.BaseValidationError
+        ) else str(exc)
+        raise FrameError(f"bad {kind} frame: {detail}") from None
+    return message

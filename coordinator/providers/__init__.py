@@ -1,0 +1,1 @@
+"""The provider edge: WebSocket admission, one reader per connection, serialized writes."""

@@ -1,0 +1,122 @@
+"""One admitted provider connection and the per-request streams routed through it.
+
+The reader task (``edge.read_frames``) turns frames into events and hands each
+to the stream of the request it belongs to, without going through the
+registry actor: the per-chunk path is the hot path. Streams are bounded
+channels; a consumer too slow to keep up overflows its *own* stream (which
+then ends) instead of stalling every other request on the provider.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import nacl.public
+import trio
+import trio_websocket
+
+from coordinator.protocol import (
+    Cancel,
+    InferenceAccepted,
+    InferenceComplete,
+    InferenceError,
+    InferenceRequest,
+    InferenceResponseChunk,
+    Message,
+    encode_frame,
+)
+
+log = logging.getLogger(__name__)
+
+ProviderEvent = InferenceAccepted | InferenceResponseChunk | InferenceComplete | InferenceError
+
+
+class ProviderGone(Exception):
+    """The provider's socket is closed; nothing more can be sent to it."""
+
+
+@attrs.define(eq=False)
+class ProviderConnection:
+    provider_id: str
+    session: int
+    ws: trio_websocket.WebSocketConnection
+    public_key: nacl.public.PublicKey
+    encrypted_chunks: bool = True
+    stream_buffer: int = 256
+    _streams: dict[str, trio.MemorySendChannel[ProviderEvent]] = attrs.field(factory=dict)
+    # Why a stream ended early, for streams the connection closed on its own.
+    _ended: dict[str, str] = attrs.field(factory=dict)
+    closed: bool = False
+    superseded: trio.Event = attrs.field(factory=trio.Event)
+
+    # -- per-request streams
+    def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[ProviderEvent]:
+        if self.closed:
+            raise ProviderGone(self.provider_id)
+        send, receive = trio.open_memory_channel[ProviderEvent](self.stream_buffer)
+        self._streams[request_id] = send
+        return receive
+
+    def close_stream(self, request_id: str) -> None:
+        send = self._streams.pop(request_id, None)
+        if send is not None:
+            send.close()
+        self._ended.pop(request_id, None)
+
+    def end_reason(self, request_id: str) -> str:
+        """Why the stream ended without a terminal frame."""
+        return self._ended.get(request_id, "provider disconnected")
+
+    def deliver(self, request_id: str, event: ProviderEvent) -> bool:
+        """Hand an event to its request; False when no such request is pending."""
+        send = self._streams.get(request_id)
+        if send is None:
+            return False
+        try:
+            send.send_nowait(event)
+        except trio.WouldBlock:
+            log.warning("request %s on %s overflowed its stream buffer", request_id,
+                        self.provider_id)
+            self._end(request_id, "consumer too slow: stream buffer overflowed")
+        except trio.BrokenResourceError:
+            self._streams.pop(request_id, None)
+        return True
+
+    def _end(self, request_id: str, reason: str) -> None:
+        send = self._streams.pop(request_id, None)
+        if send is not None:
+            self._ended[request_id] = reason
+            send.close()
+
+    def close_all(self) -> None:
+        """The socket is gone: end every pending stream, exactly once each."""
+        self.closed = True
+        for request_id in list(self._streams):
+            self._end(request_id, "provider disconnected")
+
+    @property
+    def pending(self) -> int:
+        return len(self._streams)
+
+    def supersede(self) -> None:
+        """A newer session registered under the same id: this one must go."""
+        self.superseded.set()
+
+    # -- writes (trio-websocket serializes them with its own lock)
+    async def send(self, message: Message) -> None:
+        if self.closed:
+            raise ProviderGone(self.provider_id)
+        try:
+            await self.ws.send_message(encode_frame(message))
+        except trio_websocket.ConnectionClosed:
+            raise ProviderGone(self.provider_id) from None
+
+    async def send_request(self, request: InferenceRequest) -> None:
+        await self.send(request)
+
+    async def send_cancel(self, request_id: str) -> None:
+        try:
+            await self.send(Cancel(request_id))
+        except ProviderGone:
+            pass

@@ -1,0 +1,1 @@
+"""Routing: the registry actor and its pure cores (scheduler, gates, breaker)."""

@@ -1,0 +1,50 @@
+"""Scheduler: choose a provider for a job from eligible candidates. Pure.
+
+The estimated time to serve is the work already leased to the provider plus
+this job's prefill and decode time at the provider's advertised rates.
+Candidates within ``tie_tolerance`` of the best are a near-tie and one is
+chosen at random, so equal providers share load instead of the first in the
+table taking everything.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from coordinator.registry.table import Job, ProviderRecord
+
+_FALLBACK_TPS = 50.0
+
+
+def job_cost(record: ProviderRecord, job: Job) -> float:
+    """Seconds this job would keep ``record`` busy."""
+    prefill = record.prefill_tps if record.prefill_tps > 0 else _FALLBACK_TPS * 10
+    decode = record.decode_tps if record.decode_tps > 0 else _FALLBACK_TPS
+    return job.prompt_tokens / prefill + job.max_tokens / decode
+
+
+def estimated_seconds(record: ProviderRecord, job: Job) -> float:
+    return record.queued_seconds + job_cost(record, job)
+
+
+def pick(
+    candidates: Sequence[ProviderRecord],
+    job: Job,
+    rng: random.Random,
+    *,
+    avoid_version: str | None = None,
+    tie_tolerance: float = 0.1,
+) -> ProviderRecord | None:
+    """Best candidate with a free slot, preferring a version other than ``avoid_version``."""
+    free = [c for c in candidates if c.free_slots > 0]
+    if avoid_version is not None:
+        # Soft preference: never fail closed when only that version is free.
+        diverse = [c for c in free if c.version_text != avoid_version]
+        free = diverse or free
+    if not free:
+        return None
+    scored = sorted((estimated_seconds(c, job), i, c) for i, c in enumerate(free))
+    best = scored[0][0]
+    ties = [c for score, _, c in scored if score <= best * (1 + tie_tolerance) + 1e-9]
+    return ties[0] if len(ties) == 1 else rng.choice(ties)

@@ -1,0 +1,63 @@
+"""Request traits, read once from the parsed body: what routing must honour.
+
+The breaker *shape* is derived from the traits so that a failure only tool
+calls trigger quarantines only tool-call traffic on that (provider, model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+
+# Content-part / block types that carry media, across chat, Responses and
+# Anthropic shapes.
+MEDIA_PART_TYPES: Final = frozenset(
+    {"image_url", "image", "input_image", "video", "video_url", "input_video"}
+)
+_MAX_SCAN_DEPTH: Final = 12
+
+
+@attrs.frozen
+class Traits:
+    has_tools: bool = False
+    requires_vision: bool = False
+
+    @property
+    def shape(self) -> str:
+        """``base``, ``tools``, ``vision`` or ``tools+vision``."""
+        parts = [name for name, on in (("tools", self.has_tools), ("vision", self.requires_vision)) if on]
+        return "+".join(parts) or "base"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Trait names, as used by the capability-floor table."""
+        return tuple(n for n, on in (("tools", self.has_tools), ("vision", self.requires_vision)) if on)
+
+
+def _has_media(node: Any, depth: int = 0) -> bool:
+    if depth > _MAX_SCAN_DEPTH:
+        return False
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if isinstance(kind, str) and kind in MEDIA_PART_TYPES:
+            return True
+        return any(_has_media(v, depth + 1) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_media(v, depth + 1) for v in node)
+    return False
+
+
+def traits_of(body: dict[str, Any]) -> Traits:
+    """Traits of a parsed request body of any supported endpoint."""
+    tools = body.get("tools")
+    conversation = [body.get(k) for k in ("messages", "input", "prompt", "system")]
+    return Traits(
+        has_tools=isinstance(tools, list) and len(tools) > 0,
+        requires_vision=_has_media(conversation),
+    )
+
+
+def estimate_prompt_tokens(body_bytes: int) -> int:
+    """A cheap prompt-size estimate: about four bytes of JSON per token."""
+    return max(1, body_bytes // 4)

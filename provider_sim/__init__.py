@@ -1,0 +1,1 @@
+"""A simulated provider fleet that speaks the real protocol, with scripted faults."""

@@ -1,0 +1,71 @@
+"""Fault scripts: what a simulated provider does with one request.
+
+A :class:`Behaviour` is a small value; a provider has a default behaviour and
+an optional script of behaviours consumed one per request (then the default
+again), so a test can say "fail the first request after the role chunk,
+serve the rest". Every wait is ``trio.sleep``, so the whole fleet runs under
+a virtual clock in tests.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class Fault(enum.Enum):
+    HEALTHY = "healthy"
+    ROLE_THEN_ERROR = "role_then_error"
+    ROLE_THEN_DISCONNECT = "role_then_disconnect"
+    ROLE_THEN_CLOSE = "role_then_close"  # boilerplate, then a clean inference_complete
+    ERROR = "error"  # immediate inference_error
+    STALL = "stall"  # never answers
+    STALL_AFTER_ROLE = "stall_after_role"
+    ERROR_AFTER_CONTENT = "error_after_content"
+    DISCONNECT_AFTER_CONTENT = "disconnect_after_content"
+    PLAINTEXT_CHUNKS = "plaintext_chunks"  # declares encryption, sends plaintext
+    GARBAGE_CHUNK = "garbage_chunk"  # a chunk that does not decrypt
+
+
+@attrs.frozen
+class Behaviour:
+    fault: Fault = Fault.HEALTHY
+    status: int = 500
+    error_message: str = "simulated provider failure"
+    # Content chunks sent before ERROR_AFTER_CONTENT / DISCONNECT_AFTER_CONTENT.
+    after_chunks: int = 2
+    # Seconds before the first event (prefill), and between tokens.
+    first_token_delay: float = 0.0
+    token_interval: float = 0.0
+    # Send inference_accepted, then wait this long before the preamble.
+    accepted_delay: float | None = None
+    tokens: int = 8
+    ignore_cancel: bool = False
+    failure_probability: float = 0.0
+
+
+HEALTHY = Behaviour()
+
+
+def parse_behaviour(spec: str) -> Behaviour:
+    """``fault[:key=value,...]``, e.g. ``role_then_error:status=500`` (CLI and fleet files)."""
+    name, _, rest = spec.partition(":")
+    fields: dict[str, object] = {"fault": Fault(name.strip())}
+    for pair in filter(None, (p.strip() for p in rest.split(","))):
+        key, _, value = pair.partition("=")
+        attr = attrs.fields_dict(Behaviour).get(key)
+        if attr is None or key == "fault":
+            raise ValueError(f"unknown behaviour field {key!r}")
+        fields[key] = _coerce(attr.type, value)
+    return Behaviour(**fields)  # type: ignore[arg-type]
+
+
+def _coerce(kind: object, value: str) -> object:
+    if kind in ("int", int):
+        return int(value)
+    if kind in ("bool", bool):
+        return value.lower() in ("1", "true", "yes")
+    if kind in ("float", float, "float | None"):
+        return float(value)
+    return value

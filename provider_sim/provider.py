@@ -1,0 +1,258 @@
+"""A simulated provider: the real protocol over trio-websocket, scripted behaviour.
+
+It registers, answers challenges with its Ed25519 key, heartbeats, decrypts
+each request, and streams the endpoint's native events back, encrypted to the
+request's ephemeral key, as its :class:`Behaviour` says. Everything it was
+sent is recorded for tests to assert on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+from collections import deque
+from typing import Any
+
+import attrs
+import nacl.public
+import nacl.signing
+import trio
+import trio_websocket
+
+from coordinator.protocol import (
+    AttestationChallenge,
+    AttestationResponse,
+    Cancel,
+    EncryptedPayload,
+    FrameError,
+    Hardware,
+    Heartbeat,
+    InferenceAccepted,
+    InferenceComplete,
+    InferenceError,
+    InferenceRequest,
+    InferenceResponseChunk,
+    Message,
+    ModelInfo,
+    Register,
+    ResponseSealer,
+    Usage,
+    decode_frame,
+    encode_frame,
+    open_request,
+    sign_challenge,
+)
+from coordinator.protocol.crypto import DecryptError
+
+from .behaviours import HEALTHY, Behaviour, Fault
+from .formats import transcript, words_for
+
+log = logging.getLogger(__name__)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@attrs.define(eq=False)
+class SimProvider:
+    provider_id: str
+    models: tuple[ModelInfo, ...]
+    token: str = "demo-provider-token"
+    version: str = "0.7.0"
+    behaviour: Behaviour = HEALTHY
+    script: deque[Behaviour] = attrs.field(factory=deque, converter=deque)
+    decode_tps: float = 200.0
+    prefill_tps: float = 2000.0
+    memory_gb: float = 64.0
+    max_concurrency: int = 8
+    heartbeat_interval: float = 20.0
+    encrypt: bool = True
+    seed: int = 0
+    # Tampering hooks for admission tests.
+    sign_with: nacl.signing.SigningKey | None = None
+    # Recorded for tests.
+    received: list[dict[str, Any]] = attrs.field(factory=list)
+    cancelled: list[str] = attrs.field(factory=list)
+    completed: list[str] = attrs.field(factory=list)
+    registered: trio.Event = attrs.field(factory=trio.Event)
+    closed_with: int | None = None
+    _key: nacl.public.PrivateKey = attrs.field(factory=nacl.public.PrivateKey.generate)
+    _signing: nacl.signing.SigningKey = attrs.field(factory=nacl.signing.SigningKey.generate)
+    _active: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    _ignoring: set[str] = attrs.field(factory=set)
+    _rng: random.Random = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def register_message(self) -> Register:
+        return Register(
+            hardware=Hardware("SimMac", "Sim M3 Max", self.memory_gb),
+            models=self.models,
+            backend="sim",
+            version=self.version,
+            public_key=_b64(bytes(self._key.public_key)),
+            auth_token=self.token,
+            encrypted_response_chunks=self.encrypt,
+            decode_tps=self.decode_tps,
+            prefill_tps=self.prefill_tps,
+            provider_id=self.provider_id,
+            signing_public_key=_b64(bytes(self._signing.verify_key)),
+            max_concurrency=self.max_concurrency,
+        )
+
+    async def run(self, url: str) -> None:
+        """Connect to ``url`` and serve until the socket closes."""
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await self.serve(ws)
+
+    async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Serve one connection; returns when it closes."""
+        await ws.send_message(encode_frame(self.register_message()))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, ws)
+                while True:
+                    try:
+                        raw = await ws.get_message()
+                    except trio_websocket.ConnectionClosed as exc:
+                        self.closed_with = exc.reason.code if exc.reason else None
+                        break
+                    try:
+                        message = decode_frame(raw)
+                    except FrameError as exc:
+                        log.warning("%s: bad frame from coordinator: %s", self.provider_id, exc)
+                        continue
+                    self._on_message(ws, nursery, message)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._active.clear()
+
+    def _on_message(
+        self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery, message: Message
+    ) -> None:
+        match message:
+            case AttestationChallenge(nonce, timestamp):
+                key = self.sign_with or self._signing
+                signature = sign_challenge(key, nonce, timestamp)
+                nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature))
+                self.registered.set()
+            case InferenceRequest():
+                behaviour = self.script.popleft() if self.script else self.behaviour
+                scope = trio.CancelScope()
+                self._active[message.request_id] = scope
+                if behaviour.ignore_cancel:
+                    self._ignoring.add(message.request_id)
+                nursery.start_soon(self._serve_request, ws, message, behaviour, scope)
+            case Cancel(request_id):
+                self.cancelled.append(request_id)
+                scope = self._active.get(request_id)
+                if scope is not None and request_id not in self._ignoring:
+                    scope.cancel()
+
+    async def _send(self, ws: trio_websocket.WebSocketConnection, message: Message) -> None:
+        try:
+            await ws.send_message(encode_frame(message))
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async def _heartbeat(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            await self._send(ws, Heartbeat())
+
+    async def _serve_request(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        request: InferenceRequest,
+        behaviour: Behaviour,
+        scope: trio.CancelScope,
+    ) -> None:
+        rid = request.request_id
+        try:
+            with scope:
+                body, sealer = open_request(self._key, request.encrypted_body)
+                payload = json.loads(body)
+                self.received.append(payload)
+                await self._play(ws, rid, payload, behaviour, sealer)
+        except DecryptError:
+            await self._send(ws, InferenceError(rid, "request did not decrypt", 400))
+        finally:
+            self._active.pop(rid, None)
+            self._ignoring.discard(rid)
+
+    async def _play(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        rid: str,
+        body: dict[str, Any],
+        b: Behaviour,
+        sealer: ResponseSealer,
+    ) -> None:
+        fault = b.fault
+        if b.failure_probability and self._rng.random() < b.failure_probability:
+            fault = Fault.ROLE_THEN_ERROR
+        endpoint = str(body.get("endpoint", "/v1/chat/completions"))
+        model = str(body.get("model", ""))
+        count = min(b.tokens, int(body.get("max_tokens") or body.get("max_output_tokens") or b.tokens))
+        script = transcript(endpoint, body, words_for(model, self.provider_id, count), rid)
+
+        async def chunk(text: str) -> None:
+            if fault is Fault.PLAINTEXT_CHUNKS:
+                frame = InferenceResponseChunk(rid, data=text)
+            elif fault is Fault.GARBAGE_CHUNK:
+                frame = InferenceResponseChunk(rid, encrypted_data=EncryptedPayload(
+                    sealer.provider_public_key, _b64(b"\0" * 40)))
+            elif self.encrypt:
+                frame = InferenceResponseChunk(rid, encrypted_data=sealer.seal(text))
+            else:
+                frame = InferenceResponseChunk(rid, data=text)
+            await self._send(ws, frame)
+
+        async def error() -> None:
+            await self._send(ws, InferenceError(rid, b.error_message, b.status))
+
+        if b.accepted_delay is not None:
+            await self._send(ws, InferenceAccepted(rid))
+            await trio.sleep(b.accepted_delay)
+        if fault is Fault.ERROR:
+            await error()
+            return
+        if fault is Fault.STALL:
+            await trio.sleep_forever()
+        await trio.sleep(b.first_token_delay)
+        for text in script.preamble:
+            await chunk(text)
+        match fault:
+            case Fault.ROLE_THEN_ERROR:
+                await error()
+                return
+            case Fault.ROLE_THEN_DISCONNECT:
+                await ws.aclose(1011, "simulated crash")
+                return
+            case Fault.ROLE_THEN_CLOSE:
+                await self._send(ws, InferenceComplete(rid, Usage(10, 0)))
+                return
+            case Fault.STALL_AFTER_ROLE:
+                await trio.sleep_forever()
+        for i, text in enumerate(script.content):
+            if i and b.token_interval:
+                await trio.sleep(b.token_interval)
+            if i == b.after_chunks and fault is Fault.ERROR_AFTER_CONTENT:
+                await error()
+                return
+            if i == b.after_chunks and fault is Fault.DISCONNECT_AFTER_CONTENT:
+                await ws.aclose(1011, "simulated crash")
+                return
+            await chunk(text)
+        for text in script.closing:
+            await chunk(text)
+        self.completed.append(rid)
+        await self._send(ws, InferenceComplete(rid, Usage(10, len(script.content))))
