@@ -78,6 +78,8 @@ class SimProvider:
     cancelled: list[str] = attrs.field(factory=list)
     completed: list[str] = attrs.field(factory=list)
     registered: trio.Event = attrs.field(factory=trio.Event)
+    # Replaced whenever something above is recorded, so tests can wait on it.
+    activity: trio.Event = attrs.field(factory=trio.Event)
     closed_with: int | None = None
     _key: nacl.public.PrivateKey = attrs.field(factory=nacl.public.PrivateKey.generate)
     _signing: nacl.signing.SigningKey = attrs.field(factory=nacl.signing.SigningKey.generate)
@@ -87,6 +89,10 @@ class SimProvider:
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+
+    def _touch(self) -> None:
+        self.activity.set()
+        self.activity = trio.Event()
 
     @property
     def active(self) -> int:
@@ -153,6 +159,7 @@ class SimProvider:
                 nursery.start_soon(self._serve_request, ws, message, behaviour, scope)
             case Cancel(request_id):
                 self.cancelled.append(request_id)
+                self._touch()
                 scope = self._active.get(request_id)
                 if scope is not None and request_id not in self._ignoring:
                     scope.cancel()
@@ -181,6 +188,7 @@ class SimProvider:
                 body, sealer = open_request(self._key, request.encrypted_body)
                 payload = json.loads(body)
                 self.received.append(payload)
+                self._touch()
                 await self._play(ws, rid, payload, behaviour, sealer)
         except DecryptError:
             await self._send(ws, InferenceError(rid, "request did not decrypt", 400))
@@ -255,4 +263,5 @@ class SimProvider:
         for text in script.closing:
             await chunk(text)
         self.completed.append(rid)
+        self._touch()
         await self._send(ws, InferenceComplete(rid, Usage(10, len(script.content))))

@@ -160,6 +160,8 @@ class Dispatcher:
     config: Config
     registry: RegistryClient
     metrics: Metrics
+    # Racers whose stream and slot are not yet released (for tests and status).
+    active: set[Racer] = attrs.field(factory=set)
 
     async def dispatch(self, ctx: RequestContext) -> Committed:
         """Run attempts until one commits; raise :class:`ApiError` when none can."""
@@ -237,6 +239,7 @@ class Dispatcher:
             events = _ended_stream()
         racer = Racer(lease, is_backup, RequestCipher(connection.public_key), events)
         race.racers.append(racer)
+        self.active.add(racer)
         race.ctx.providers_tried.append(lease.provider_id)
         assert race.nursery is not None
         race.nursery.start_soon(self._run_racer, race, racer)
@@ -341,6 +344,7 @@ class Dispatcher:
         if racer.closed:
             return
         racer.closed = True
+        self.active.discard(racer)
         request_id = racer.lease.request_id
         racer.connection.close_stream(request_id)
         with trio.CancelScope(shield=True):

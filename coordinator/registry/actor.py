@@ -12,6 +12,7 @@ actor only keeps the FIFO and withdraws entries when asked.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -133,6 +134,8 @@ class RegistryState:
     breaker: Breaker = attrs.field(init=False)
     _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     floors: Mapping[str, Version | None] = attrs.field(init=False)
+    # Replaced after every command, so observers can wait for "the table changed".
+    changed: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -203,6 +206,8 @@ class RegistryState:
             case _Snapshot(reply):
                 reply.send_nowait(self.snapshot(now))
         self.metrics.queue_depth.set(len(self.queue))
+        self.changed.set()
+        self.changed = trio.Event()
 
     def _on_acquire(self, request: _Acquire, now: float) -> None:
         decision = self.decide(request, now)
@@ -324,7 +329,12 @@ class RegistryClient:
         await answer.receive()
 
     async def unregister(self, provider_id: str, session: int) -> None:
-        await self._send.send(_Unregister(provider_id, session))
+        await self._tell(_Unregister(provider_id, session))
+
+    async def _tell(self, command: _Command) -> None:
+        """Send without expecting an answer; an actor already shut down needs no news."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._send.send(command)
 
     async def snapshot(self) -> dict[str, Any]:
         reply, answer = trio.open_memory_channel[dict[str, Any]](1)
@@ -337,7 +347,7 @@ class RegistryClient:
             return
         lease.released = True
         with trio.CancelScope(shield=True):
-            await self._send.send(_Release(lease, outcome))
+            await self._tell(_Release(lease, outcome))
 
     async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Lease | None:
         """A free eligible provider now, or None. Never queues (the backup path)."""

@@ -1,0 +1,241 @@
+"""An in-process coordinator and fleet: no sockets, so virtual time works.
+
+Providers talk to the coordinator's real edge over trio-websocket wrapped
+around in-memory stream pairs; consumers call the real ASGI application
+(cleanup wrapper included) through a minimal ASGI client. Everything runs in
+one Trio run, so ``autojump_clock`` turns a 600 s budget into milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+import trio_websocket
+
+from coordinator.app import Coordinator, start_coordinator
+from coordinator.config import Config
+from coordinator.protocol import ModelInfo
+from provider_sim.behaviours import HEALTHY, Behaviour
+from provider_sim.provider import SimProvider
+
+API_KEY = "test-key"
+ADMIN_KEY = "admin-key"
+TOKEN = "provider-token"
+MODEL = "m1"
+VISION_MODEL = "v1"
+
+
+def test_config(**overrides: Any) -> Config:
+    base: dict[str, Any] = dict(
+        api_keys=(API_KEY,), admin_keys=(ADMIN_KEY,), provider_tokens=(TOKEN,), seed=1,
+        challenge_interval=10_000.0, heartbeat_timeout=10_000.0,
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+def model(model_id: str = MODEL, **kw: Any) -> ModelInfo:
+    return ModelInfo(model_id, size_bytes=1024, **kw)
+
+
+@attrs.define
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    started_at: float | None  # virtual time the response head was sent
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def sse(self) -> list[tuple[str | None, str]]:
+        """(event name, data) per server-sent event."""
+        events = []
+        for block in self.body.decode().split("\n\n"):
+            if not block.strip():
+                continue
+            name, data = None, []
+            for line in block.split("\n"):
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+            events.append((name, "\n".join(data)))
+        return events
+
+    @property
+    def sse_json(self) -> list[Any]:
+        return [json.loads(d) for _, d in self.sse if d != "[DONE]"]
+
+    @property
+    def text(self) -> str:
+        """The streamed chat text (content deltas concatenated)."""
+        out = []
+        for event in self.sse_json:
+            for choice in event.get("choices") or ():
+                out.append((choice.get("delta") or {}).get("content") or "")
+        return "".join(out)
+
+
+@attrs.define(eq=False)
+class Harness:
+    coordinator: Coordinator
+    nursery: trio.Nursery
+    providers: dict[str, SimProvider] = attrs.field(factory=dict)
+    _connections: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+
+    @property
+    def registry(self) -> Any:
+        return self.coordinator.registry
+
+    @property
+    def state(self) -> Any:
+        return self.coordinator.registry.state
+
+    async def add_provider(
+        self,
+        provider_id: str,
+        *models: ModelInfo,
+        version: str = "0.7.0",
+        behaviour: Behaviour = HEALTHY,
+        script: list[Behaviour] | None = None,
+        wait: bool = True,
+        **kw: Any,
+    ) -> SimProvider:
+        provider = SimProvider(provider_id, models or (model(),), token=kw.pop("token", TOKEN),
+                               version=version, behaviour=behaviour, script=script or [], **kw)
+        await self.connect(provider, wait=wait)
+        return provider
+
+    async def connect(self, provider: SimProvider, *, wait: bool = True) -> None:
+        self.providers[provider.provider_id] = provider
+        scope = trio.CancelScope()
+        self._connections[provider.provider_id] = scope
+        await self.nursery.start(self._run_provider, provider, scope)
+        if wait:
+            await self.wait_registered(provider.provider_id)
+
+    async def _run_provider(
+        self, provider: SimProvider, scope: trio.CancelScope, *, task_status: Any
+    ) -> None:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        with scope:
+            async with trio.open_nursery() as nursery:
+                # The server side reads the client's handshake, so it runs alongside.
+                nursery.start_soon(self._serve_edge, nursery, server_stream)
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, client_stream, "coordinator", "/")
+                task_status.started()
+                await provider.serve(ws)
+                nursery.cancel_scope.cancel()
+
+    async def _serve_edge(self, nursery: trio.Nursery, stream: Any) -> None:
+        request = await trio_websocket.wrap_server_stream(nursery, stream)
+        await self.coordinator.edge.handle(request)
+
+    async def wait_registered(self, provider_id: str) -> None:
+        while provider_id not in self.state.providers:
+            await self.state.changed.wait()
+
+    async def wait_gone(self, provider_id: str) -> None:
+        while provider_id in self.state.providers:
+            await self.state.changed.wait()
+
+    async def until(self, predicate: Any) -> None:
+        """Wait until ``predicate()`` holds, re-checking whenever the registry or a provider changes."""
+        while not predicate():
+            events = [self.state.changed, *(p.activity for p in self.providers.values())]
+            async with trio.open_nursery() as nursery:
+                for event in events:
+                    nursery.start_soon(_cancel_when, event, nursery.cancel_scope)
+
+    def kill(self, provider_id: str) -> None:
+        """Drop a provider's connection abruptly."""
+        self._connections[provider_id].cancel()
+
+    async def request(self, path: str, body: Any = None, *, raw: bytes | None = None,
+                      headers: dict[str, str] | None = None, method: str = "POST",
+                      disconnect: trio.Event | None = None) -> HttpResult:
+        hdrs = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+        hdrs.update({k.lower(): v for k, v in (headers or {}).items()})
+        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        return await asgi_call(self.coordinator.asgi, method, path, hdrs, payload,
+                               disconnect=disconnect)
+
+    async def chat(self, stream: bool = True, model_id: str = MODEL, **extra: Any) -> HttpResult:
+        body = {"model": model_id, "stream": stream,
+                "messages": [{"role": "user", "content": "hello"}], **extra}
+        return await self.request("/v1/chat/completions", body)
+
+    async def assert_quiescent(self) -> None:
+        """No lease, queued request or pending provider stream is left behind."""
+        snapshot = await self.registry.snapshot()
+        assert snapshot["leases"] == 0, snapshot
+        assert snapshot["queue_depth"] == 0, snapshot
+        for record in self.state.providers.values():
+            assert record.connection.pending == 0, record.provider_id
+        assert len(self.coordinator.dispatcher.active) == 0
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def asgi_call(app: Any, method: str, path: str, headers: dict[str, str], body: bytes,
+                    *, disconnect: trio.Event | None = None) -> HttpResult:
+    """Drive one HTTP request through an ASGI app; ``disconnect`` hangs up mid-way."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000), "extensions": {},
+        "headers": [(k.encode(), v.encode()) for k, v in
+                    {**headers, "content-length": str(len(body))}.items()],
+    }
+    result = HttpResult(0, {}, b"", None)
+    hangup = disconnect if disconnect is not None else trio.Event()
+    sent_body = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await hangup.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            result.status = message["status"]
+            result.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+            result.started_at = trio.current_time()
+        elif message["type"] == "http.response.body":
+            result.body += message.get("body", b"")
+        await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        async def run() -> None:
+            await app(scope, receive, send)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+    return result
+
+
+@asynccontextmanager
+async def open_harness(**config: Any) -> AsyncIterator[Harness]:
+    async with trio.open_nursery() as nursery:
+        coordinator = await start_coordinator(nursery, test_config(**config))
+        harness = Harness(coordinator, nursery)
+        try:
+            yield harness
+        finally:
+            nursery.cancel_scope.cancel()
