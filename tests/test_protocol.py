@@ -1,0 +1,148 @@
+"""Wire protocol: round trips, strict decoding, and the NaCl/Ed25519 helpers."""
+
+from __future__ import annotations
+
+import base64
+
+import nacl.public
+import nacl.signing
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator.protocol import (
+    AttestationChallenge,
+    AttestationResponse,
+    Cancel,
+    DecryptError,
+    EncryptedPayload,
+    FrameError,
+    Hardware,
+    Heartbeat,
+    InferenceAccepted,
+    InferenceComplete,
+    InferenceError,
+    InferenceRequest,
+    InferenceResponseChunk,
+    ModelInfo,
+    Register,
+    RequestCipher,
+    Usage,
+    decode_frame,
+    encode_frame,
+    open_request,
+    sign_challenge,
+    verify_challenge,
+)
+
+text = st.text(max_size=40)
+ints = st.integers(min_value=0, max_value=2**53)
+floats = st.floats(allow_nan=False, allow_infinity=False, width=32)
+payloads = st.builds(EncryptedPayload, text, text)
+models = st.builds(ModelInfo, text, ints, text, text, st.none() | st.booleans(),
+                   st.none() | st.booleans())
+messages = st.one_of(
+    st.builds(Register, st.builds(Hardware, text, text, floats), st.tuples(models, models),
+              text, text, text, text, st.booleans(), floats, floats, st.none() | text,
+              st.none() | text, st.none() | st.integers(1, 64)),
+    st.builds(Heartbeat),
+    st.builds(InferenceAccepted, text),
+    st.builds(InferenceResponseChunk, text, st.none() | text, st.none() | payloads),
+    st.builds(InferenceComplete, text, st.builds(Usage, ints, ints)),
+    st.builds(InferenceError, text, text, st.integers(100, 599)),
+    st.builds(AttestationResponse, text, text),
+    st.builds(InferenceRequest, text, payloads),
+    st.builds(Cancel, text),
+    st.builds(AttestationChallenge, text, floats),
+)
+
+
+@given(messages)
+def test_every_message_round_trips(message):
+    assert decode_frame(encode_frame(message)) == message
+
+
+def test_template_render_ok_is_tri_state_on_the_wire():
+    assert '"template_render_ok":false' in encode_frame(_register(ModelInfo("m", template_render_ok=False)))
+    assert "template_render_ok" not in encode_frame(_register(ModelInfo("m")))
+
+
+def _register(model: ModelInfo) -> Register:
+    return Register(Hardware(), (model,), "mlx", "0.6.5", "pk", "tok")
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ("{", "malformed JSON"),
+        ("[1]", "not a JSON object"),
+        ('{"type":"launch_missiles"}', "unknown message type"),
+        ('{"request_id":"x"}', "unknown message type"),
+        ('{"type":"inference_error","request_id":7,"error":"x"}', "bad inference_error"),
+        ('{"type":"inference_error","request_id":"r","error":"x","status_code":"500"}',
+         "bad inference_error"),
+        ('{"type":"inference_complete"}', "required field missing"),
+        ('{"type":"register","hardware":{},"models":"no"}', "bad register"),
+    ],
+)
+def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
+    with pytest.raises(FrameError, match=reason):
+        decode_frame(frame)
+
+
+def test_oversized_frame_is_rejected():
+    with pytest.raises(FrameError, match="exceeds"):
+        decode_frame('{"type":"heartbeat","pad":"' + "x" * 2000 + '"}', max_bytes=1000)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    assert decode_frame('{"type":"cancel","request_id":"r","new_field":1}') == Cancel("r")
+
+
+@given(st.binary(max_size=4096))
+def test_box_round_trip(body):
+    provider = nacl.public.PrivateKey.generate()
+    cipher = RequestCipher(provider.public_key)
+    sealed = cipher.seal_body(body)
+    opened, sealer = open_request(provider, sealed)
+    assert opened == body
+    assert cipher.open_chunk(sealer.seal("chunk ✓")) == "chunk ✓"
+
+
+def test_each_request_uses_a_fresh_ephemeral_key():
+    provider = nacl.public.PrivateKey.generate()
+    a = RequestCipher(provider.public_key).seal_body(b"x")
+    b = RequestCipher(provider.public_key).seal_body(b"x")
+    assert a.ephemeral_public_key != b.ephemeral_public_key
+
+
+def test_tampered_ciphertext_is_rejected():
+    provider = nacl.public.PrivateKey.generate()
+    cipher = RequestCipher(provider.public_key)
+    _, sealer = open_request(provider, cipher.seal_body(b"{}"))
+    chunk = sealer.seal("hello")
+    raw = bytearray(base64.b64decode(chunk.ciphertext))
+    raw[-1] ^= 1
+    tampered = EncryptedPayload(chunk.ephemeral_public_key, base64.b64encode(raw).decode())
+    with pytest.raises(DecryptError):
+        cipher.open_chunk(tampered)
+    with pytest.raises(DecryptError):
+        cipher.open_chunk(EncryptedPayload("x", "not base64!"))
+
+
+def test_body_for_another_provider_does_not_open():
+    cipher = RequestCipher(nacl.public.PrivateKey.generate().public_key)
+    with pytest.raises(DecryptError):
+        open_request(nacl.public.PrivateKey.generate(), cipher.seal_body(b"secret"))
+
+
+def test_challenge_signature():
+    key = nacl.signing.SigningKey.generate()
+    verify = base64.b64encode(bytes(key.verify_key)).decode()
+    signature = sign_challenge(key, "nonce", 12.5)
+    assert verify_challenge(verify, "nonce", 12.5, signature)
+    assert not verify_challenge(verify, "other", 12.5, signature)
+    assert not verify_challenge(verify, "nonce", 12.6, signature)
+    other = nacl.signing.SigningKey.generate()
+    assert not verify_challenge(verify, "nonce", 12.5, sign_challenge(other, "nonce", 12.5))
+    assert not verify_challenge("garbage", "nonce", 12.5, "garbage")
