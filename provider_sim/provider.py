@@ -81,6 +81,7 @@ class SimProvider:
     # Replaced whenever something above is recorded, so tests can wait on it.
     activity: trio.Event = attrs.field(factory=trio.Event)
     closed_with: int | None = None
+    current_ws: trio_websocket.WebSocketConnection | None = None
     _key: nacl.public.PrivateKey = attrs.field(factory=nacl.public.PrivateKey.generate)
     _signing: nacl.signing.SigningKey = attrs.field(factory=nacl.signing.SigningKey.generate)
     _active: dict[str, trio.CancelScope] = attrs.field(factory=dict)
@@ -121,6 +122,7 @@ class SimProvider:
 
     async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:
         """Serve one connection; returns when it closes."""
+        self.current_ws = ws
         await ws.send_message(encode_frame(self.register_message()))
         try:
             async with trio.open_nursery() as nursery:
@@ -130,6 +132,7 @@ class SimProvider:
                         raw = await ws.get_message()
                     except trio_websocket.ConnectionClosed as exc:
                         self.closed_with = exc.reason.code if exc.reason else None
+                        self._touch()
                         break
                     try:
                         message = decode_frame(raw)

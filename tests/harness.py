@@ -90,6 +90,7 @@ class Harness:
     nursery: trio.Nursery
     providers: dict[str, SimProvider] = attrs.field(factory=dict)
     _connections: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    _everyone: list[SimProvider] = attrs.field(factory=list)  # incl. replaced sessions
 
     @property
     def registry(self) -> Any:
@@ -116,6 +117,7 @@ class Harness:
 
     async def connect(self, provider: SimProvider, *, wait: bool = True) -> None:
         self.providers[provider.provider_id] = provider
+        self._everyone.append(provider)
         scope = trio.CancelScope()
         self._connections[provider.provider_id] = scope
         await self.nursery.start(self._run_provider, provider, scope)
@@ -151,7 +153,7 @@ class Harness:
     async def until(self, predicate: Any) -> None:
         """Wait until ``predicate()`` holds, re-checking whenever the registry or a provider changes."""
         while not predicate():
-            events = [self.state.changed, *(p.activity for p in self.providers.values())]
+            events = [self.state.changed, *(p.activity for p in self._everyone)]
             async with trio.open_nursery() as nursery:
                 for event in events:
                     nursery.start_soon(_cancel_when, event, nursery.cancel_scope)

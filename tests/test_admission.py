@@ -1,0 +1,112 @@
+"""Provider admission and the robustness of a provider connection."""
+
+from __future__ import annotations
+
+import nacl.signing
+import trio
+import trio.testing
+import trio_websocket
+
+from coordinator.protocol import InferenceResponseChunk, encode_frame
+from provider_sim.behaviours import Behaviour
+from provider_sim.provider import SimProvider
+
+from .harness import MODEL, model, open_harness
+
+
+async def test_bad_token_is_closed_with_policy_violation(autojump_clock):
+    async with open_harness() as h:
+        provider = SimProvider("intruder", (model(),), token="wrong")
+        await h.connect(provider, wait=False)
+        await h.until(lambda: provider.closed_with is not None)
+        assert provider.closed_with == 1008
+        assert "intruder" not in h.state.providers
+
+
+async def test_wrong_signing_key_is_never_registered(autojump_clock):
+    async with open_harness() as h:
+        provider = SimProvider("forger", (model(),), token="provider-token",
+                               sign_with=nacl.signing.SigningKey.generate())
+        await h.connect(provider, wait=False)
+        await h.until(lambda: provider.closed_with is not None)
+        assert provider.closed_with == 1008
+        assert "forger" not in h.state.providers
+
+
+async def test_silent_socket_is_closed_after_register_timeout(autojump_clock):
+    async with open_harness(register_timeout=10.0) as h:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h._serve_edge, nursery, server_stream)
+            ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "c", "/")
+            start = trio.current_time()
+            try:
+                await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                assert exc.reason.code == 1008
+            assert 10.0 <= trio.current_time() - start < 11.0
+            nursery.cancel_scope.cancel()
+        assert not h.state.providers
+
+
+async def test_periodic_challenge_failure_removes_provider(autojump_clock):
+    async with open_harness(challenge_interval=60.0) as h:
+        provider = await h.add_provider("p")
+        provider.sign_with = nacl.signing.SigningKey.generate()  # loses its key
+        start = trio.current_time()
+        await h.wait_gone("p")
+        assert 60.0 <= trio.current_time() - start < 61.0
+        assert provider.closed_with == 1008
+
+
+async def test_malformed_frames_do_not_kill_the_connection(autojump_clock):
+    async with open_harness() as h:
+        provider = await h.add_provider("p", behaviour=Behaviour(token_interval=1.0))
+        ws = provider.current_ws
+        assert ws is not None
+        for junk in ["{", "[]", '{"type":"nope"}', '{"type":"inference_error","request_id":5}',
+                     encode_frame(InferenceResponseChunk("no-such-request", data="x")),
+                     '{"type":"register","hardware":{}}']:
+            await ws.send_message(junk)
+        result = await h.chat()
+        assert result.status == 200 and result.text.startswith("Hello")
+        rejected = h.coordinator.metrics.frames_rejected
+        assert rejected.labels("malformed")._value.get() == 5
+        assert rejected.labels("unknown_request")._value.get() == 1
+        assert "p" in h.state.providers
+
+
+async def test_disconnect_mid_request_completes_pending_exactly_once(autojump_clock):
+    async with open_harness(speculative_backup=False, max_attempts=1) as h:
+        await h.add_provider("p", behaviour=Behaviour(token_interval=10.0, tokens=20))
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def consume() -> None:
+                results.append(await h.chat())
+
+            nursery.start_soon(consume)
+            await trio.sleep(25)  # scripted: a few tokens have streamed
+            h.kill("p")
+        [result] = results
+        assert result.status == 200
+        errors = [d for _, d in result.sse if '"error"' in d]
+        assert len(errors) == 1 and "disconnected" in errors[0]
+        assert [d for _, d in result.sse].count("[DONE]") == 1
+        await h.wait_gone("p")
+        await h.assert_quiescent()
+
+
+async def test_reregistration_supersedes_old_session(autojump_clock):
+    async with open_harness() as h:
+        first = await h.add_provider("p")
+        session = h.state.providers["p"].session
+        second = SimProvider("p", (model(),), token="provider-token")
+        await h.connect(second, wait=False)
+        await h.until(lambda: "p" in h.state.providers
+                      and h.state.providers["p"].session != session)
+        await h.until(lambda: first.closed_with is not None)
+        result = await h.chat()
+        assert result.status == 200
+        assert len(second.received) == 1 and first.received == []
+        assert MODEL in h.state.known_models
