@@ -31,7 +31,7 @@ MODEL = "m1"
 VISION_MODEL = "v1"
 
 
-def test_config(**overrides: Any) -> Config:
+def make_config(**overrides: Any) -> Config:
     base: dict[str, Any] = dict(
         api_keys=(API_KEY,), admin_keys=(ADMIN_KEY,), provider_tokens=(TOKEN,), seed=1,
         challenge_interval=10_000.0, heartbeat_timeout=10_000.0,
@@ -41,7 +41,7 @@ def test_config(**overrides: Any) -> Config:
 
 
 def model(model_id: str = MODEL, **kw: Any) -> ModelInfo:
-    return ModelInfo(model_id, size_bytes=1024, **kw)
+    return ModelInfo(model_id, **{"size_bytes": 1024, **kw})
 
 
 @attrs.define
@@ -235,7 +235,7 @@ async def asgi_call(app: Any, method: str, path: str, headers: dict[str, str], b
 @asynccontextmanager
 async def open_harness(**config: Any) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
-        coordinator = await start_coordinator(nursery, test_config(**config))
+        coordinator = await start_coordinator(nursery, make_config(**config))
         harness = Harness(coordinator, nursery)
         try:
             yield harness

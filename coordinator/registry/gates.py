@@ -66,14 +66,18 @@ def gate(
 
 def fail_fast_message(job: Job, reasons: Collection[Gate]) -> str:
     """A specific message for a request no provider can structurally serve."""
-    what = "this request"
-    if job.traits.has_tools and reasons and set(reasons) <= {Gate.FLOOR, Gate.TEMPLATE, Gate.COOLING}:
-        what = "tool calls"
-    if job.traits.requires_vision and Gate.VISION in reasons:
-        what = "image or video input"
-    if reasons and set(reasons) == {Gate.TOO_LARGE}:
-        return f"model {job.model} is too large for every provider that serves it"
-    if reasons and set(reasons) == {Gate.NOT_ALLOWED}:
+    # Providers outside the allowlist say nothing about what the request
+    # needs; the reasons of the allowed ones do.
+    telling = set(reasons) - {Gate.NOT_ALLOWED, Gate.EXCLUDED}
+    scope = " among the request's allowed providers" if job.allowlist is not None else ""
+    if not telling:
         return f"no provider in the request's allowlist serves model {job.model}"
-    detail = "; ".join(sorted({r.value for r in reasons}))
-    return f"no provider for model {job.model} can serve {what}" + (f" ({detail})" if detail else "")
+    if telling == {Gate.TOO_LARGE}:
+        return f"model {job.model} is too large for every provider that serves it"
+    what = "this request"
+    if job.traits.has_tools and telling <= {Gate.FLOOR, Gate.TEMPLATE, Gate.COOLING}:
+        what = "tool calls"
+    if job.traits.requires_vision and Gate.VISION in telling:
+        what = "image or video input"
+    detail = "; ".join(sorted(r.value for r in telling))
+    return f"no provider for model {job.model} can serve {what}{scope} ({detail})"

@@ -1,0 +1,96 @@
+"""Every inference route shares one path: normalization, failover, fail-fast, formats."""
+
+from __future__ import annotations
+
+import pytest
+
+from provider_sim.behaviours import Behaviour, Fault
+
+from .harness import MODEL, open_harness
+
+OPTIONAL = {"type": ["string", "null"]}
+ROUTES = {
+    "chat": ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": OPTIONAL}}}}]}),
+    "responses": ("/v1/responses", {
+        "input": "hi",
+        "tools": [{"type": "function", "name": "f", "parameters": {
+            "type": "object", "properties": {"a": OPTIONAL}}}]}),
+    "messages": ("/v1/messages", {
+        "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {"a": OPTIONAL}}}]}),
+    "completions": ("/v1/completions", {
+        "prompt": "hi",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": OPTIONAL}}}}]}),
+}
+
+
+def schema_of(received: dict) -> dict:
+    tool = received["tools"][0]
+    if "input_schema" in tool:
+        return tool["input_schema"]
+    if isinstance(tool.get("function"), dict):
+        return tool["function"]["parameters"]
+    return tool["parameters"]
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+async def test_normalized_schemas_reach_the_provider(autojump_clock, route):
+    path, body = ROUTES[route]
+    async with open_harness() as h:
+        p = await h.add_provider("p")
+        result = await h.request(path, {"model": MODEL, "stream": True, **body})
+        assert result.status == 200, result.body
+        [received] = p.received
+        assert received["endpoint"] == path
+        assert schema_of(received)["properties"]["a"] == {"type": "string", "nullable": True}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("stream", [True, False])
+async def test_precontent_failover_on_every_route(autojump_clock, route, stream):
+    path, body = ROUTES[route]
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("bad", behaviour=Behaviour(Fault.ROLE_THEN_ERROR), decode_tps=1000)
+        await h.add_provider("good", decode_tps=10)
+        result = await h.request(path, {"model": MODEL, "stream": stream, **body})
+        assert result.status == 200, result.body
+        assert result.headers["x-provider-id"] == "good"
+        text = result.body.decode()
+        assert "good" in text  # the winner's words name it
+        assert "on bad" not in text and "error" not in text
+        await h.assert_quiescent()
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+async def test_tools_fail_fast_on_every_route(autojump_clock, route):
+    path, body = ROUTES[route]
+    async with open_harness() as h:
+        await h.add_provider("old", version="0.6.0")
+        result = await h.request(path, {"model": MODEL, **body})
+        assert result.status == 503
+        assert "tool calls" in result.body.decode()
+
+
+async def test_anthropic_stream_events_and_terminator(autojump_clock):
+    path, body = ROUTES["messages"]
+    async with open_harness() as h:
+        await h.add_provider("p")
+        result = await h.request(path, {"model": MODEL, "stream": True, **body})
+        names = [name for name, _ in result.sse]
+        assert names[0] == "message_start" and names[-1] == "message_stop"
+        assert "content_block_delta" in names and "[DONE]" not in result.body.decode()
+
+
+async def test_responses_stream_holds_lifecycle_events_until_content(autojump_clock):
+    path, body = ROUTES["responses"]
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("bad", behaviour=Behaviour(Fault.ROLE_THEN_ERROR), decode_tps=1000)
+        await h.add_provider("good", decode_tps=10)
+        result = await h.request(path, {"model": MODEL, "stream": True, **body})
+        names = [name for name, _ in result.sse]
+        assert names.count("response.created") == 1  # only the winner's
+        assert names[-1] == "response.completed"

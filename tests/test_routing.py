@@ -1,0 +1,218 @@
+"""Routing health: breaker, floors, gates, version diversity, fail-fast and the queue."""
+
+from __future__ import annotations
+
+import trio
+
+from provider_sim.behaviours import HEALTHY, Behaviour, Fault
+
+from .harness import ADMIN_KEY, MODEL, VISION_MODEL, model, open_harness
+
+FAIL_500 = Behaviour(Fault.ERROR, status=500)
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+IMAGE = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                      {"type": "image_url", "image_url": {"url": "data:x"}}]}]
+
+
+async def tool_chat(h, **extra):
+    return await h.chat(tools=TOOLS, **extra)
+
+
+async def test_two_strikes_cool_a_pair_then_it_expires(autojump_clock):
+    async with open_harness(speculative_backup=False) as h:
+        sick = await h.add_provider("sick", behaviour=FAIL_500, decode_tps=1000)
+        await h.add_provider("ok", decode_tps=10)
+        for _ in range(2):
+            result = await h.chat()
+            assert result.status == 200 and result.headers["x-provider-id"] == "ok"
+        assert len(sick.received) == 2
+        assert h.coordinator.metrics.cooldown_entered._value.get() == 1
+        # Cooling: the next request goes straight to the healthy provider.
+        result = await h.chat()
+        assert result.headers["x-attempts"] == "1" and len(sick.received) == 2
+        admin = await h.request("/v1/admin/providers", method="GET",
+                                headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        [cooldown] = next(p for p in admin.json()["providers"] if p["id"] == "sick")["cooldowns"]
+        assert cooldown["shape"] == "base" and 299 < cooldown["seconds_left"] <= 300
+        await trio.sleep(301)  # virtual: the cooldown runs out
+        sick.behaviour = HEALTHY
+        result = await h.chat()
+        assert result.headers["x-provider-id"] == "sick"
+
+
+async def test_tool_failures_are_not_cleared_by_plain_successes(autojump_clock):
+    async with open_harness(speculative_backup=False) as h:
+        # "p" fails every tool request and serves plain chat fine.
+        p = await h.add_provider("p", decode_tps=1000,
+                                 script=[FAIL_500, HEALTHY, FAIL_500])
+        await h.add_provider("q", decode_tps=10)
+        assert (await tool_chat(h)).headers["x-provider-id"] == "q"  # strike 1 on (p, tools)
+        assert (await h.chat()).headers["x-provider-id"] == "p"  # success on (p, base)
+        assert (await tool_chat(h)).headers["x-provider-id"] == "q"  # strike 2: cooling
+        assert ("p", MODEL, "tools") in h.state.breaker.cooldowns(trio.current_time())
+        assert (await tool_chat(h)).headers["x-attempts"] == "1"
+        assert (await h.chat()).headers["x-provider-id"] == "p"  # base shape still routes
+        assert len(p.received) == 4
+
+
+async def test_cooled_pair_fails_fast_instead_of_queueing(autojump_clock):
+    async with open_harness(speculative_backup=False, max_attempts=1) as h:
+        await h.add_provider("only", behaviour=FAIL_500)
+        for _ in range(2):
+            assert (await h.chat()).status == 503
+        start = trio.current_time()
+        result = await h.chat()
+        assert trio.current_time() - start < 0.1
+        assert result.status == 503
+        assert "cooling down" in result.json()["error"]["message"]
+        assert "retry-after" in result.headers
+
+
+async def test_tools_floor_fails_fast_with_a_specific_message(autojump_clock):
+    async with open_harness() as h:
+        old = await h.add_provider("old", version="0.6.2")
+        start = trio.current_time()
+        result = await tool_chat(h)
+        assert trio.current_time() - start < 0.1
+        assert result.status == 503
+        assert "can serve tool calls" in result.json()["error"]["message"]
+        assert old.received == []
+        assert (await h.chat()).status == 200  # plain chat still fine on the old binary
+        await h.add_provider("new", version="0.6.3")
+        assert (await tool_chat(h)).headers["x-provider-id"] == "new"
+
+
+async def test_floor_is_configurable(autojump_clock):
+    async with open_harness(capability_floors={}) as h:
+        await h.add_provider("old", version="0.5.0")
+        assert (await tool_chat(h)).status == 200
+
+
+async def test_template_gate_fences_every_shape(autojump_clock):
+    async with open_harness() as h:
+        broken = await h.add_provider("broken", model(template_render_ok=False), decode_tps=1000)
+        await h.add_provider("fine", model(template_render_ok=True), decode_tps=10)
+        for _ in range(3):
+            assert (await h.chat()).headers["x-provider-id"] == "fine"
+            assert (await tool_chat(h)).headers["x-provider-id"] == "fine"
+        assert broken.received == []
+        h.kill("fine")
+        await h.wait_gone("fine")
+        result = await h.chat()
+        assert result.status == 503
+        assert "template" in result.json()["error"]["message"]
+
+
+async def test_vision_gate(autojump_clock):
+    async with open_harness() as h:
+        text_only = await h.add_provider("text", model(VISION_MODEL), decode_tps=1000)
+        result = await h.request("/v1/chat/completions", {"model": VISION_MODEL, "messages": IMAGE})
+        assert result.status == 503
+        assert "image or video" in result.json()["error"]["message"]
+        await h.add_provider("eyes", model(VISION_MODEL, is_vision=True), decode_tps=10)
+        result = await h.request("/v1/chat/completions", {"model": VISION_MODEL, "messages": IMAGE})
+        assert result.status == 200 and result.headers["x-provider-id"] == "eyes"
+        assert text_only.received == []
+
+
+async def test_retry_prefers_a_different_version(autojump_clock):
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("a", version="0.6.4", behaviour=FAIL_500, decode_tps=1000)
+        same = await h.add_provider("b", version="0.6.4", decode_tps=900)
+        await h.add_provider("c", version="0.7.0", decode_tps=10)
+        result = await h.chat()
+        assert result.headers["x-provider-id"] == "c"
+        assert same.received == []
+
+
+async def test_version_diversity_never_fails_closed(autojump_clock):
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("a", version="0.6.4", behaviour=FAIL_500, decode_tps=1000)
+        await h.add_provider("b", version="0.6.4", decode_tps=10)
+        assert (await h.chat()).headers["x-provider-id"] == "b"
+
+
+async def test_allowlist_constrains_routing_and_fail_fast(autojump_clock):
+    async with open_harness() as h:
+        await h.add_provider("old", version="0.6.0")
+        new = await h.add_provider("new", version="0.7.0")
+        # Tool-capable providers exist, but not inside the allowlist: fail fast.
+        result = await tool_chat(h, provider_ids=["old"])
+        assert result.status == 503
+        assert "tool calls" in result.json()["error"]["message"]
+        result = await h.chat(provider_ids=["nobody"])
+        assert result.status == 503 and "allowlist" in result.json()["error"]["message"]
+        result = await h.chat(provider_ids=["new"])
+        assert result.headers["x-provider-id"] == "new"
+        assert "provider_ids" not in new.received[-1]
+
+
+async def test_too_large_model_is_an_immediate_error(autojump_clock):
+    async with open_harness() as h:
+        await h.add_provider("small", model(size_bytes=500 * 1024**3))
+        start = trio.current_time()
+        result = await h.chat()
+        assert result.status == 503 and trio.current_time() - start < 0.1
+        assert "too large" in result.json()["error"]["message"]
+
+
+async def test_queued_request_is_served_when_the_slot_frees(autojump_clock):
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("one", max_concurrency=1,
+                             behaviour=Behaviour(token_interval=5.0, tokens=4))
+        done: dict[str, tuple[int, float]] = {}
+
+        async def run(name: str) -> None:
+            result = await h.chat()
+            done[name] = (result.status, trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "first")
+            await h.until(lambda: len(h.providers["one"].received) == 1)
+            nursery.start_soon(run, "second")
+            await h.until(lambda: h.state.queue)
+        assert done["first"][0] == done["second"][0] == 200
+        assert done["second"][1] >= done["first"][1] + 15.0
+        await h.assert_quiescent()
+
+
+async def test_queue_drained_by_a_provider_registering(autojump_clock):
+    async with open_harness() as h:
+        await h.add_provider("early")
+        h.kill("early")
+        await h.wait_gone("early")
+        results = []
+
+        async def run() -> None:
+            results.append(await h.chat())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await h.until(lambda: h.state.queue)
+            await trio.sleep(30)  # scripted: nobody serves the model for a while
+            await h.add_provider("late")
+        [result] = results
+        assert result.status == 200 and result.headers["x-provider-id"] == "late"
+
+
+async def test_queue_full_and_queue_timeout_are_429(autojump_clock):
+    async with open_harness(queue_max=1, queue_timeout=120.0) as h:
+        await h.add_provider("gone")
+        h.kill("gone")
+        await h.wait_gone("gone")
+        outcomes: list = []
+
+        async def run() -> None:
+            outcomes.append((await h.chat(), trio.current_time()))
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await h.until(lambda: h.state.queue)
+            nursery.start_soon(run)
+        [(full, t_full), (expired, t_expired)] = sorted(outcomes, key=lambda o: o[1])
+        assert full.status == 429 and t_full - start < 0.1
+        assert "queue is full" in full.json()["error"]["message"]
+        assert expired.status == 429 and 120.0 <= t_expired - start < 120.5
+        assert expired.headers["retry-after"]
+        await h.assert_quiescent()
