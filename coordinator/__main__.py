@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import secrets
 import sys
+from typing import Any
 
 import trio
 
@@ -13,7 +15,7 @@ from coordinator.app import Running, serve
 from coordinator.config import Config
 
 
-def _config_from(args: argparse.Namespace, **extra: object) -> Config:
+def _config_from(args: argparse.Namespace, **extra: Any) -> Config:
     return Config.from_env(
         http_host=args.host,
         http_port=args.port,
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         if args.command == "demo":
             config = _config_from(
                 args,
@@ -88,8 +90,6 @@ def main(argv: list[str] | None = None) -> None:
             if not config.api_keys:
                 logging.warning("no COORDINATOR_API_KEYS set: the API is open to anyone")
             trio.run(_serve, config)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class Config:
     seed: int | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Config:
         """Defaults, then ``COORDINATOR_*`` variables, then explicit overrides."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 import trio
@@ -24,10 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     providers = demo_fleet(args.n, args.token, parse_behaviour(args.behaviour), args.seed)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_fleet, providers, args.coordinator)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ sent is recorded for tests to assert on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -163,15 +164,13 @@ class SimProvider:
             case Cancel(request_id):
                 self.cancelled.append(request_id)
                 self._touch()
-                scope = self._active.get(request_id)
-                if scope is not None and request_id not in self._ignoring:
-                    scope.cancel()
+                running = self._active.get(request_id)
+                if running is not None and request_id not in self._ignoring:
+                    running.cancel()
 
     async def _send(self, ws: trio_websocket.WebSocketConnection, message: Message) -> None:
-        try:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
             await ws.send_message(encode_frame(message))
-        except trio_websocket.ConnectionClosed:
-            pass
 
     async def _heartbeat(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:

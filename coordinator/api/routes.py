@@ -136,7 +136,7 @@ class Api:
 
     def _on_request_end(self, committed: Committed) -> None:
         """Make sure the winner is released even if its body is never iterated."""
-        cleanups: list[Cleanup] | None = request.scope.get(CLEANUP_KEY)
+        cleanups: list[Cleanup] | None = request.scope.get(CLEANUP_KEY)  # type: ignore[assignment]
         if cleanups is not None:
             cleanups.append(
                 lambda: self.dispatcher.close_winner(committed, CANCELLED, cancel=True))
@@ -185,11 +185,13 @@ async def _read_body(limit: int) -> bytes:
     if length is not None and length > limit:
         raise errors.too_large(limit)
     try:
-        raw: bytes = await request.get_data(cache=False, as_text=False)
+        raw = await request.get_data(cache=False, as_text=False)
     except HTTPException as exc:
         if exc.code == 413:
             raise errors.too_large(limit) from None
         raise errors.bad_request(f"could not read the request body: {exc.description}") from None
+    if isinstance(raw, str):
+        raw = raw.encode()
     if len(raw) > limit:
         raise errors.too_large(limit)
     return raw
@@ -256,7 +258,7 @@ class RequestCleanup:
     """
 
     def __init__(self, app: QuartTrio) -> None:
-        self.app = app
+        self.app: Any = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http":

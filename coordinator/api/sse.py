@@ -26,6 +26,7 @@ def frame(endpoint: Endpoint, item: RelayItem) -> bytes:
 
 
 def _error(endpoint: Endpoint, error: InBandError) -> bytes:
+    body: dict[str, object]
     if endpoint is Endpoint.MESSAGES:
         body = {"type": "error", "error": {"type": "api_error", "message": error.message}}
         return f"event: error\ndata: {json.dumps(body)}\n\n".encode()

@@ -9,7 +9,7 @@ no chunk. Every way out releases the winner's slot with the right verdict.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import attrs
 import trio
@@ -45,7 +45,7 @@ class InBandError:
 RelayItem = str | End | InBandError
 
 
-async def relay(dispatcher: Dispatcher, committed: Committed) -> AsyncIterator[RelayItem]:
+async def relay(dispatcher: Dispatcher, committed: Committed) -> AsyncGenerator[RelayItem, None]:
     """Yield the winner's output; release its slot however the stream ends."""
     racer = committed.racer
     outcome: Outcome = CANCELLED
@@ -114,7 +114,7 @@ async def collect(dispatcher: Dispatcher, committed: Committed) -> tuple[list[st
                     chunks.append(item)
                 case End(usage):
                     return chunks, usage
-                case InBandError(reason, message, status):
+                case InBandError(reason, message):
                     dispatcher.metrics.inband_errors.labels(reason).inc()
                     code = "timeout" if reason == "timeout" else "provider_error"
                     raise errors.ApiError(504 if reason == "timeout" else 502,

@@ -207,7 +207,9 @@ def _make_converter() -> cattrs.Converter:
             for a in attrs.fields(cls)
             if a.default is None
         }
-        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **optional))
+        conv.register_unstructure_hook(
+            cls, make_dict_unstructure_fn(cls, conv, **optional)  # type: ignore[arg-type]
+        )
         conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
     return conv
 

@@ -9,6 +9,7 @@ then ends) instead of stalling every other request on the provider.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import attrs
@@ -116,7 +117,5 @@ class ProviderConnection:
         await self.send(request)
 
     async def send_cancel(self, request_id: str) -> None:
-        try:
+        with contextlib.suppress(ProviderGone):
             await self.send(Cancel(request_id))
-        except ProviderGone:
-            pass

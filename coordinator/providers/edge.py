@@ -92,15 +92,15 @@ class ProviderEdge:
         return message
 
     async def _next_frame(
-        self, ws: trio_websocket.WebSocketConnection, timeout: float, what: str
+        self, ws: trio_websocket.WebSocketConnection, budget: float, what: str
     ) -> object:
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(budget):
             raw = await ws.get_message()
             try:
                 return decode_frame(raw, max_bytes=self.config.max_frame_bytes)
             except FrameError as exc:
                 raise AdmissionError(str(exc)) from None
-        raise AdmissionError(f"no {what} within {timeout:g}s")
+        raise AdmissionError(f"no {what} within {budget:g}s")
 
     async def _challenge(
         self,

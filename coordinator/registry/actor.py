@@ -244,19 +244,19 @@ class RegistryState:
 
     def _on_release(self, lease: Lease, outcome: Outcome, now: float) -> None:
         record = self.providers.get(lease.provider_id)
-        if record is not None and record.session == lease.session:
+        if record is not None:
+            if record.session != lease.session:
+                return  # a verdict on an old session says nothing about the new one
             record.leases.pop(lease.request_id, None)
-            if outcome.kind is OutcomeKind.SUCCESS:
-                record.served += 1
-        if record is not None and record.session != lease.session:
-            return  # a verdict on an old session says nothing about the new one
+            record.served += outcome.kind is OutcomeKind.SUCCESS
         key = (lease.provider_id, lease.model, lease.shape)
         if outcome.kind is OutcomeKind.SUCCESS:
             self.breaker.record_success(key)
-        elif outcome.kind is OutcomeKind.FAILURE:
-            if self.breaker.record_failure(key, outcome.status, now):
-                self.metrics.cooldown_entered.inc()
-                log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
+        elif outcome.kind is OutcomeKind.FAILURE and self.breaker.record_failure(
+            key, outcome.status, now
+        ):
+            self.metrics.cooldown_entered.inc()
+            log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
         self.metrics.cooldowns_active.set(len(self.breaker.cooldowns(now)))
 
     def _on_register(self, record: ProviderRecord) -> None:

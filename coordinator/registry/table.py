@@ -23,7 +23,7 @@ class Job:
 
     request_id: str
     model: str
-    traits: Traits = Traits()
+    traits: Traits = attrs.field(factory=Traits)
     prompt_tokens: int = 1
     max_tokens: int = 256
     # Optional allowlist of provider ids from the request; None = any.
