@@ -53,3 +53,10 @@ def typecheck(session: nox.Session) -> None:
     # its plugin crashes current mypy (docs/operations.md).
     session.install(*CONSTRAINTS, "-e", ".[dev]")
     session.run("mypy")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not part of CI's pass/fail): ratios measured in one run."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("python", "-m", "benchmarks.bench_toolschema")

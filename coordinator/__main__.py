@@ -33,14 +33,18 @@ async def _serve(config: Config) -> None:
 
 
 async def _demo(config: Config, providers: int) -> None:
+    from provider_sim.behaviours import Behaviour
     from provider_sim.fleet import demo_fleet, run_fleet
 
     async with trio.open_nursery() as nursery:
         running: Running = await nursery.start(serve, config)
-        fleet = demo_fleet(providers, token=config.provider_tokens[0])
+        # Paced like a real model (about 30 tokens/s) so the stream is visible.
+        fleet = demo_fleet(providers, token=config.provider_tokens[0],
+                           behaviour=Behaviour(token_interval=0.03, tokens=40))
         nursery.start_soon(run_fleet, fleet, running.provider_url)
-        for provider in fleet:
-            await provider.registered.wait()
+        state = running.registry.state
+        while len(state.providers) < providers:
+            await state.changed.wait()
         key = config.api_keys[0]
         print(
             f"\nCoordinator ready with {providers} simulated providers "

@@ -37,8 +37,9 @@ def normalize_tool_schemas(body: bytes) -> bytes:
     """Repair tool schemas in a request body; return ``body`` itself when nothing changes."""
     if b'"tools"' not in body or len(body) > MAX_BODY_BYTES:
         return body
+    exact = _ExactFloats()
     try:
-        doc = json.loads(body, parse_float=Decimal)
+        doc = json.loads(body, parse_float=exact)
     except (ValueError, RecursionError):
         return body  # malformed JSON, trailing data: left for validation to reject
     if not isinstance(doc, dict) or not isinstance(doc.get("tools"), list):
@@ -49,6 +50,12 @@ def normalize_tool_schemas(body: bytes) -> bytes:
             changed |= _normalize_tool(tool)
         if not changed:
             return body
+        if exact.lossless:
+            return _encode_fast(doc)
+        # Some number's text would not survive a float: re-parse keeping it exact.
+        doc = json.loads(body, parse_float=Decimal)
+        for tool in doc["tools"]:
+            _normalize_tool(tool)
         return _encode(doc)
     except RecursionError:
         return body
@@ -133,6 +140,26 @@ def _infer(node: dict[str, Any]) -> str:
                 if isinstance(kind, str) and kind != "null":
                     return kind
     return "string"
+
+
+class _ExactFloats:
+    """parse_float hook: a float, noting whether its text would change on re-encoding."""
+
+    def __init__(self) -> None:
+        self.lossless = True
+
+    def __call__(self, text: str) -> float:
+        value = float(text)
+        if self.lossless and repr(value) != text:
+            self.lossless = False
+        return value
+
+
+def _encode_fast(doc: Any) -> bytes:
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 def _encode(doc: Any) -> bytes:

@@ -41,6 +41,8 @@ class Behaviour:
     # Send inference_accepted, then wait this long before the preamble.
     accepted_delay: float | None = None
     tokens: int = 8
+    # Say exactly this (split on spaces) instead of the default sentence.
+    text: str | None = None
     ignore_cancel: bool = False
     failure_probability: float = 0.0
 

@@ -212,7 +212,9 @@ class SimProvider:
         endpoint = str(body.get("endpoint", "/v1/chat/completions"))
         model = str(body.get("model", ""))
         count = min(b.tokens, int(body.get("max_tokens") or body.get("max_output_tokens") or b.tokens))
-        script = transcript(endpoint, body, words_for(model, self.provider_id, count), rid)
+        words = words_for(model, self.provider_id, count) if b.text is None else [
+            w if i == 0 else " " + w for i, w in enumerate(b.text.split(" "))]
+        script = transcript(endpoint, body, words, rid)
 
         async def chunk(text: str) -> None:
             if fault is Fault.PLAINTEXT_CHUNKS:

@@ -162,6 +162,8 @@ async def test_preamble_extends_budget_once(autojump_clock):
         result = await h.chat()
         assert result.status == 200
         assert result.text.startswith("Hello")
+        await h.assert_quiescent()
+
 
 
 async def test_preamble_then_stall_times_out_at_ttft_plus_90s(autojump_clock):
@@ -184,6 +186,8 @@ async def test_accepted_extends_to_inference_timeout(autojump_clock):
         result = await h.chat()
         assert result.status == 200
         assert 550.0 <= result.started_at - start < 551.0
+        await h.assert_quiescent()
+
 
 
 async def test_accepted_then_silent_times_out_at_600s(autojump_clock):
@@ -257,16 +261,23 @@ async def test_capacity_errors_exhaust_to_429(autojump_clock):
         assert result.headers["retry-after"]
         # 503 is capacity, not sickness: no strikes.
         assert not h.state.breaker._recent
+        await h.assert_quiescent()
+
 
 
 async def test_content_containing_lifecycle_text_is_content(autojump_clock):
-    """A delta whose text is 'response.created' commits; its provider's later error is in-band."""
-    from coordinator.dispatch.chunks import ChunkKind, Endpoint, classify
-
-    chunk = '{"choices":[{"index":0,"delta":{"content":"response.created"}}]}'
-    assert classify(Endpoint.CHAT, chunk) is ChunkKind.CONTENT
-    assert classify(Endpoint.RESPONSES, '{"type":"response.output_text.delta",'
-                    '"delta":"response.created"}') is ChunkKind.CONTENT
+    """A delta whose text is 'response.created' commits: a later error is in-band, not retried."""
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("literal", decode_tps=1000, behaviour=Behaviour(
+            Fault.ERROR_AFTER_CONTENT, after_chunks=1, text="response.created response.in_progress"))
+        other = await h.add_provider("other", decode_tps=10)
+        result = await h.chat()
+        assert result.status == 200
+        assert result.headers["x-provider-id"] == "literal"
+        assert result.text == "response.created"
+        assert len([d for _, d in result.sse if '"error"' in d]) == 1
+        assert other.received == []
+        await h.assert_quiescent()
 
 
 async def test_decrypt_failure_is_a_provider_error_and_fails_over(autojump_clock):
@@ -291,3 +302,4 @@ async def test_timing_header_present(autojump_clock):
         fields = dict(part.split("=") for part in result.headers["x-timing"].split(","))
         assert set(fields) == {"parse", "route", "queue", "encrypt", "dispatch", "first_content"}
         assert result.headers["x-provider-version"] == "0.7.0"
+        await h.assert_quiescent()
