@@ -94,3 +94,31 @@ async def test_responses_stream_holds_lifecycle_events_until_content(autojump_cl
         names = [name for name, _ in result.sse]
         assert names.count("response.created") == 1  # only the winner's
         assert names[-1] == "response.completed"
+
+
+VISION_BODIES = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}]}),
+    "responses": ("/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "what"}, {"type": "input_image", "image_url": "data:x"}]}]}),
+    "messages": ("/v1/messages", {"max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x"}},
+        {"type": "text", "text": "what"}]}]}),
+    "completions": ("/v1/completions", {"prompt": ["a", "b"], "messages": [
+        {"content": [{"type": "video_url", "video_url": {"url": "x"}}]}]}),
+}
+
+
+@pytest.mark.parametrize("route", sorted(VISION_BODIES))
+async def test_vision_fail_fast_on_every_route(autojump_clock, route):
+    path, body = VISION_BODIES[route]
+    async with open_harness() as h:
+        blind = await h.add_provider("blind")
+        result = await h.request(path, {"model": MODEL, **body})
+        assert result.status == 503
+        assert "image or video" in result.body.decode()
+        assert blind.received == []
+        if route == "messages":
+            assert result.json()["error"]["type"] == "api_error"
+        else:
+            assert result.json()["error"]["type"] == "provider_error"

@@ -32,7 +32,7 @@ from coordinator.dispatch.attempt import (
     plaintext_body,
 )
 from coordinator.dispatch.chunks import Endpoint
-from coordinator.dispatch.relay import InBandError, collect, relay
+from coordinator.dispatch.relay import End, InBandError, collect, relay
 from coordinator.metrics import Metrics
 from coordinator.registry.actor import CANCELLED, RegistryClient
 from coordinator.registry.table import Job
@@ -43,6 +43,7 @@ from . import sse
 from .assemble import assemble
 from .errors import Family, error_body, error_headers
 from .requests import parse_body, validate
+from .status import render_status
 
 log = logging.getLogger(__name__)
 outcomes = logging.getLogger("coordinator.requests")
@@ -80,9 +81,9 @@ class Api:
             record.update(result="error", status=exc.status, error=exc.code or exc.type)
             response = error_response(exc, family)
         finally:
-            record["latency_ms"] = round((trio.current_time() - timing.started) * 1000, 3)
-            record.setdefault("result", "cancelled")
-            outcomes.info(json.dumps(record))
+            # A stream's outcome is known only when it ends: the relay logs it then.
+            if record.get("result") != "streaming":
+                _log_outcome(record, timing)
         self.metrics.requests.labels(endpoint.value, str(response.status_code)).inc()
         return response
 
@@ -126,7 +127,7 @@ class Api:
             return Response(json.dumps(body), 200, headers, content_type="application/json")
         record.update(result="streaming", status=200)
         response = Response(
-            self._sse(endpoint, committed),
+            self._sse(endpoint, committed, record, timing),
             200,
             {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             content_type="text/event-stream",
@@ -141,17 +142,26 @@ class Api:
             cleanups.append(
                 lambda: self.dispatcher.close_winner(committed, CANCELLED, cancel=True))
 
-    async def _sse(self, endpoint: Endpoint, committed: Committed) -> AsyncIterator[bytes]:
+    async def _sse(
+        self, endpoint: Endpoint, committed: Committed, record: dict[str, Any], timing: Timing
+    ) -> AsyncIterator[bytes]:
         items = relay(self.dispatcher, committed)
-        async with contextlib.aclosing(items):
-            async for item in items:
-                if isinstance(item, InBandError):
-                    self.metrics.inband_errors.labels(item.reason).inc()
-                    log.warning("in-band error after content on %s: %s",
-                                committed.racer.lease.provider_id, item.message)
-                data = sse.frame(endpoint, item)
-                if data:
-                    yield data
+        record["result"] = "client_gone"
+        try:
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    if isinstance(item, InBandError):
+                        self.metrics.inband_errors.labels(item.reason).inc()
+                        log.warning("in-band error after content on %s: %s",
+                                    committed.racer.lease.provider_id, item.message)
+                        record.update(result="inband_error", error=item.reason)
+                    elif isinstance(item, End):
+                        record["result"] = "success"
+                    data = sse.frame(endpoint, item)
+                    if data:
+                        yield data
+        finally:
+            _log_outcome(record, timing)
 
     # -- the rest of the surface
     async def models(self) -> Response:
@@ -172,12 +182,38 @@ class Api:
         return Response(self.metrics.render(), 200,
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def status_page(self) -> Response:
+        """HTML status: for the admin key (header or ``?key=``) or from loopback."""
+        key = request.args.get("key", "")
+        from_loopback = (request.remote_addr or "") in ("127.0.0.1", "::1", "localhost")
+        allowed = from_loopback or self._authorized(self.config.admin_keys) or (
+            bool(key) and any(secrets.compare_digest(key, k) for k in self.config.admin_keys))
+        if not allowed:
+            return error_response(errors.ApiError(
+                401, "admin key or loopback required", "authentication_error", "admin_only"),
+                Family.OPENAI)
+        now = trio.current_time()
+        failovers = [
+            {"ago": round(now - at, 1), "request_id": rid, "provider_id": f.provider_id,
+             "version": f.version, "status": f.status, "message": f.message}
+            for at, rid, f in reversed(self.dispatcher.failovers)][:20]
+        page = render_status(await self.registry.snapshot(), failovers)
+        return Response(page, 200, {"Cache-Control": "no-store"},
+                        content_type="text/html; charset=utf-8")
+
     async def admin_providers(self) -> Response:
         if not self.config.admin_keys or not self._authorized(self.config.admin_keys):
             return error_response(errors.ApiError(
                 403 if not self.config.admin_keys else 401,
                 "admin key required", "authentication_error", "admin_only"), Family.OPENAI)
         return json_response(await self.registry.snapshot())
+
+
+def _log_outcome(record: dict[str, Any], timing: Timing) -> None:
+    """One JSON line per request outcome. Never any prompt or output content."""
+    record["latency_ms"] = round((trio.current_time() - timing.started) * 1000, 3)
+    record.setdefault("result", "cancelled")
+    outcomes.info(json.dumps(record))
 
 
 async def _read_body(limit: int) -> bytes:
@@ -228,6 +264,7 @@ def create_app(api: Api) -> QuartTrio:
     app.add_url_rule("/healthz", view_func=api.healthz, methods=["GET"])
     app.add_url_rule("/metrics", view_func=api.metrics_page, methods=["GET"])
     app.add_url_rule("/v1/admin/providers", view_func=api.admin_providers, methods=["GET"])
+    app.add_url_rule("/status", view_func=api.status_page, methods=["GET"])
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

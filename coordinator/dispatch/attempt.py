@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+from collections import deque
 from typing import Final
 
 import attrs
@@ -162,6 +163,8 @@ class Dispatcher:
     metrics: Metrics
     # Racers whose stream and slot are not yet released (for tests and status).
     active: set[Racer] = attrs.field(factory=set)
+    # Pre-content failures that were retried, newest last (for the status page).
+    failovers: deque[tuple[float, str, Failure]] = attrs.field(factory=lambda: deque(maxlen=50))
 
     async def dispatch(self, ctx: RequestContext) -> Committed:
         """Run attempts until one commits; raise :class:`ApiError` when none can."""
@@ -183,6 +186,8 @@ class Dispatcher:
             failures.extend(outcome)
             if attempt < self.config.max_attempts:
                 self.metrics.dispatches.labels(_retry_label(outcome)).inc()
+                now = trio.current_time()
+                self.failovers.extend((now, ctx.job.request_id, f) for f in outcome)
         self.metrics.dispatches.labels("failure").inc()
         raise exhausted(failures)
 
