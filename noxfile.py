@@ -79,3 +79,11 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not part of CI's pass/fail): ratios measured in one run."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("python", "-m", "benchmarks.bench_toolschema")
+
+
+@nox.session(python="3.11")
+def soak(session: nox.Session) -> None:
+    """The whole-system simulation with 10,000 fault schedules (about 4 minutes here)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("pytest", "tests/test_simulation.py", "-q", "-p", "no:cacheprovider",
+                env={"SIMULATION_EXAMPLES": session.posargs[0] if session.posargs else "10000"})

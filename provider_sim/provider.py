@@ -79,6 +79,8 @@ class SimProvider:
     cancelled: list[str] = attrs.field(factory=list)
     completed: list[str] = attrs.field(factory=list)
     registered: trio.Event = attrs.field(factory=trio.Event)
+    # (virtual time, event, wire request id): received, cancel, complete, error, closed.
+    log: list[tuple[float, str, str]] = attrs.field(factory=list)
     # Replaced whenever something above is recorded, so tests can wait on it.
     activity: trio.Event = attrs.field(factory=trio.Event)
     closed_with: int | None = None
@@ -91,6 +93,10 @@ class SimProvider:
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+
+    def _note(self, event: str, request_id: str) -> None:
+        self.log.append((trio.current_time(), event, request_id))
+        self._touch()
 
     def _touch(self) -> None:
         self.activity.set()
@@ -163,7 +169,7 @@ class SimProvider:
                 nursery.start_soon(self._serve_request, ws, message, behaviour, scope)
             case Cancel(request_id):
                 self.cancelled.append(request_id)
-                self._touch()
+                self._note("cancel", request_id)
                 running = self._active.get(request_id)
                 if running is not None and request_id not in self._ignoring:
                     running.cancel()
@@ -190,9 +196,10 @@ class SimProvider:
                 body, sealer = open_request(self._key, request.encrypted_body)
                 payload = json.loads(body)
                 self.received.append(payload)
-                self._touch()
+                self._note("received", rid)
                 await self._play(ws, rid, payload, behaviour, sealer)
         except DecryptError:
+            self._note("error", rid)
             await self._send(ws, InferenceError(rid, "request did not decrypt", 400))
         finally:
             self._active.pop(rid, None)
@@ -229,7 +236,12 @@ class SimProvider:
             await self._send(ws, frame)
 
         async def error() -> None:
+            self._note("error", rid)
             await self._send(ws, InferenceError(rid, b.error_message, b.status))
+
+        async def crash() -> None:
+            self._note("closed", rid)
+            await ws.aclose(1011, "simulated crash")
 
         if b.accepted_delay is not None:
             await self._send(ws, InferenceAccepted(rid))
@@ -247,9 +259,10 @@ class SimProvider:
                 await error()
                 return
             case Fault.ROLE_THEN_DISCONNECT:
-                await ws.aclose(1011, "simulated crash")
+                await crash()
                 return
             case Fault.ROLE_THEN_CLOSE:
+                self._note("complete", rid)
                 await self._send(ws, InferenceComplete(rid, Usage(10, 0)))
                 return
             case Fault.STALL_AFTER_ROLE:
@@ -261,11 +274,11 @@ class SimProvider:
                 await error()
                 return
             if i == b.after_chunks and fault is Fault.DISCONNECT_AFTER_CONTENT:
-                await ws.aclose(1011, "simulated crash")
+                await crash()
                 return
             await chunk(text)
         for text in script.closing:
             await chunk(text)
         self.completed.append(rid)
-        self._touch()
+        self._note("complete", rid)
         await self._send(ws, InferenceComplete(rid, Usage(10, len(script.content))))

@@ -163,6 +163,12 @@ CHAT_ROLE = '{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"f
         (Endpoint.RESPONSES, '{"type":"response.in_progress"}', ChunkKind.BOILERPLATE),
         (Endpoint.RESPONSES, '{"type":"response.output_text.delta","delta":"response.created"}',
          ChunkKind.CONTENT),
+        (Endpoint.RESPONSES, '{"type":"response.output_item.added","item":{"type":"message",'
+         '"content":[]}}', ChunkKind.BOILERPLATE),
+        (Endpoint.RESPONSES, '{"type":"response.output_item.added","item":{"type":'
+         '"function_call","name":"f"}}', ChunkKind.CONTENT),
+        (Endpoint.RESPONSES, '{"type":"response.content_part.added","part":{"type":"output_text",'
+         '"text":""}}', ChunkKind.BOILERPLATE),
         (Endpoint.MESSAGES, '{"type":"message_start","message":{}}', ChunkKind.BOILERPLATE),
         (Endpoint.MESSAGES, '{"type":"ping"}', ChunkKind.BOILERPLATE),
         (Endpoint.MESSAGES, '{"type":"content_block_start","content_block":{"type":"text",'

@@ -122,3 +122,16 @@ async def test_vision_fail_fast_on_every_route(autojump_clock, route):
             assert result.json()["error"]["type"] == "api_error"
         else:
             assert result.json()["error"]["type"] == "provider_error"
+
+
+@pytest.mark.parametrize(("route", "final"), [("responses", "response.completed"),
+                                              ("messages", "message_stop")])
+async def test_empty_completion_gets_its_family_terminator(autojump_clock, route, final):
+    path, body = ROUTES[route]
+    async with open_harness() as h:
+        await h.add_provider("quiet", behaviour=Behaviour(Fault.ROLE_THEN_CLOSE))
+        result = await h.request(path, {"model": MODEL, "stream": True, **body})
+        assert result.status == 200
+        names = [name for name, _ in result.sse]
+        assert names.count(final) == 1 and names[-1] == final
+        await h.assert_quiescent()

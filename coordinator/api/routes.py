@@ -146,6 +146,7 @@ class Api:
         self, endpoint: Endpoint, committed: Committed, record: dict[str, Any], timing: Timing
     ) -> AsyncIterator[bytes]:
         items = relay(self.dispatcher, committed)
+        writer = sse.SseWriter(endpoint)
         record["result"] = "client_gone"
         try:
             async with contextlib.aclosing(items):
@@ -157,7 +158,7 @@ class Api:
                         record.update(result="inband_error", error=item.reason)
                     elif isinstance(item, End):
                         record["result"] = "success"
-                    data = sse.frame(endpoint, item)
+                    data = writer.frame(item)
                     if data:
                         yield data
         finally:

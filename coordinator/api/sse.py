@@ -1,39 +1,91 @@
-"""Server-sent-event framing per endpoint family."""
+"""Server-sent-event framing per endpoint family.
+
+One :class:`SseWriter` per stream. It frames each relay item and makes sure the
+stream ends the way the family's clients expect exactly once: ``data: [DONE]``
+for chat and completions, ``response.completed`` for Responses, ``message_stop``
+for Anthropic. A provider that closes cleanly without sending its family's
+final event (an empty completion after boilerplate) gets one written for it.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from coordinator.dispatch.chunks import Endpoint, event_type
+import attrs
+
+from coordinator.dispatch.chunks import Endpoint
 from coordinator.dispatch.relay import End, InBandError, RelayItem
 
 DONE = b"data: [DONE]\n\n"
-_NAMED_EVENTS = (Endpoint.RESPONSES, Endpoint.MESSAGES)
+_FINAL_EVENTS = {
+    Endpoint.RESPONSES: frozenset({"response.completed", "response.failed", "response.incomplete"}),
+    Endpoint.MESSAGES: frozenset({"message_stop"}),
+}
 
 
-def frame(endpoint: Endpoint, item: RelayItem) -> bytes:
-    """The bytes for one relay item; End and errors carry each family's terminator."""
-    match item:
-        case str():
-            if endpoint in _NAMED_EVENTS:
-                name = event_type(item) or "message"
-                return f"event: {name}\ndata: {item}\n\n".encode()
-            return f"data: {item}\n\n".encode()
-        case End():
-            return DONE if endpoint not in _NAMED_EVENTS else b""
-        case InBandError():
-            return _error(endpoint, item)
+def _event(name: str, body: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
 
-def _error(endpoint: Endpoint, error: InBandError) -> bytes:
-    body: dict[str, object]
-    if endpoint is Endpoint.MESSAGES:
-        body = {"type": "error", "error": {"type": "api_error", "message": error.message}}
-        return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
-    if endpoint is Endpoint.RESPONSES:
-        body = {"type": "error", "code": "provider_error", "message": error.message,
-                "param": None}
-        return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
-    body = {"error": {"message": error.message, "type": "provider_error", "code": error.reason,
-                      "param": None}}
-    return f"data: {json.dumps(body)}\n\n".encode() + DONE
+@attrs.define
+class SseWriter:
+    endpoint: Endpoint
+    ended: bool = False
+    _response: dict[str, Any] | None = None  # from response.created, to complete it
+
+    def frame(self, item: RelayItem) -> bytes:
+        if self.ended:
+            return b""
+        match item:
+            case str():
+                return self._chunk(item)
+            case End():
+                self.ended = True
+                return self._end(item)
+            case InBandError():
+                self.ended = True
+                return self._error(item)
+
+    def _chunk(self, payload: str) -> bytes:
+        if self.endpoint not in _FINAL_EVENTS:
+            return f"data: {payload}\n\n".encode()
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            event = None
+        name = event.get("type") if isinstance(event, dict) else None
+        if not isinstance(name, str):
+            name = "message"
+        if name == "response.created" and isinstance(event, dict):
+            self._response = event.get("response")
+        if name in _FINAL_EVENTS[self.endpoint]:
+            self.ended = True
+        return f"event: {name}\ndata: {payload}\n\n".encode()
+
+    def _end(self, end: End) -> bytes:
+        if self.endpoint not in _FINAL_EVENTS:
+            return DONE
+        # The provider closed cleanly without its final event: write one.
+        if self.endpoint is Endpoint.MESSAGES:
+            return _event("message_delta", {
+                "type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                   "stop_sequence": None},
+                "usage": {"output_tokens": end.usage.completion_tokens}}) + _event(
+                "message_stop", {"type": "message_stop"})
+        response = dict(self._response or {"object": "response", "output": []})
+        response.update(status="completed", usage={
+            "input_tokens": end.usage.prompt_tokens, "output_tokens": end.usage.completion_tokens,
+            "total_tokens": end.usage.prompt_tokens + end.usage.completion_tokens})
+        return _event("response.completed", {"type": "response.completed", "response": response})
+
+    def _error(self, error: InBandError) -> bytes:
+        if self.endpoint is Endpoint.MESSAGES:
+            return _event("error", {"type": "error", "error": {"type": "api_error",
+                                                               "message": error.message}})
+        if self.endpoint is Endpoint.RESPONSES:
+            return _event("error", {"type": "error", "code": "provider_error",
+                                    "message": error.message, "param": None})
+        body = {"error": {"message": error.message, "type": "provider_error", "code": error.reason,
+                          "param": None}}
+        return f"data: {json.dumps(body)}\n\n".encode() + DONE

@@ -47,8 +47,7 @@ def classify(endpoint: Endpoint, payload: str) -> ChunkKind:
         case Endpoint.COMPLETIONS:
             return _completions(event)
         case Endpoint.RESPONSES:
-            kind = event.get("type")
-            return ChunkKind.BOILERPLATE if kind in _RESPONSES_BOILERPLATE else ChunkKind.CONTENT
+            return _responses(event)
         case Endpoint.MESSAGES:
             return _messages(event)
 
@@ -86,6 +85,23 @@ def _completions(event: dict[str, Any]) -> ChunkKind:
     return ChunkKind.BOILERPLATE
 
 
+def _responses(event: dict[str, Any]) -> ChunkKind:
+    kind = event.get("type")
+    if kind in _RESPONSES_BOILERPLATE:
+        return ChunkKind.BOILERPLATE
+    # An empty message item or an empty text part announces text to come; a
+    # function_call item is the model's decision to call a tool, which is content.
+    if kind == "response.output_item.added":
+        item = event.get("item")
+        if isinstance(item, dict) and item.get("type") == "message" and not item.get("content"):
+            return ChunkKind.BOILERPLATE
+    if kind == "response.content_part.added":
+        part = event.get("part")
+        if isinstance(part, dict) and part.get("type") == "output_text" and not part.get("text"):
+            return ChunkKind.BOILERPLATE
+    return ChunkKind.CONTENT
+
+
 def _messages(event: dict[str, Any]) -> ChunkKind:
     kind = event.get("type")
     if kind in _MESSAGES_BOILERPLATE:
@@ -97,13 +113,3 @@ def _messages(event: dict[str, Any]) -> ChunkKind:
         if isinstance(block, dict) and block.get("type") == "text" and not block.get("text"):
             return ChunkKind.BOILERPLATE
     return ChunkKind.CONTENT
-
-
-def event_type(payload: str) -> str | None:
-    """The ``type`` of a Responses or Anthropic event, for the SSE ``event:`` line."""
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        return None
-    kind = event.get("type") if isinstance(event, dict) else None
-    return kind if isinstance(kind, str) else None

@@ -18,7 +18,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
@@ -136,6 +136,9 @@ class RegistryState:
     floors: Mapping[str, Version | None] = attrs.field(init=False)
     # Replaced after every command, so observers can wait for "the table changed".
     changed: trio.Event = attrs.field(factory=trio.Event)
+    # Optional audit hook: called with (event, now, details) for every grant and
+    # release. Tests check routing against a reference model through it.
+    observer: Callable[[str, float, dict[str, Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -184,6 +187,8 @@ class RegistryState:
             connection=record.connection,
         )
         record.leases[lease.request_id] = lease
+        if self.observer is not None:
+            self.observer("grant", trio.current_time(), {"lease": lease, "job": job})
         return lease
 
     # -- handlers
@@ -243,6 +248,8 @@ class RegistryState:
         self.queue = still
 
     def _on_release(self, lease: Lease, outcome: Outcome, now: float) -> None:
+        if self.observer is not None:
+            self.observer("release", now, {"lease": lease, "outcome": outcome})
         record = self.providers.get(lease.provider_id)
         if record is not None:
             if record.session != lease.session:
