@@ -47,8 +47,8 @@ from coordinator.protocol import (
 )
 from coordinator.protocol.crypto import DecryptError
 
-from .behaviours import HEALTHY, Behaviour, Fault
-from .formats import transcript, words_for
+from .behaviours import HEALTHY, Behaviour
+from .script import Accepted, Chunk, Complete, Crash, Error, Pace, play
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ class SimProvider:
     heartbeat_interval: float = 20.0
     encrypt: bool = True
     seed: int = 0
+    # Per-model default behaviour, overriding ``behaviour`` for that model.
+    model_behaviours: dict[str, Behaviour] = attrs.field(factory=dict)
+    # Chat templates per model: old binaries (< 0.6.3) crash on raw tool schemas.
+    templates: dict[str, str] = attrs.field(factory=dict)
+    # Derive prefill and decode delays from the advertised rates.
+    pace: bool = False
     # Tampering hooks for admission tests.
     sign_with: nacl.signing.SigningKey | None = None
     # Recorded for tests.
@@ -161,12 +167,10 @@ class SimProvider:
                 nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature))
                 self.registered.set()
             case InferenceRequest():
-                behaviour = self.script.popleft() if self.script else self.behaviour
+                scripted = self.script.popleft() if self.script else None
                 scope = trio.CancelScope()
                 self._active[message.request_id] = scope
-                if behaviour.ignore_cancel:
-                    self._ignoring.add(message.request_id)
-                nursery.start_soon(self._serve_request, ws, message, behaviour, scope)
+                nursery.start_soon(self._serve_request, ws, message, scripted, scope)
             case Cancel(request_id):
                 self.cancelled.append(request_id)
                 self._note("cancel", request_id)
@@ -187,7 +191,7 @@ class SimProvider:
         self,
         ws: trio_websocket.WebSocketConnection,
         request: InferenceRequest,
-        behaviour: Behaviour,
+        scripted: Behaviour | None,
         scope: trio.CancelScope,
     ) -> None:
         rid = request.request_id
@@ -195,6 +199,11 @@ class SimProvider:
             with scope:
                 body, sealer = open_request(self._key, request.encrypted_body)
                 payload = json.loads(body)
+                # A scripted behaviour first, then the model's own, then the default.
+                behaviour = scripted or self.model_behaviours.get(
+                    str(payload.get("model")), self.behaviour)
+                if behaviour.ignore_cancel:
+                    self._ignoring.add(rid)
                 self.received.append(payload)
                 self._note("received", rid)
                 await self._play(ws, rid, payload, behaviour, sealer)
@@ -210,75 +219,39 @@ class SimProvider:
         ws: trio_websocket.WebSocketConnection,
         rid: str,
         body: dict[str, Any],
-        b: Behaviour,
+        behaviour: Behaviour,
         sealer: ResponseSealer,
     ) -> None:
-        fault = b.fault
-        if b.failure_probability and self._rng.random() < b.failure_probability:
-            fault = Fault.ROLE_THEN_ERROR
-        endpoint = str(body.get("endpoint", "/v1/chat/completions"))
         model = str(body.get("model", ""))
-        count = min(b.tokens, int(body.get("max_tokens") or body.get("max_output_tokens") or b.tokens))
-        words = words_for(model, self.provider_id, count) if b.text is None else [
-            w if i == 0 else " " + w for i, w in enumerate(b.text.split(" "))]
-        script = transcript(endpoint, body, words, rid)
+        actions = play(
+            body, behaviour, provider_id=self.provider_id, request_id=rid, rng=self._rng,
+            pace=Pace(self.decode_tps, self.prefill_tps) if self.pace else Pace(),
+            template=self.templates.get(model), version=self.version)
+        async with contextlib.aclosing(actions):
+            async for action in actions:
+                match action:
+                    case Accepted():
+                        await self._send(ws, InferenceAccepted(rid))
+                    case Chunk(text, corrupt):
+                        await self._send(ws, self._chunk_frame(rid, text, corrupt, sealer))
+                    case Error(status, message):
+                        self._note("error", rid)
+                        await self._send(ws, InferenceError(rid, message, status))
+                    case Crash():
+                        self._note("closed", rid)
+                        await ws.aclose(1011, "simulated crash")
+                    case Complete(prompt_tokens, completion_tokens):
+                        self.completed.append(rid)
+                        self._note("complete", rid)
+                        await self._send(ws, InferenceComplete(
+                            rid, Usage(prompt_tokens, completion_tokens)))
 
-        async def chunk(text: str) -> None:
-            if fault is Fault.PLAINTEXT_CHUNKS:
-                frame = InferenceResponseChunk(rid, data=text)
-            elif fault is Fault.GARBAGE_CHUNK:
-                frame = InferenceResponseChunk(rid, encrypted_data=EncryptedPayload(
-                    sealer.provider_public_key, _b64(b"\0" * 40)))
-            elif self.encrypt:
-                frame = InferenceResponseChunk(rid, encrypted_data=sealer.seal(text))
-            else:
-                frame = InferenceResponseChunk(rid, data=text)
-            await self._send(ws, frame)
-
-        async def error() -> None:
-            self._note("error", rid)
-            await self._send(ws, InferenceError(rid, b.error_message, b.status))
-
-        async def crash() -> None:
-            self._note("closed", rid)
-            await ws.aclose(1011, "simulated crash")
-
-        if b.accepted_delay is not None:
-            await self._send(ws, InferenceAccepted(rid))
-            await trio.sleep(b.accepted_delay)
-        if fault is Fault.ERROR:
-            await error()
-            return
-        if fault is Fault.STALL:
-            await trio.sleep_forever()
-        await trio.sleep(b.first_token_delay)
-        for text in script.preamble:
-            await chunk(text)
-        match fault:
-            case Fault.ROLE_THEN_ERROR:
-                await error()
-                return
-            case Fault.ROLE_THEN_DISCONNECT:
-                await crash()
-                return
-            case Fault.ROLE_THEN_CLOSE:
-                self._note("complete", rid)
-                await self._send(ws, InferenceComplete(rid, Usage(10, 0)))
-                return
-            case Fault.STALL_AFTER_ROLE:
-                await trio.sleep_forever()
-        for i, text in enumerate(script.content):
-            if i and b.token_interval:
-                await trio.sleep(b.token_interval)
-            if i == b.after_chunks and fault is Fault.ERROR_AFTER_CONTENT:
-                await error()
-                return
-            if i == b.after_chunks and fault is Fault.DISCONNECT_AFTER_CONTENT:
-                await crash()
-                return
-            await chunk(text)
-        for text in script.closing:
-            await chunk(text)
-        self.completed.append(rid)
-        self._note("complete", rid)
-        await self._send(ws, InferenceComplete(rid, Usage(10, len(script.content))))
+    def _chunk_frame(
+        self, rid: str, text: str, corrupt: str | None, sealer: ResponseSealer
+    ) -> InferenceResponseChunk:
+        if corrupt == "plaintext" or not self.encrypt:
+            return InferenceResponseChunk(rid, data=text)
+        if corrupt == "garbage":
+            return InferenceResponseChunk(rid, encrypted_data=EncryptedPayload(
+                sealer.provider_public_key, _b64(b"\0" * 40)))
+        return InferenceResponseChunk(rid, encrypted_data=sealer.seal(text))

@@ -7,7 +7,6 @@ deferred-commit and failover machinery and builds the single response here.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from coordinator.dispatch.chunks import Endpoint
@@ -72,7 +71,7 @@ def _chat(events: list[dict[str, Any]], usage: Usage, request_id: str) -> dict[s
     return {
         "id": first.get("id", f"chatcmpl-{request_id}"),
         "object": "chat.completion",
-        "created": first.get("created", int(time.time())),
+        "created": first.get("created", 0),
         "model": first.get("model", ""),
         "choices": [{"index": 0, "message": message, "finish_reason": finish or "stop",
                      "logprobs": None}],
@@ -91,7 +90,7 @@ def _completions(events: list[dict[str, Any]], usage: Usage, request_id: str) ->
     return {
         "id": first.get("id", f"cmpl-{request_id}"),
         "object": "text_completion",
-        "created": first.get("created", int(time.time())),
+        "created": first.get("created", 0),
         "model": first.get("model", ""),
         "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish or "stop",
                      "logprobs": None}],
@@ -107,7 +106,7 @@ def _responses(events: list[dict[str, Any]], usage: Usage, request_id: str) -> d
     text = "".join(e.get("delta", "") for e in events
                    if e.get("type") == "response.output_text.delta")
     return {
-        "id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
+        "id": f"resp_{request_id}", "object": "response", "created_at": 0,
         "status": "completed", "model": "",
         "output": [{"type": "message", "id": f"msg_{request_id}", "status": "completed",
                     "role": "assistant",
