@@ -1,15 +1,49 @@
-"""A fleet of simulated providers in one process."""
+"""Fleets of simulated providers: the demo fleet, TOML fleet files, churn.
+
+A fleet file::
+
+    seed = 7
+    token = "demo-provider-token"
+
+    [[provider]]
+    id = "old-gemma"          # with count > 1: old-gemma-0, old-gemma-1, ...
+    count = 2
+    version = "0.6.2"
+    decode_tps = 40.0
+    prefill_tps = 800.0
+    pace = true               # delays follow the rates
+    behaviour = "healthy"     # fault[:key=value,...]
+    script = ["role_then_error:status=500"]   # consumed one per request first
+    churn = { every = 60.0, down_for = 5.0 }  # drop the socket and come back
+
+    [[provider.model]]
+    id = "gemma-3-4b"
+    snapshot = "provider_sim/snapshots/gemma-upper"  # template + template_render_ok
+    vision = false
+    size_bytes = 4000000000
+    behaviour = "stall"       # this model's default
+
+    [provider.fault_mix]      # per request, with these probabilities (seeded)
+    "role_then_error:status=500" = 0.05
+    "stall_after_role" = 0.01
+"""
 
 from __future__ import annotations
 
 import logging
+import tomllib
+from collections import deque
+from pathlib import Path
+from typing import Any
 
+import attrs
 import trio
 
 from coordinator.protocol import ModelInfo
 
-from .behaviours import HEALTHY, Behaviour
+from .behaviours import HEALTHY, Behaviour, parse_behaviour
 from .provider import SimProvider
+from .template_check import check_snapshot, collect_templates, is_vision_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +52,18 @@ DEMO_MODELS = (
     ModelInfo("sim-vision-large", size_bytes=20 * 1024**3, model_type="chat",
               quantization="4bit", is_vision=True, template_render_ok=True),
 )
+
+
+@attrs.frozen
+class Churn:
+    every: float
+    down_for: float = 1.0
+
+
+@attrs.define
+class FleetMember:
+    provider: SimProvider
+    churn: Churn | None = None
 
 
 def demo_fleet(n: int = 4, token: str = "demo-provider-token",
@@ -38,21 +84,82 @@ def demo_fleet(n: int = 4, token: str = "demo-provider-token",
     ]
 
 
-async def run_fleet(providers: list[SimProvider], url: str, *, reconnect: bool = True) -> None:
+def _model(spec: dict[str, Any], base: Path) -> tuple[ModelInfo, str | None, Behaviour | None]:
+    template = None
+    render_ok = spec.get("template_render_ok")
+    vision = spec.get("vision")
+    if "snapshot" in spec:
+        snapshot = Path(spec["snapshot"])
+        snapshot = snapshot if snapshot.is_absolute() else base / snapshot
+        render_ok = check_snapshot(snapshot)
+        templates = collect_templates(snapshot)
+        template = next(iter(templates.values()), None)
+        vision = vision if vision is not None else is_vision_snapshot(snapshot)
+    info = ModelInfo(str(spec["id"]), size_bytes=int(spec.get("size_bytes", 4 * 1024**3)),
+                     model_type=str(spec.get("model_type", "chat")),
+                     quantization=str(spec.get("quantization", "4bit")),
+                     is_vision=bool(vision) or None, template_render_ok=render_ok)
+    behaviour = parse_behaviour(spec["behaviour"]) if "behaviour" in spec else None
+    return info, template, behaviour
+
+
+def load_fleet(path: Path | str, *, token: str | None = None) -> tuple[list[FleetMember], dict[str, Any]]:
+    """Members described by a TOML fleet file, and its top-level settings."""
+    path = Path(path)
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    base = Path.cwd()
+    seed = int(doc.get("seed", 0))
+    token = token or str(doc.get("token", "demo-provider-token"))
+    members: list[FleetMember] = []
+    for p_index, spec in enumerate(doc.get("provider", [])):
+        models = [_model(m, base) for m in spec.get("model", [])] or [
+            (m, None, None) for m in DEMO_MODELS]
+        count = int(spec.get("count", 1))
+        name = str(spec.get("id", f"p{p_index}"))
+        churn = spec.get("churn")
+        for i in range(count):
+            provider = SimProvider(
+                provider_id=name if count == 1 else f"{name}-{i}",
+                models=tuple(m for m, _, _ in models),
+                token=token,
+                version=str(spec.get("version", "0.7.0")),
+                behaviour=parse_behaviour(spec.get("behaviour", "healthy")),
+                script=deque(parse_behaviour(s) for s in spec.get("script", [])),
+                decode_tps=float(spec.get("decode_tps", 200.0)),
+                prefill_tps=float(spec.get("prefill_tps", 2000.0)),
+                memory_gb=float(spec.get("memory_gb", 64.0)),
+                max_concurrency=int(spec.get("max_concurrency", 8)),
+                pace=bool(spec.get("pace", False)),
+                fault_mix=tuple((float(p), parse_behaviour(b))
+                                for b, p in spec.get("fault_mix", {}).items()),
+                model_behaviours={m.id: b for m, _, b in models if b is not None},
+                templates={m.id: t for m, t, _ in models if t is not None},
+                seed=seed * 1000 + p_index * 100 + i,
+            )
+            members.append(FleetMember(provider, Churn(**churn) if churn else None))
+    return members, {k: v for k, v in doc.items() if k != "provider"}
+
+
+async def run_fleet(providers: list[SimProvider] | list[FleetMember], url: str, *,
+                    reconnect: bool = True) -> None:
     """Run every provider against ``url`` until cancelled, reconnecting after drops."""
+    members = [m if isinstance(m, FleetMember) else FleetMember(m) for m in providers]
     async with trio.open_nursery() as nursery:
-        for provider in providers:
-            nursery.start_soon(_keep_connected, provider, url, reconnect)
+        for member in members:
+            nursery.start_soon(_keep_connected, member, url, reconnect)
 
 
-async def _keep_connected(provider: SimProvider, url: str, reconnect: bool) -> None:
+async def _keep_connected(member: FleetMember, url: str, reconnect: bool) -> None:
+    provider = member.provider
     while True:
-        try:
-            await provider.run(url)
-        except (OSError, trio.BrokenResourceError) as exc:
-            log.warning("%s: connection failed: %s", provider.provider_id, exc)
-        except Exception as exc:  # the handshake library raises its own types
-            log.warning("%s: connection error: %s", provider.provider_id, exc)
+        # Churn is a budget on the connection: a cancel scope, then a pause.
+        with trio.move_on_after(member.churn.every if member.churn else float("inf")):
+            try:
+                await provider.run(url)
+            except (OSError, trio.BrokenResourceError) as exc:
+                log.warning("%s: connection failed: %s", provider.provider_id, exc)
+            except Exception as exc:  # the handshake library raises its own types
+                log.warning("%s: connection error: %s", provider.provider_id, exc)
         if not reconnect:
             return
-        await trio.sleep(1.0)
+        await trio.sleep(member.churn.down_for if member.churn else 1.0)

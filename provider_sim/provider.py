@@ -14,6 +14,7 @@ import json
 import logging
 import random
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -57,6 +58,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _to_deque(items: Iterable[Behaviour]) -> deque[Behaviour]:
+    return deque(items)
+
+
 @attrs.define(eq=False)
 class SimProvider:
     provider_id: str
@@ -64,7 +69,7 @@ class SimProvider:
     token: str = "demo-provider-token"
     version: str = "0.7.0"
     behaviour: Behaviour = HEALTHY
-    script: deque[Behaviour] = attrs.field(factory=deque, converter=deque)
+    script: deque[Behaviour] = attrs.field(factory=deque, converter=_to_deque)
     decode_tps: float = 200.0
     prefill_tps: float = 2000.0
     memory_gb: float = 64.0
@@ -78,6 +83,8 @@ class SimProvider:
     templates: dict[str, str] = attrs.field(factory=dict)
     # Derive prefill and decode delays from the advertised rates.
     pace: bool = False
+    # (probability, behaviour) pairs drawn per request with the seeded rng.
+    fault_mix: tuple[tuple[float, Behaviour], ...] = ()
     # Tampering hooks for admission tests.
     sign_with: nacl.signing.SigningKey | None = None
     # Recorded for tests.
@@ -99,6 +106,16 @@ class SimProvider:
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+
+    def _drawn(self) -> Behaviour | None:
+        if not self.fault_mix:
+            return None
+        roll = self._rng.random()
+        for probability, behaviour in self.fault_mix:
+            if roll < probability:
+                return behaviour
+            roll -= probability
+        return None
 
     def _note(self, event: str, request_id: str) -> None:
         self.log.append((trio.current_time(), event, request_id))
@@ -200,7 +217,7 @@ class SimProvider:
                 body, sealer = open_request(self._key, request.encrypted_body)
                 payload = json.loads(body)
                 # A scripted behaviour first, then the model's own, then the default.
-                behaviour = scripted or self.model_behaviours.get(
+                behaviour = scripted or self._drawn() or self.model_behaviours.get(
                     str(payload.get("model")), self.behaviour)
                 if behaviour.ignore_cancel:
                     self._ignoring.add(rid)
