@@ -79,6 +79,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not part of CI's pass/fail): ratios measured in one run."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("python", "-m", "benchmarks.bench_toolschema")
+    session.run("python", "-m", "benchmarks.bench_stack")
 
 
 @nox.session(python="3.11")

@@ -69,7 +69,8 @@ def require_loopback(url: str) -> tuple[str, int]:
     return host, port
 
 
-def make_body(model: str, mix: Mix, rng: random.Random, tokens: int) -> dict[str, Any]:
+def make_body(model: str, mix: Mix, rng: random.Random, tokens: int,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     content: Any = "Say something."
     if rng.random() < mix.images:
         content = [{"type": "text", "text": "What is this?"}, IMAGE]
@@ -78,7 +79,7 @@ def make_body(model: str, mix: Mix, rng: random.Random, tokens: int) -> dict[str
                             "messages": [{"role": "user", "content": content}]}
     if rng.random() < mix.tools:
         body["tools"] = [TOOL]
-    return body
+    return {**body, **(extra or {})}
 
 
 def classify_reply(status: int, body: bytes, stream: bool) -> str | None:
@@ -101,14 +102,14 @@ def classify_reply(status: int, body: bytes, stream: bool) -> str | None:
 
 async def consumer(host: str, port: int, path: str, key: str, model: str, mix: Mix,
                    tokens: int, rng: random.Random, stats: Stats, deadline: float,
-                   budget: list[int]) -> None:
+                   budget: list[int], extra: dict[str, Any] | None = None) -> None:
     conn = HttpConnection(host, port)
     headers = [("authorization", f"Bearer {key}"), ("content-type", "application/json")]
     try:
         while trio.current_time() < deadline and budget[0] > 0:
             budget[0] -= 1
             stats.started_requests += 1
-            body = make_body(model, mix, rng, tokens)
+            body = make_body(model, mix, rng, tokens, extra)
             try:
                 reply = await conn.request("POST", path, headers, json.dumps(body).encode())
             except (OSError, ConnectionLost, trio.BrokenResourceError) as exc:
@@ -166,7 +167,7 @@ async def scrape_counters(host: str, port: int) -> dict[str, float]:
 async def run_load(url: str, *, key: str, model: str, concurrency: int, duration: float,
                    requests: int | None, mix: Mix, tokens: int = 16, seed: int = 0,
                    path: str = "/v1/chat/completions", show_progress: bool = True,
-                   grace: float = 5.0) -> dict[str, Any]:
+                   grace: float = 5.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     host, port = require_loopback(url)
     stats = Stats(started=trio.current_time())
     deadline = stats.started + duration
@@ -182,7 +183,7 @@ async def run_load(url: str, *, key: str, model: str, concurrency: int, duration
                 for i in range(concurrency):
                     consumers.start_soon(consumer, host, port, path, key, model, mix, tokens,
                                          random.Random(seed * 10_000 + i), stats, deadline,
-                                         budget)
+                                         budget, extra)
         nursery.cancel_scope.cancel()
     cut_off = stats.started_requests - stats.done
     if cut_off:
