@@ -150,15 +150,16 @@ class Api:
         record["result"] = "client_gone"
         try:
             async with contextlib.aclosing(items):
-                async for item in items:
-                    if isinstance(item, InBandError):
-                        self.metrics.inband_errors.labels(item.reason).inc()
-                        log.warning("in-band error after content on %s: %s",
-                                    committed.racer.lease.provider_id, item.message)
-                        record.update(result="inband_error", error=item.reason)
-                    elif isinstance(item, End):
-                        record["result"] = "success"
-                    data = writer.frame(item)
+                async for batch in items:
+                    for item in batch:
+                        if isinstance(item, InBandError):
+                            self.metrics.inband_errors.labels(item.reason).inc()
+                            log.warning("in-band error after content on %s: %s",
+                                        committed.racer.lease.provider_id, item.message)
+                            record.update(result="inband_error", error=item.reason)
+                        elif isinstance(item, End):
+                            record["result"] = "success"
+                    data = b"".join(writer.frame(item) for item in batch)
                     if data:
                         yield data
         finally:

@@ -27,7 +27,6 @@ from coordinator.providers.connection import ProviderEvent
 from coordinator.registry.actor import CANCELLED, SUCCESS, Outcome
 
 from .attempt import DISCONNECTED, TIMEOUT, Committed, Dispatcher, open_chunk
-from .chunks import ChunkKind, classify
 
 
 @attrs.frozen
@@ -45,55 +44,96 @@ class InBandError:
 RelayItem = str | End | InBandError
 
 
-async def relay(dispatcher: Dispatcher, committed: Committed) -> AsyncGenerator[RelayItem, None]:
-    """Yield the winner's output; release its slot however the stream ends."""
+@attrs.frozen
+class _Ending:
+    outcome: Outcome
+    cancel_provider: bool
+
+
+_CONSUMER_LEFT = _Ending(CANCELLED, cancel_provider=True)
+_MAX_BATCH = 64
+
+
+async def relay(
+    dispatcher: Dispatcher, committed: Committed
+) -> AsyncGenerator[list[RelayItem], None]:
+    """Yield the winner's output in batches; release its slot however the stream ends.
+
+    Events the provider has already delivered are taken together, so a fast
+    provider's burst becomes one write to the consumer instead of one each.
+    """
     racer = committed.racer
-    outcome: Outcome = CANCELLED
-    cancel_provider = True
+    ending = _CONSUMER_LEFT
     try:
-        for chunk in committed.chunks:
-            yield chunk
         if committed.complete is not None:
-            outcome, cancel_provider = SUCCESS, False
-            yield End(committed.complete.usage)
+            ending = _Ending(SUCCESS, cancel_provider=False)
+            yield [*committed.chunks, End(committed.complete.usage)]
             return
+        if committed.chunks:
+            yield list(committed.chunks)
         while True:
             with trio.move_on_after(dispatcher.config.idle_timeout) as idle:
                 event = await _next_event(racer.events)
             if idle.cancelled_caught:
-                outcome = Outcome.failure(TIMEOUT)
-                yield InBandError("timeout", f"no output from the provider for "
-                                  f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)
+                ending = _Ending(Outcome.failure(TIMEOUT), cancel_provider=True)
+                yield [InBandError("timeout", "no output from the provider for "
+                                   f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)]
                 return
-            match event:
-                case InferenceResponseChunk():
-                    try:
-                        text = open_chunk(racer, event)
-                    except DecryptError as exc:
-                        outcome = Outcome.failure(DISCONNECTED)
-                        yield InBandError("provider_error", f"bad response chunk: {exc}",
-                                          DISCONNECTED)
-                        return
-                    if classify(committed.endpoint, text) is not ChunkKind.TERMINAL:
-                        yield text
-                case InferenceComplete():
-                    outcome, cancel_provider = SUCCESS, False
-                    yield End(event.usage)
+            batch: list[RelayItem] = []
+            for ready in _with_buffered(event, racer.events):
+                item, end = _translate(committed, ready)
+                if item is not None:
+                    batch.append(item)
+                if end is not None:
+                    ending = end
+                    yield batch
                     return
-                case InferenceError():
-                    outcome, cancel_provider = Outcome.failure(event.status_code), False
-                    yield InBandError("provider_error", event.error or "provider error",
-                                      event.status_code)
-                    return
-                case InferenceAccepted():
-                    continue
-                case None:
-                    reason = racer.connection.end_reason(racer.lease.request_id)
-                    outcome = Outcome.failure(DISCONNECTED)
-                    yield InBandError("disconnected", reason, DISCONNECTED)
-                    return
+            yield batch
     finally:
-        await dispatcher.close_winner(committed, outcome, cancel=cancel_provider)
+        await dispatcher.close_winner(committed, ending.outcome, cancel=ending.cancel_provider)
+
+
+def _with_buffered(
+    first: ProviderEvent | None, events: trio.MemoryReceiveChannel[ProviderEvent]
+) -> list[ProviderEvent | None]:
+    batch = [first]
+    while first is not None and len(batch) < _MAX_BATCH:
+        try:
+            batch.append(events.receive_nowait())
+        except trio.WouldBlock:
+            break
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            batch.append(None)
+            break
+    return batch
+
+
+def _translate(
+    committed: Committed, event: ProviderEvent | None
+) -> tuple[RelayItem | None, _Ending | None]:
+    """One provider event after the commit: the item for the consumer, and the end if it is one."""
+    racer = committed.racer
+    match event:
+        case InferenceResponseChunk():
+            try:
+                text = open_chunk(racer, event)
+            except DecryptError as exc:
+                return (InBandError("provider_error", f"bad response chunk: {exc}", DISCONNECTED),
+                        _Ending(Outcome.failure(DISCONNECTED), cancel_provider=True))
+            # After the commit only the provider's own end marker needs spotting.
+            return (None if text.strip() == "[DONE]" else text), None
+        case InferenceComplete():
+            return End(event.usage), _Ending(SUCCESS, cancel_provider=False)
+        case InferenceError():
+            return (InBandError("provider_error", event.error or "provider error",
+                                event.status_code),
+                    _Ending(Outcome.failure(event.status_code), cancel_provider=False))
+        case InferenceAccepted():
+            return None, None
+        case None:
+            reason = racer.connection.end_reason(racer.lease.request_id)
+            return (InBandError("disconnected", reason, DISCONNECTED),
+                    _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
 
 
 async def _next_event(events: trio.MemoryReceiveChannel[ProviderEvent]) -> ProviderEvent | None:
@@ -108,18 +148,20 @@ async def collect(dispatcher: Dispatcher, committed: Committed) -> tuple[list[st
     chunks: list[str] = []
     items = relay(dispatcher, committed)
     try:
-        async for item in items:
-            match item:
-                case str():
-                    chunks.append(item)
-                case End(usage):
-                    return chunks, usage
-                case InBandError(reason, message):
-                    dispatcher.metrics.inband_errors.labels(reason).inc()
-                    code = "timeout" if reason == "timeout" else "provider_error"
-                    raise errors.ApiError(504 if reason == "timeout" else 502,
-                                          f"provider failed after it began answering: {message}",
-                                          "provider_error", code)
+        async for batch in items:
+            for item in batch:
+                match item:
+                    case str():
+                        chunks.append(item)
+                    case End(usage):
+                        return chunks, usage
+                    case InBandError(reason, message):
+                        dispatcher.metrics.inband_errors.labels(reason).inc()
+                        code = "timeout" if reason == "timeout" else "provider_error"
+                        raise errors.ApiError(
+                            504 if reason == "timeout" else 502,
+                            f"provider failed after it began answering: {message}",
+                            "provider_error", code)
     finally:
         await items.aclose()
     raise errors.ApiError(502, "provider stream ended without completing", "provider_error")

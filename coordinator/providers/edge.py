@@ -202,17 +202,18 @@ class ProviderEdge:
     ) -> None:
         """Route frames until the socket closes or goes silent past the liveness budget."""
         ws = connection.ws
-        while True:
-            with trio.move_on_after(self.config.heartbeat_timeout) as idle:
+        budget = self.config.heartbeat_timeout
+        # One liveness scope for the connection; every frame moves its deadline
+        # (cheaper on this per-chunk path than a new scope per frame).
+        with trio.CancelScope(deadline=trio.current_time() + budget) as idle:
+            while True:
                 try:
                     raw = await ws.get_message()
                 except trio_websocket.ConnectionClosed:
                     return
-            if idle.cancelled_caught:
-                log.warning("provider %s silent for %gs; closing", connection.provider_id,
-                            self.config.heartbeat_timeout)
-                return
-            self._on_frame(connection, raw, answers)
+                idle.deadline = trio.current_time() + budget
+                self._on_frame(connection, raw, answers)
+        log.warning("provider %s silent for %gs; closing", connection.provider_id, budget)
 
     def _on_frame(
         self,
