@@ -139,7 +139,8 @@ def render(template: str, context: Mapping[str, Any], tokens: Mapping[str, str])
     """Render one template with the runtime's strict semantics (raises on failure)."""
     compiled = make_environment().from_string(template)
     # Like the runtime's apply_chat_template: these are always defined.
-    defaults = {"tools": None, "add_generation_prompt": False, "documents": None}
+    defaults = {"tools": None, "add_generation_prompt": False, "documents": None,
+                "bos_token": "", "eos_token": ""}
     return compiled.render(**{**defaults, **tokens, **context})
 
 

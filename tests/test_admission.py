@@ -110,3 +110,15 @@ async def test_reregistration_supersedes_old_session(autojump_clock):
         assert result.status == 200
         assert len(second.received) == 1 and first.received == []
         assert MODEL in h.state.known_models
+
+
+async def test_silent_provider_is_dropped_after_the_liveness_budget(autojump_clock):
+    async with open_harness(heartbeat_timeout=90.0) as h:
+        chatty = await h.add_provider("chatty", heartbeat_interval=20.0)
+        quiet = await h.add_provider("quiet", heartbeat_interval=10_000.0)
+        start = trio.current_time()
+        await h.wait_gone("quiet")
+        assert 90.0 <= trio.current_time() - start < 91.0
+        await trio.sleep(200)  # scripted: heartbeats keep the other one alive
+        assert "chatty" in h.state.providers
+        assert quiet.closed_with is not None and chatty.closed_with is None
