@@ -63,7 +63,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "coordinator", "provider_sim", "tests", "noxfile.py")
+    session.run("ruff", "check", "coordinator", "provider_sim", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(python="3.11")
