@@ -46,10 +46,8 @@ def classify(endpoint: Endpoint, payload: str) -> ChunkKind:
             return _chat(event)
         case Endpoint.COMPLETIONS:
             return _completions(event)
-        case Endpoint.RESPONSES:
-            return _responses(event)
-        case Endpoint.MESSAGES:
-            return _messages(event)
+        case Endpoint.RESPONSES | Endpoint.MESSAGES:
+            return _typed_event(endpoint, event)
 
 
 def _choices(event: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -85,31 +83,29 @@ def _completions(event: dict[str, Any]) -> ChunkKind:
     return ChunkKind.BOILERPLATE
 
 
-def _responses(event: dict[str, Any]) -> ChunkKind:
-    kind = event.get("type")
-    if kind in _RESPONSES_BOILERPLATE:
-        return ChunkKind.BOILERPLATE
-    # An empty message item or an empty text part announces text to come; a
-    # function_call item is the model's decision to call a tool, which is content.
-    if kind == "response.output_item.added":
-        item = event.get("item")
-        if isinstance(item, dict) and item.get("type") == "message" and not item.get("content"):
-            return ChunkKind.BOILERPLATE
-    if kind == "response.content_part.added":
-        part = event.get("part")
-        if isinstance(part, dict) and part.get("type") == "output_text" and not part.get("text"):
-            return ChunkKind.BOILERPLATE
-    return ChunkKind.CONTENT
+# Events that announce content to come: boilerplate while the announced object is
+# empty. (A function_call item or a tool_use block is the model's decision to
+# call a tool, which is content, so the object's own type must match.)
+_ANNOUNCEMENTS: dict[tuple[Endpoint, str], tuple[str, str, str]] = {
+    # (endpoint, event type): (field, object type, the object's content key)
+    (Endpoint.RESPONSES, "response.output_item.added"): ("item", "message", "content"),
+    (Endpoint.RESPONSES, "response.content_part.added"): ("part", "output_text", "text"),
+    (Endpoint.MESSAGES, "content_block_start"): ("content_block", "text", "text"),
+}
+_LIFECYCLE = {Endpoint.RESPONSES: _RESPONSES_BOILERPLATE, Endpoint.MESSAGES: _MESSAGES_BOILERPLATE}
 
 
-def _messages(event: dict[str, Any]) -> ChunkKind:
+def _typed_event(endpoint: Endpoint, event: dict[str, Any]) -> ChunkKind:
+    """Responses and Anthropic events: classified by their parsed ``type``."""
     kind = event.get("type")
-    if kind in _MESSAGES_BOILERPLATE:
+    if not isinstance(kind, str):
+        return ChunkKind.CONTENT
+    if kind in _LIFECYCLE[endpoint]:
         return ChunkKind.BOILERPLATE
-    if kind == "content_block_start":
-        block = event.get("content_block")
-        # An empty text block announces content to come; a tool_use block is
-        # the model's decision to call a tool, which is content.
-        if isinstance(block, dict) and block.get("type") == "text" and not block.get("text"):
+    announced = _ANNOUNCEMENTS.get((endpoint, kind))
+    if announced is not None:
+        field, object_type, content_key = announced
+        obj = event.get(field)
+        if isinstance(obj, dict) and obj.get("type") == object_type and not obj.get(content_key):
             return ChunkKind.BOILERPLATE
     return ChunkKind.CONTENT
