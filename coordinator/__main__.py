@@ -9,6 +9,7 @@ import secrets
 import sys
 from typing import Any
 
+import attrs
 import trio
 
 from coordinator.app import Running, serve
@@ -23,6 +24,19 @@ def _config_from(args: argparse.Namespace, **extra: Any) -> Config:
         provider_port=args.provider_port,
         **extra,
     )
+
+
+def _generated_secrets(config: Config) -> Config:
+    """Never serve open: make up any missing key or token, and say so once."""
+    generated: dict[str, Any] = {}
+    if not config.api_keys:
+        generated["api_keys"] = ("key-" + secrets.token_hex(16),)
+    if not config.provider_tokens:
+        generated["provider_tokens"] = ("provider-" + secrets.token_hex(16),)
+    for name, (value,) in generated.items():
+        print(f"no COORDINATOR_{name.upper()} set; generated one for this run: {value}",
+              flush=True)
+    return attrs.evolve(config, **generated) if generated else config
 
 
 async def _serve(config: Config) -> None:
@@ -90,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             trio.run(_demo, config, args.providers)
         else:
-            config = _config_from(args)
-            if not config.api_keys:
-                logging.warning("no COORDINATOR_API_KEYS set: the API is open to anyone")
+            config = _generated_secrets(_config_from(args))
             trio.run(_serve, config)
 
 

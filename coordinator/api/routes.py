@@ -61,8 +61,7 @@ class Api:
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
-        if not keys:
-            return True
+        # An empty key list authorizes nobody; `coordinator serve` generates a key.
         offered = request.headers.get("x-api-key", "")
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":

@@ -77,7 +77,8 @@ class ProviderEdge:
         message = await self._next_frame(ws, self.config.register_timeout, "register")
         if not isinstance(message, Register):
             raise AdmissionError(f"expected register, got {type(message).__name__}")
-        if self.config.provider_tokens and not any(
+        # No configured token admits nobody: a coordinator is never open by accident.
+        if not any(
             secrets.compare_digest(message.auth_token, t) for t in self.config.provider_tokens
         ):
             raise AdmissionError("invalid provider token")
