@@ -216,3 +216,18 @@ async def test_queue_full_and_queue_timeout_are_429(autojump_clock):
         assert expired.status == 429 and 120.0 <= t_expired - start < 120.5
         assert expired.headers["retry-after"]
         await h.assert_quiescent()
+
+
+async def test_backup_grant_racing_a_commit_is_released(autojump_clock):
+    """The primary commits around the hedge point, as the backup is being granted: no slot leaks."""
+    async with open_harness() as h:
+        # Primary's first content lands exactly at the hedge point (TTFT/2).
+        ttft = h.coordinator.config.ttft_base
+        await h.add_provider("primary", decode_tps=1000,
+                             behaviour=Behaviour(first_token_delay=ttft / 2))
+        backup = await h.add_provider("backup", decode_tps=10)
+        for _ in range(5):
+            result = await h.chat()
+            assert result.status == 200
+        await h.assert_quiescent()
+        assert len(backup.received) <= 5

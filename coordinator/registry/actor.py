@@ -360,7 +360,11 @@ class RegistryClient:
         """A free eligible provider now, or None. Never queues (the backup path)."""
         reply, answer = trio.open_memory_channel[Lease | Refused | None](1)
         await self._send.send(_Acquire(job, exclude, None, False, object(), reply))
-        result = await answer.receive()
+        # The actor answers at once (this never queues). Shielded, so a grant is
+        # never dropped on the floor when the caller is cancelled meanwhile: the
+        # caller records it at once and its cleanup releases it.
+        with trio.CancelScope(shield=True):
+            result = await answer.receive()
         return result if isinstance(result, Lease) else None
 
     async def acquire(
