@@ -264,8 +264,7 @@ def check_invariants(world: World) -> None:
     cfg = world.config
     assert world.quiescent_error is None, world.quiescent_error
     received = _provider_events(world)
-    grants = [(now, d["lease"], d["job"]) for e, now, d in world.audit if e == "grant"]
-    _check_routing(world, grants)
+    _check_routing(world)
     per_attempt = max(cfg.ttft_base + 1.0 + cfg.preamble_timeout,
                       (cfg.ttft_base + 1.0) * cfg.backup_fraction + cfg.inference_timeout)
     head_bound = cfg.max_attempts * (cfg.queue_timeout + per_attempt) + 1.0
@@ -329,13 +328,19 @@ def _provider_events(world: World) -> dict[str, tuple[str, float]]:
     return out
 
 
-def _check_routing(world: World, grants: list[tuple[float, Any, Any]]) -> None:
+def _check_routing(world: World) -> None:
     """Every grant against an independent model of the rules."""
     specs = {s.provider_id: s for s in world.scenario.providers}
     floor = parse_version(world.config.capability_floors.get("tools"))
     strikes: dict[tuple[str, str, str], list[float]] = {}
     cooling: dict[tuple[str, str, str], float] = {}
     for event, now, details in sorted(world.audit, key=lambda e: e[1]):
+        if event == "register":
+            # A fresh session of a provider starts with a clean slate.
+            for table in (strikes, cooling):
+                for key in [k for k in table if k[0] == details["provider_id"]]:
+                    del table[key]
+            continue
         lease = details["lease"]
         key = (lease.provider_id, lease.model, lease.shape)
         if event == "release":

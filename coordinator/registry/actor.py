@@ -136,8 +136,8 @@ class RegistryState:
     floors: Mapping[str, Version | None] = attrs.field(init=False)
     # Replaced after every command, so observers can wait for "the table changed".
     changed: trio.Event = attrs.field(factory=trio.Event)
-    # Optional audit hook: called with (event, now, details) for every grant and
-    # release. Tests check routing against a reference model through it.
+    # Optional audit hook: called with (event, now, details) for every grant,
+    # release and registration. Tests check routing against a reference model.
     observer: Callable[[str, float, dict[str, Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -267,6 +267,8 @@ class RegistryState:
         self.metrics.cooldowns_active.set(len(self.breaker.cooldowns(now)))
 
     def _on_register(self, record: ProviderRecord) -> None:
+        if self.observer is not None:
+            self.observer("register", trio.current_time(), {"provider_id": record.provider_id})
         old = self.providers.get(record.provider_id)
         if old is not None and old.connection is not None:
             old.connection.supersede()
