@@ -163,16 +163,12 @@ async def run_scenario(scenario: Scenario) -> World:
             await h.assert_quiescent()
         except AssertionError as exc:
             world.quiescent_error = f"not quiescent: {exc}"
-        # Every racer is closed before its consumer's request ends, so by now each
-        # abandoned provider request has been sent `cancel`; let those frames land.
-        await _let_cancels_arrive(h)
+        # Every racer is closed before its consumer's request ends, so each
+        # abandoned provider request has been sent `cancel`: wait until the
+        # providers have heard it (bounded, so a missing cancel fails, not hangs).
+        with trio.move_on_after(60):
+            await h.until(lambda: not _unstopped(world))
         return world
-
-
-async def _let_cancels_arrive(h: Any) -> None:
-    # Cancel frames travel over in-memory streams; one virtual second is ample
-    # and costs nothing in real time.
-    await trio.sleep(1.0)
 
 
 async def _churn(h: Any, spec: ProviderSpec) -> None:
@@ -372,6 +368,12 @@ def _check_routing(world: World) -> None:
 
 def _check_cancels(world: World) -> None:
     """Every provider request ended by the provider, by its socket, or by our cancel."""
+    unstopped = _unstopped(world)
+    assert not unstopped, f"never told to stop: {unstopped}"
+
+
+def _unstopped(world: World) -> list[str]:
+    out = []
     for pid, provider in world.providers.items():
         ended: dict[str, set[str]] = {}
         for _, event, wire in provider.log:
@@ -382,8 +384,9 @@ def _check_cancels(world: World) -> None:
         for wire, events in ended.items():
             if "received" not in events:
                 continue
-            finished = events & {"complete", "error", "cancel", "closed"}
-            assert finished or dropped, f"{pid} was never told to stop {wire}"
+            if not (events & {"complete", "error", "cancel", "closed"} or dropped):
+                out.append(f"{pid}:{wire}")
+    return out
 
 
 def main(argv: list[str]) -> None:
