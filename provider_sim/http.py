@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
+import attrs
 import hypercorn.config
 import hypercorn.trio
 import trio
@@ -37,7 +38,7 @@ def create_http_app(behaviour: Behaviour = HEALTHY, tokens: int = 16,
     app = QuartTrio(__name__)
     app.config.update(RESPONSE_TIMEOUT=None)
     rng = random.Random(seed)
-    scripted = Behaviour(**{**_fields(behaviour), "tokens": tokens})
+    scripted = attrs.evolve(behaviour, tokens=tokens)
 
     def route(endpoint: Endpoint) -> Any:
         async def handler() -> Response:
@@ -70,12 +71,6 @@ def create_http_app(behaviour: Behaviour = HEALTHY, tokens: int = 16,
     for endpoint in Endpoint:
         app.add_url_rule(endpoint.value, view_func=route(endpoint), methods=["POST"])
     return app
-
-
-def _fields(behaviour: Behaviour) -> dict[str, Any]:
-    import attrs
-
-    return attrs.asdict(behaviour, recurse=False)
 
 
 def _error(status: int, message: str) -> Response:

@@ -93,7 +93,7 @@ def classify_reply(status: int, body: bytes, stream: bool) -> str | None:
         return f"http_{status}:{kind}"
     if stream:
         text = body.decode(errors="replace")
-        if '"error"' in text and "data: {\"error\"" in text:
+        if 'data: {"error"' in text:
             return "inband_error"
         if not text.rstrip().endswith("data: [DONE]"):
             return "truncated_stream"

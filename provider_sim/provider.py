@@ -89,8 +89,6 @@ class SimProvider:
     sign_with: nacl.signing.SigningKey | None = None
     # Recorded for tests.
     received: list[dict[str, Any]] = attrs.field(factory=list)
-    cancelled: list[str] = attrs.field(factory=list)
-    completed: list[str] = attrs.field(factory=list)
     registered: trio.Event = attrs.field(factory=trio.Event)
     # (virtual time, event, wire request id): received, cancel, complete, error, closed.
     log: list[tuple[float, str, str]] = attrs.field(factory=list)
@@ -106,6 +104,15 @@ class SimProvider:
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+
+    @property
+    def cancelled(self) -> list[str]:
+        """Wire ids the coordinator cancelled, in order (derived from the log)."""
+        return [rid for _, event, rid in self.log if event == "cancel"]
+
+    @property
+    def completed(self) -> list[str]:
+        return [rid for _, event, rid in self.log if event == "complete"]
 
     def _drawn(self) -> Behaviour | None:
         if not self.fault_mix:
@@ -189,7 +196,6 @@ class SimProvider:
                 self._active[message.request_id] = scope
                 nursery.start_soon(self._serve_request, ws, message, scripted, scope)
             case Cancel(request_id):
-                self.cancelled.append(request_id)
                 self._note("cancel", request_id)
                 running = self._active.get(request_id)
                 if running is not None and request_id not in self._ignoring:
@@ -258,7 +264,6 @@ class SimProvider:
                         self._note("closed", rid)
                         await ws.aclose(1011, "simulated crash")
                     case Complete(prompt_tokens, completion_tokens):
-                        self.completed.append(rid)
                         self._note("complete", rid)
                         await self._send(ws, InferenceComplete(
                             rid, Usage(prompt_tokens, completion_tokens)))
