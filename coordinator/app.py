@@ -12,16 +12,16 @@ from functools import partial
 from typing import Any
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import trio
 import trio_websocket
 
-from coordinator.api.routes import Api, RequestCleanup, create_app
+from coordinator.api.routes import Api, EdgeGuard, create_app
+from coordinator.api.server import ConnectionTable, serve_http
 from coordinator.config import Config
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.metrics import Metrics
 from coordinator.providers.edge import ProviderEdge
+from coordinator.providers.identity import IdentityBook
 from coordinator.registry.actor import RegistryClient, serve_registry
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class Coordinator:
     metrics: Metrics
     dispatcher: Dispatcher
     edge: ProviderEdge
-    asgi: Any  # the ASGI application, cleanup wrapper included
+    asgi: Any  # the ASGI application, edge guard included
+    connections: ConnectionTable
 
 
 @attrs.frozen
@@ -57,9 +58,12 @@ async def start_coordinator(nursery: trio.Nursery, config: Config) -> Coordinato
     metrics = Metrics()
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
     dispatcher = Dispatcher(config, registry, metrics)
-    app = create_app(Api(config, registry, dispatcher, metrics))
+    identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
+    app = create_app(Api(config, registry, dispatcher, metrics, identities))
+    connections = ConnectionTable(config.keep_alive_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
-                       ProviderEdge(config, registry, metrics), RequestCleanup(app))
+                       ProviderEdge(config, registry, metrics, identities),
+                       EdgeGuard(app, connections), connections)
 
 
 async def serve(
@@ -75,19 +79,14 @@ async def serve(
                 config.provider_host,
                 config.provider_port,
                 ssl_context=None,
-                # Frames a bit over our own limit are rejected one by one in
-                # the edge; only absurd ones end the connection here.
-                max_message_size=config.max_frame_bytes * 2,
+                # Until a provider is admitted only a small frame is accepted;
+                # the edge raises the limit after admission.
+                max_message_size=config.register_frame_bytes,
+                connect_timeout=config.register_timeout,
             )
         )
-        hconfig = hypercorn.config.Config()
-        hconfig.bind = [f"{config.http_host}:{config.http_port}"]
-        hconfig.accesslog = None
-        hconfig.graceful_timeout = 5
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, coordinator.asgi, hconfig, mode="asgi")
-        )
-        http_url = binds[0].replace("0.0.0.0", "127.0.0.1")
+        http_url = await nursery.start(
+            serve_http, coordinator.asgi, config, coordinator.connections)
         provider_url = f"ws://{config.provider_host}:{ws_server.port}/"
         log.info("coordinator listening: http %s, providers %s", http_url, provider_url)
         task_status.started(Running(coordinator, http_url, provider_url))

@@ -15,17 +15,23 @@ from typing import Any
 import attrs
 
 
-def _floors(value: Any) -> Mapping[str, str]:
-    if isinstance(value, str):
-        pairs = [p.strip() for p in value.split(",") if p.strip()]
+def _pairs(what: str) -> Any:
+    """A converter for ``name=value,name=value`` text (or a mapping)."""
+
+    def convert(value: Any) -> Mapping[str, str]:
+        if not isinstance(value, str):
+            return dict(value)
         out: dict[str, str] = {}
-        for pair in pairs:
-            trait, sep, version = pair.partition("=")
-            if not sep:
-                raise ValueError(f"capability floor {pair!r} is not trait=version")
-            out[trait.strip()] = version.strip()
+        for pair in (p.strip() for p in value.split(",")):
+            if not pair:
+                continue
+            name, sep, text = pair.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{pair!r} is not {what}")
+            out[name.strip()] = text.strip()
         return out
-    return dict(value)
+
+    return convert
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -45,10 +51,19 @@ class Config:
     api_keys: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     admin_keys: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     provider_tokens: tuple[str, ...] = attrs.field(default=(), converter=_strings)
-    # -- limits
+    # -- limits on what consumers and providers send
     max_body_bytes: int = 10 * 1024 * 1024
     max_frame_bytes: int = 4 * 1024 * 1024
+    register_frame_bytes: int = 256 * 1024
+    max_json_depth: int = 64
+    max_tokens_limit: int = 1_000_000
     request_buffer_chunks: int = 256
+    request_buffer_bytes: int = 8 * 1024 * 1024
+    # -- consumer connections
+    max_connections: int = 1000
+    keep_alive_timeout: float = 5.0
+    write_timeout: float = 30.0
+    status_public: bool = False
     # -- dispatch budgets (seconds)
     max_attempts: int = 3
     ttft_base: float = 5.0
@@ -65,7 +80,7 @@ class Config:
     breaker_window: float = 60.0
     breaker_cooldown: float = 300.0
     capability_floors: Mapping[str, str] = attrs.field(
-        factory=lambda: {"tools": "0.6.3"}, converter=_floors
+        factory=lambda: {"tools": "0.6.3"}, converter=_pairs("trait=version")
     )
     model_memory_fraction: float = 0.9
     # -- queue
@@ -73,6 +88,15 @@ class Config:
     queue_timeout: float = 120.0
     # -- providers
     default_provider_slots: int = 8
+    max_provider_slots: int = 256
+    max_pending_providers: int = 64
+    max_models_per_provider: int = 256
+    max_known_models: int = 10_000
+    model_forget_after: float = 3600.0
+    provider_bindings: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_pairs("provider_id=signing_key")
+    )
+    max_identity_pins: int = 100_000
     register_timeout: float = 10.0
     challenge_interval: float = 300.0
     challenge_timeout: float = 10.0

@@ -78,14 +78,15 @@ def _error(status: int, message: str) -> Response:
     return Response(json.dumps(body), status, content_type="application/json")
 
 
-async def _collect(first: Action | None, actions: AsyncIterator[Action]) -> tuple[list[str], Usage | None]:
-    chunks: list[str] = []
+async def _collect(first: Action | None,
+                   actions: AsyncIterator[Action]) -> tuple[list[dict[str, Any]], Usage | None]:
+    chunks: list[dict[str, Any]] = []
     async with contextlib.aclosing(actions):  # type: ignore[type-var]
         action = first
         while action is not None:
             match action:
                 case Chunk(text):
-                    chunks.append(text)
+                    chunks.append(json.loads(text))
                 case Complete(p, c):
                     return chunks, Usage(p, c)
                 case Error() | Crash():
@@ -102,7 +103,7 @@ async def _stream(endpoint: Endpoint, first: Action | None,
         while action is not None:
             match action:
                 case Chunk(text):
-                    yield writer.frame(text)
+                    yield writer.frame(json.loads(text))
                 case Complete(p, c):
                     yield writer.frame(End(Usage(p, c)))
                     return

@@ -136,13 +136,22 @@ class SimProvider:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def public_key(self) -> str:
+        """This provider's X25519 key, base64, as registered (and signed in challenges)."""
+        return _b64(bytes(self._key.public_key))
+
+    @property
+    def signing_key(self) -> nacl.signing.SigningKey:
+        return self._signing
+
     def register_message(self) -> Register:
         return Register(
             hardware=Hardware("SimMac", "Sim M3 Max", self.memory_gb),
             models=self.models,
             backend="sim",
             version=self.version,
-            public_key=_b64(bytes(self._key.public_key)),
+            public_key=self.public_key,
             auth_token=self.token,
             encrypted_response_chunks=self.encrypt,
             decode_tps=self.decode_tps,
@@ -187,7 +196,7 @@ class SimProvider:
         match message:
             case AttestationChallenge(nonce, timestamp):
                 key = self.sign_with or self._signing
-                signature = sign_challenge(key, nonce, timestamp)
+                signature = sign_challenge(key, nonce, timestamp, self.public_key)
                 nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature))
                 self.registered.set()
             case InferenceRequest():

@@ -194,10 +194,11 @@ async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
 async def asgi_call(app: Any, method: str, path: str, headers: dict[str, str], body: bytes,
                     *, disconnect: trio.Event | None = None) -> HttpResult:
     """Drive one HTTP request through an ASGI app; ``disconnect`` hangs up mid-way."""
+    path, _, query = path.partition("?")
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 40000),
+        "query_string": query.encode(), "root_path": "", "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000), "extensions": {},
         "headers": [(k.encode(), v.encode()) for k, v in
                     {**headers, "content-length": str(len(body))}.items()],

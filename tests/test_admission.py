@@ -101,7 +101,8 @@ async def test_reregistration_supersedes_old_session(autojump_clock):
     async with open_harness() as h:
         first = await h.add_provider("p")
         session = h.state.providers["p"].session
-        second = SimProvider("p", (model(),), token="provider-token")
+        # A new session proving the same signing key (a restart with new X25519 keys).
+        second = SimProvider("p", (model(),), token="provider-token", signing=first.signing_key)
         await h.connect(second, wait=False)
         await h.until(lambda: "p" in h.state.providers
                       and h.state.providers["p"].session != session)
@@ -109,7 +110,7 @@ async def test_reregistration_supersedes_old_session(autojump_clock):
         result = await h.chat()
         assert result.status == 200
         assert len(second.received) == 1 and first.received == []
-        assert MODEL in h.state.known_models
+        assert MODEL in h.state.by_model
 
 
 async def test_silent_provider_is_dropped_after_the_liveness_budget(autojump_clock):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from coordinator.dispatch.chunks import ChunkKind, Endpoint, classify
+from coordinator.dispatch.chunks import ChunkError, ChunkKind, Endpoint, parse_chunk
 from coordinator.protocol import ModelInfo
 from coordinator.registry import scheduler
 from coordinator.registry.breaker import Breaker
@@ -156,7 +156,6 @@ CHAT_ROLE = '{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"f
         (Endpoint.CHAT, '{"choices":[{"delta":{"content":"response.created"}}]}',
          ChunkKind.CONTENT),
         (Endpoint.CHAT, "[DONE]", ChunkKind.TERMINAL),
-        (Endpoint.CHAT, "not json", ChunkKind.CONTENT),
         (Endpoint.COMPLETIONS, '{"choices":[{"text":""}]}', ChunkKind.BOILERPLATE),
         (Endpoint.COMPLETIONS, '{"choices":[{"text":"x"}]}', ChunkKind.CONTENT),
         (Endpoint.RESPONSES, '{"type":"response.created","response":{}}', ChunkKind.BOILERPLATE),
@@ -180,4 +179,11 @@ CHAT_ROLE = '{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"f
     ],
 )
 def test_chunk_classification(endpoint, payload, kind):
-    assert classify(endpoint, payload) is kind
+    assert parse_chunk(endpoint, payload).kind is kind
+
+
+@pytest.mark.parametrize("payload", ["not json", "[1, 2]", '"text"', "[" * 1000,
+                                     '{"a":' * 100 + "1" + "}" * 100, '{"n": NaN}'])
+def test_a_payload_that_is_not_an_event_is_a_provider_error(payload):
+    with pytest.raises(ChunkError):
+        parse_chunk(Endpoint.CHAT, payload)

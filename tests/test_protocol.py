@@ -34,9 +34,11 @@ from coordinator.protocol import (
     sign_challenge,
     verify_challenge,
 )
+from coordinator.protocol.crypto import challenge_text
 
 text = st.text(max_size=40)
 ints = st.integers(min_value=0, max_value=2**53)
+token_counts = st.integers(min_value=0, max_value=10**9)
 floats = st.floats(allow_nan=False, allow_infinity=False, width=32)
 payloads = st.builds(EncryptedPayload, text, text)
 models = st.builds(ModelInfo, text, ints, text, text, st.none() | st.booleans(),
@@ -48,12 +50,12 @@ messages = st.one_of(
     st.builds(Heartbeat),
     st.builds(InferenceAccepted, text),
     st.builds(InferenceResponseChunk, text, st.none() | text, st.none() | payloads),
-    st.builds(InferenceComplete, text, st.builds(Usage, ints, ints)),
+    st.builds(InferenceComplete, text, st.builds(Usage, token_counts, token_counts)),
     st.builds(InferenceError, text, text, st.integers(100, 599)),
     st.builds(AttestationResponse, text, text),
     st.builds(InferenceRequest, text, payloads),
     st.builds(Cancel, text),
-    st.builds(AttestationChallenge, text, floats),
+    st.builds(AttestationChallenge, text, ints),
 )
 
 
@@ -83,11 +85,38 @@ def _register(model: ModelInfo) -> Register:
          "bad inference_error"),
         ('{"type":"inference_complete"}', "required field missing"),
         ('{"type":"register","hardware":{},"models":"no"}', "bad register"),
+        ("[" * 1000, "nested too deeply"),
+        ('{"type":"heartbeat","x":' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+        ('{"type":"heartbeat","x":NaN}', "not a JSON number"),
+        ('{"type":"heartbeat","x":-Infinity}', "not a JSON number"),
+        (b'{"type":"heartbeat","x":"\xff"}', "malformed JSON"),
     ],
 )
 def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
     with pytest.raises(FrameError, match=reason):
         decode_frame(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"inference_complete","request_id":"r","usage":{"prompt_tokens":-1000}}',
+        '{"type":"inference_complete","request_id":"r","usage":{"completion_tokens":'
+        + "9" * 4300 + "}}",
+        '{"type":"inference_complete","request_id":"r","usage":{"prompt_tokens":1e308}}',
+        '{"type":"inference_error","request_id":"r","error":"x","status_code":' + "5" * 30 + "}",
+        '{"type":"inference_error","request_id":"r","error":"x","status_code":99}',
+        '{"type":"inference_response_chunk","request_id":"r","data":' + "[" * 2000 + "]" * 2000
+        + "}",
+    ],
+)
+def test_a_malformed_frame_naming_a_request_says_which(frame):
+    with pytest.raises(FrameError) as caught:
+        decode_frame(frame)
+    assert caught.value.request_id in ("r", None)
+    assert len(str(caught.value)) < 400
+    if "[[" not in frame:
+        assert caught.value.request_id == "r"
 
 
 def test_oversized_frame_is_rejected():
@@ -136,13 +165,20 @@ def test_body_for_another_provider_does_not_open():
         open_request(nacl.public.PrivateKey.generate(), cipher.seal_body(b"secret"))
 
 
-def test_challenge_signature():
+def test_challenge_signature_covers_nonce_timestamp_and_encryption_key():
     key = nacl.signing.SigningKey.generate()
     verify = base64.b64encode(bytes(key.verify_key)).decode()
-    signature = sign_challenge(key, "nonce", 12.5)
-    assert verify_challenge(verify, "nonce", 12.5, signature)
-    assert not verify_challenge(verify, "other", 12.5, signature)
-    assert not verify_challenge(verify, "nonce", 12.6, signature)
+    signature = sign_challenge(key, "nonce", 12500, "pk")
+    assert verify_challenge(verify, "nonce", 12500, "pk", signature)
+    assert not verify_challenge(verify, "other", 12500, "pk", signature)
+    assert not verify_challenge(verify, "nonce", 12501, "pk", signature)
+    assert not verify_challenge(verify, "nonce", 12500, "another-pk", signature)
     other = nacl.signing.SigningKey.generate()
-    assert not verify_challenge(verify, "nonce", 12.5, sign_challenge(other, "nonce", 12.5))
-    assert not verify_challenge("garbage", "nonce", 12.5, "garbage")
+    assert not verify_challenge(verify, "nonce", 12500, "pk",
+                                sign_challenge(other, "nonce", 12500, "pk"))
+    assert not verify_challenge("garbage", "nonce", 12500, "pk", "garbage")
+
+
+def test_challenge_text_is_language_neutral():
+    # What a Go or Swift provider signs: plain decimal digits, no float formatting.
+    assert challenge_text("ab12", 1733000000123, "S2V5") == b"ab12:1733000000123:S2V5"

@@ -6,27 +6,31 @@ deferred-commit and failover machinery and builds the single response here.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from coordinator.dispatch.chunks import Endpoint
-from coordinator.protocol import Usage
+from coordinator.protocol import Usage, boundedjson
 
 
-def _events(chunks: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for chunk in chunks:
-        try:
-            event = json.loads(chunk)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            out.append(event)
-    return out
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
-def assemble(endpoint: Endpoint, chunks: list[str], usage: Usage, request_id: str) -> dict[str, Any]:
-    events = _events(chunks)
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _index(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def assemble(endpoint: Endpoint, events: list[dict[str, Any]], usage: Usage,
+             request_id: str) -> dict[str, Any]:
+    """One response body from a stream's events. Total: odd fields are skipped, not fatal."""
     match endpoint:
         case Endpoint.CHAT:
             return _chat(events, usage, request_id)
@@ -49,20 +53,18 @@ def _chat(events: list[dict[str, Any]], usage: Usage, request_id: str) -> dict[s
     finish: str | None = None
     first = events[0] if events else {}
     for event in events:
-        for choice in event.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                text.append(delta["content"])
-            for call in delta.get("tool_calls") or ():
-                slot = tool_calls.setdefault(int(call.get("index", 0)), {
-                    "id": call.get("id"), "type": "function",
-                    "function": {"name": "", "arguments": ""}})
-                if call.get("id"):
+        for choice in _dicts(event.get("choices")):
+            delta = _dict(choice.get("delta"))
+            text.append(_str(delta.get("content")))
+            for call in _dicts(delta.get("tool_calls")):
+                slot = tool_calls.setdefault(_index(call.get("index"), 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                if _str(call.get("id")):
                     slot["id"] = call["id"]
-                fn = call.get("function") or {}
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
-            finish = choice.get("finish_reason") or finish
+                fn = _dict(call.get("function"))
+                slot["function"]["name"] += _str(fn.get("name"))
+                slot["function"]["arguments"] += _str(fn.get("arguments"))
+            finish = _str(choice.get("finish_reason")) or finish
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
     if tool_calls:
         message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
@@ -83,10 +85,9 @@ def _completions(events: list[dict[str, Any]], usage: Usage, request_id: str) ->
     first = events[0] if events else {}
     text, finish = [], None
     for event in events:
-        for choice in event.get("choices") or ():
-            if isinstance(choice.get("text"), str):
-                text.append(choice["text"])
-            finish = choice.get("finish_reason") or finish
+        for choice in _dicts(event.get("choices")):
+            text.append(_str(choice.get("text")))
+            finish = _str(choice.get("finish_reason")) or finish
     return {
         "id": first.get("id", f"cmpl-{request_id}"),
         "object": "text_completion",
@@ -103,7 +104,7 @@ def _responses(events: list[dict[str, Any]], usage: Usage, request_id: str) -> d
         if event.get("type") == "response.completed" and isinstance(event.get("response"), dict):
             response: dict[str, Any] = event["response"]
             return response
-    text = "".join(e.get("delta", "") for e in events
+    text = "".join(_str(e.get("delta")) for e in events
                    if e.get("type") == "response.output_text.delta")
     return {
         "id": f"resp_{request_id}", "object": "response", "created_at": 0,
@@ -128,24 +129,24 @@ def _messages(events: list[dict[str, Any]], usage: Usage, request_id: str) -> di
         if kind == "message_start" and isinstance(event.get("message"), dict):
             message.update({k: v for k, v in event["message"].items() if k != "content"})
         elif kind == "content_block_start":
-            index = int(event.get("index", len(blocks)))
-            blocks[index] = dict(event.get("content_block") or {})
+            index = _index(event.get("index"), len(blocks))
+            blocks[index] = dict(_dict(event.get("content_block")))
         elif kind == "content_block_delta":
-            index = int(event.get("index", 0))
+            index = _index(event.get("index"), 0)
             block = blocks.setdefault(index, {"type": "text", "text": ""})
-            delta = event.get("delta") or {}
+            delta = _dict(event.get("delta"))
             if delta.get("type") == "text_delta":
-                block["text"] = block.get("text", "") + delta.get("text", "")
+                block["text"] = _str(block.get("text")) + _str(delta.get("text"))
             elif delta.get("type") == "input_json_delta":
-                partial_json.setdefault(index, []).append(delta.get("partial_json", ""))
+                partial_json.setdefault(index, []).append(_str(delta.get("partial_json")))
         elif kind == "message_delta":
-            delta = event.get("delta") or {}
+            delta = _dict(event.get("delta"))
             message["stop_reason"] = delta.get("stop_reason", message["stop_reason"])
             message["stop_sequence"] = delta.get("stop_sequence")
     for index, parts in partial_json.items():
         try:
-            blocks[index]["input"] = json.loads("".join(parts) or "{}")
-        except ValueError:
+            blocks[index]["input"] = boundedjson.loads("".join(parts) or "{}", max_depth=64)
+        except boundedjson.JsonLimitError:
             blocks[index]["input"] = {}
     message["content"] = [blocks[i] for i in sorted(blocks)]
     message["usage"] = {"input_tokens": usage.prompt_tokens,

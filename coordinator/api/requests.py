@@ -6,13 +6,13 @@ the field, never a traceback.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
 from coordinator.dispatch.chunks import Endpoint
 from coordinator.errors import bad_request
+from coordinator.protocol import boundedjson
 
 # Request fields the coordinator consumes itself and does not forward.
 ALLOWLIST_FIELD = "provider_ids"
@@ -27,13 +27,14 @@ class ParsedRequest:
     allowlist: frozenset[str] | None
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
     if not raw.strip():
         raise bad_request("request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}", "invalid_json") from None
+        body = boundedjson.loads(raw, max_depth=max_depth)
+    except boundedjson.JsonLimitError as exc:
+        raise bad_request(f"request body is not valid JSON: {str(exc)[:200]}",
+                          "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object", "invalid_json")
     return body
@@ -59,7 +60,8 @@ def _tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
-def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int = 256) -> ParsedRequest:
+def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int = 256, *,
+             max_tokens_limit: int = 1_000_000) -> ParsedRequest:
     model = _require(body, "model", str, "a string")
     if not model:
         raise bad_request("'model' must not be empty", "invalid_value")
@@ -89,6 +91,9 @@ def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int =
         if value is not None:
             if value < 1:
                 raise bad_request(f"'{field}' must be at least 1", "invalid_value")
+            if value > max_tokens_limit:
+                raise bad_request(f"'{field}' must be at most {max_tokens_limit}",
+                                  "invalid_value")
             max_tokens = value
     allowlist = _optional(body, ALLOWLIST_FIELD, list, "an array of provider ids")
     if allowlist is not None and not all(isinstance(p, str) for p in allowlist):

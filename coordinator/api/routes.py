@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from coordinator import errors
 from coordinator.config import Config
+from coordinator.credentials import matches_any
 from coordinator.dispatch.attempt import (
     Committed,
     Dispatcher,
@@ -34,7 +34,8 @@ from coordinator.dispatch.attempt import (
 from coordinator.dispatch.chunks import Endpoint
 from coordinator.dispatch.relay import End, InBandError, collect, relay
 from coordinator.metrics import Metrics
-from coordinator.registry.actor import CANCELLED, RegistryClient
+from coordinator.providers.identity import IdentityBook, Unpin
+from coordinator.registry.actor import CANCELLED, RegistryClient, RegistryFault
 from coordinator.registry.table import Job
 from coordinator.registry.traits import estimate_prompt_tokens, traits_of
 from coordinator.toolschema import normalize_tool_schemas
@@ -43,6 +44,7 @@ from . import sse
 from .assemble import assemble
 from .errors import Family, error_body, error_headers
 from .requests import parse_body, validate
+from .server import ConnectionTable
 from .status import render_status
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Api:
     registry: RegistryClient
     dispatcher: Dispatcher
     metrics: Metrics
+    identities: IdentityBook = attrs.field(factory=IdentityBook)
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
@@ -66,7 +69,17 @@ class Api:
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
             offered = auth[7:].strip()
-        return bool(offered) and any(secrets.compare_digest(offered, k) for k in keys)
+        return matches_any(offered, keys)
+
+    def _admin(self) -> errors.ApiError | None:
+        """None for a request carrying an admin key (header, or ``?key=`` for browsers)."""
+        if not self.config.admin_keys:
+            return errors.ApiError(403, "no admin key is configured", "permission_error",
+                                   "admin_disabled")
+        if self._authorized(self.config.admin_keys) or matches_any(
+                request.args.get("key", ""), self.config.admin_keys):
+            return None
+        return errors.ApiError(401, "admin key required", "authentication_error", "admin_only")
 
     # -- the one inference path
     async def inference(self, endpoint: Endpoint) -> Response:
@@ -79,6 +92,11 @@ class Api:
         except errors.ApiError as exc:
             record.update(result="error", status=exc.status, error=exc.code or exc.type)
             response = error_response(exc, family)
+        except RegistryFault:
+            # The actor has logged the fault; this request gets a clean 500.
+            record.update(result="error", status=500, error="internal_error")
+            response = error_response(errors.ApiError(
+                500, "internal error", "server_error", "internal_error"), family)
         finally:
             # A stream's outcome is known only when it ends: the relay logs it then.
             if record.get("result") != "streaming":
@@ -93,7 +111,8 @@ class Api:
             raise errors.unauthorized()
         raw = await _read_body(self.config.max_body_bytes)
         raw = normalize_tool_schemas(raw)
-        parsed = validate(endpoint, parse_body(raw))
+        parsed = validate(endpoint, parse_body(raw, self.config.max_json_depth),
+                          max_tokens_limit=self.config.max_tokens_limit)
         record["model"] = parsed.model
         job = Job(
             request_id=request_id,
@@ -184,15 +203,14 @@ class Api:
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def status_page(self) -> Response:
-        """HTML status: for the admin key (header or ``?key=``) or from loopback."""
-        key = request.args.get("key", "")
-        from_loopback = (request.remote_addr or "") in ("127.0.0.1", "::1", "localhost")
-        allowed = from_loopback or self._authorized(self.config.admin_keys) or (
-            bool(key) and any(secrets.compare_digest(key, k) for k in self.config.admin_keys))
-        if not allowed:
-            return error_response(errors.ApiError(
-                401, "admin key or loopback required", "authentication_error", "admin_only"),
-                Family.OPENAI)
+        """HTML status: for the admin key (header or ``?key=``), or anyone if ``status_public``.
+
+        Never "anyone on loopback": behind a reverse proxy on the same host,
+        every request comes from loopback.
+        """
+        refused = None if self.config.status_public else self._admin()
+        if refused is not None:
+            return error_response(refused, Family.OPENAI)
         now = trio.current_time()
         failovers = [
             {"ago": round(now - at, 1), "request_id": rid, "provider_id": f.provider_id,
@@ -203,11 +221,28 @@ class Api:
                         content_type="text/html; charset=utf-8")
 
     async def admin_providers(self) -> Response:
-        if not self.config.admin_keys or not self._authorized(self.config.admin_keys):
-            return error_response(errors.ApiError(
-                403 if not self.config.admin_keys else 401,
-                "admin key required", "authentication_error", "admin_only"), Family.OPENAI)
+        refused = self._admin()
+        if refused is not None:
+            return error_response(refused, Family.OPENAI)
         return json_response(await self.registry.snapshot())
+
+    async def admin_unpin(self, provider_id: str) -> Response:
+        """Forget the key an explicit provider id was pinned to (a provider changing keys)."""
+        refused = self._admin()
+        if refused is not None:
+            return error_response(refused, Family.OPENAI)
+        match self.identities.unpin(provider_id):
+            case Unpin.REMOVED:
+                log.warning("admin removed the key pin of provider %s", provider_id)
+                return json_response({"provider_id": provider_id, "pin": "removed"})
+            case Unpin.NOT_PINNED:
+                return error_response(errors.not_found(
+                    f"provider id {provider_id} is not pinned", "not_pinned"), Family.OPENAI)
+            case Unpin.CONFIGURED:
+                return error_response(errors.ApiError(
+                    409, f"provider id {provider_id} is bound in the configuration "
+                    "(provider_bindings); change it there", "invalid_request_error",
+                    "configured_binding"), Family.OPENAI)
 
 
 def _log_outcome(record: dict[str, Any], timing: Timing) -> None:
@@ -265,6 +300,8 @@ def create_app(api: Api) -> QuartTrio:
     app.add_url_rule("/healthz", view_func=api.healthz, methods=["GET"])
     app.add_url_rule("/metrics", view_func=api.metrics_page, methods=["GET"])
     app.add_url_rule("/v1/admin/providers", view_func=api.admin_providers, methods=["GET"])
+    app.add_url_rule("/v1/admin/providers/<provider_id>/pin", view_func=api.admin_unpin,
+                     methods=["DELETE"])
     app.add_url_rule("/status", view_func=api.status_page, methods=["GET"])
 
     @app.errorhandler(HTTPException)
@@ -286,27 +323,49 @@ def create_app(api: Api) -> QuartTrio:
     return app
 
 
-class RequestCleanup:
-    """ASGI wrapper: run each request's registered cleanups once the response is done.
+class EdgeGuard:
+    """ASGI wrapper around the application: what every request gets, whatever its route.
 
-    Quart sends headers and then iterates the body; a consumer that leaves in
-    between would leave the committed provider's slot held. Cleanups are
-    idempotent, so the normal path (the relay's own ``finally``) and this
-    one can both run.
+    * Each request's registered cleanups run once the response is done. Quart
+      sends headers and then iterates the body; a consumer that leaves in
+      between would leave the committed provider's slot held. Cleanups are
+      idempotent, so the normal path (the relay's own ``finally``) and this
+      one can both run.
+    * The connection table hears when a request starts and ends, so the
+      keep-alive idle timeout applies only between requests.
+    * WebSocket upgrades are refused (403): the API has none; providers use
+      their own port.
     """
 
-    def __init__(self, app: QuartTrio) -> None:
+    def __init__(self, app: QuartTrio, connections: ConnectionTable | None = None) -> None:
         self.app: Any = app
+        self.connections = connections
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope.get("type") != "http":
+        kind = scope.get("type")
+        if kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if kind != "http":
             await self.app(scope, receive, send)
             return
+        peer = _peer(scope)
         cleanups: list[Cleanup] = []
         scope[CLEANUP_KEY] = cleanups
+        if self.connections is not None:
+            self.connections.request_started(peer)
         try:
             await self.app(scope, receive, send)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 for cleanup in cleanups:
                     await cleanup()
+            if self.connections is not None:
+                self.connections.request_ended(peer)
+
+
+def _peer(scope: dict[str, Any]) -> tuple[str, int] | None:
+    client = scope.get("client")
+    if isinstance(client, list | tuple) and len(client) == 2:
+        return (str(client[0]), int(client[1]))
+    return None

@@ -5,16 +5,21 @@ stream ends the way the family's clients expect exactly once: ``data: [DONE]``
 for chat and completions, ``response.completed`` for Responses, ``message_stop``
 for Anthropic. A provider that closes cleanly without sending its family's
 final event (an empty completion after boilerplate) gets one written for it.
+
+Every event is re-encoded from its parsed form, and an event name is used only
+when it is a plain identifier: nothing a provider sends can add an SSE line,
+an event or a terminator of its own.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Final
 
 import attrs
 
-from coordinator.dispatch.chunks import Endpoint
+from coordinator.dispatch.chunks import Endpoint, Event
 from coordinator.dispatch.relay import End, InBandError, RelayItem
 
 DONE = b"data: [DONE]\n\n"
@@ -24,8 +29,16 @@ _FINAL_EVENTS = {
 }
 
 
+_EVENT_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _json(body: Any) -> str:
+    # ensure_ascii: a lone surrogate from a provider's JSON cannot break the UTF-8 stream.
+    return json.dumps(body, separators=(",", ":"))
+
+
 def _event(name: str, body: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+    return f"event: {name}\ndata: {_json(body)}\n\n".encode()
 
 
 @attrs.define
@@ -38,7 +51,7 @@ class SseWriter:
         if self.ended:
             return b""
         match item:
-            case str():
+            case dict():
                 return self._chunk(item)
             case End():
                 self.ended = True
@@ -47,21 +60,17 @@ class SseWriter:
                 self.ended = True
                 return self._error(item)
 
-    def _chunk(self, payload: str) -> bytes:
+    def _chunk(self, event: Event) -> bytes:
         if self.endpoint not in _FINAL_EVENTS:
-            return f"data: {payload}\n\n".encode()
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            event = None
-        name = event.get("type") if isinstance(event, dict) else None
-        if not isinstance(name, str):
+            return f"data: {_json(event)}\n\n".encode()
+        name = event.get("type")
+        if not isinstance(name, str) or not _EVENT_NAME.fullmatch(name):
             name = "message"
-        if name == "response.created" and isinstance(event, dict):
-            self._response = event.get("response")
+        if name == "response.created" and isinstance(event.get("response"), dict):
+            self._response = event["response"]
         if name in _FINAL_EVENTS[self.endpoint]:
             self.ended = True
-        return f"event: {name}\ndata: {payload}\n\n".encode()
+        return _event(name, event)
 
     def _end(self, end: End) -> bytes:
         if self.endpoint not in _FINAL_EVENTS:

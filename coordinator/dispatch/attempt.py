@@ -45,11 +45,16 @@ from coordinator.protocol import (
     InferenceResponseChunk,
     RequestCipher,
 )
-from coordinator.providers.connection import ProviderConnection, ProviderEvent, ProviderGone
+from coordinator.providers.connection import (
+    EventStream,
+    ProviderConnection,
+    ProviderGone,
+    ended_stream,
+)
 from coordinator.registry.actor import CANCELLED, Outcome, Refusal, Refused, RegistryClient
 from coordinator.registry.table import Job, Lease
 
-from .chunks import ChunkKind, Endpoint, classify
+from .chunks import ChunkError, ChunkKind, Endpoint, Event, parse_chunk
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +118,10 @@ class Racer:
     lease: Lease
     is_backup: bool
     cipher: RequestCipher
-    events: trio.MemoryReceiveChannel[ProviderEvent]
+    events: EventStream
     phase: Phase = Phase.STARTING
     sent_at: float = 0.0
-    held: list[str] = attrs.field(factory=list)
+    held: list[Event] = attrs.field(factory=list)
     closed: bool = False
 
     @property
@@ -134,7 +139,7 @@ class Committed:
     """The winner of an attempt: its stream now belongs to the relay."""
 
     racer: Racer
-    chunks: list[str]  # held boilerplate, then the first content chunk (if any)
+    chunks: list[Event]  # held boilerplate, then the first content event (if any)
     complete: InferenceComplete | None  # set when the provider closed cleanly pre-content
     attempts: int
     endpoint: Endpoint
@@ -241,7 +246,7 @@ class Dispatcher:
         try:
             events = connection.open_stream(lease.request_id)
         except ProviderGone:
-            events = _ended_stream()
+            events = ended_stream()
         racer = Racer(lease, is_backup, RequestCipher(connection.public_key), events)
         race.racers.append(racer)
         self.active.add(racer)
@@ -273,25 +278,25 @@ class Dispatcher:
                     race.extend(racer.sent_at + cfg.inference_timeout)
                 case InferenceResponseChunk():
                     try:
-                        text = open_chunk(racer, event)
-                    except DecryptError as exc:
+                        chunk = parse_chunk(race.ctx.endpoint, open_chunk(racer, event))
+                    except (DecryptError, ChunkError) as exc:
                         return racer.failure(DISCONNECTED, f"bad response chunk: {exc}")
-                    kind = classify(race.ctx.endpoint, text)
-                    if kind is ChunkKind.TERMINAL:
-                        continue
-                    if kind is ChunkKind.BOILERPLATE and len(racer.held) < cfg.max_held_chunks:
-                        racer.held.append(text)
+                    if chunk.event is None:
+                        continue  # the provider's own end marker; the coordinator writes its own
+                    if (chunk.kind is ChunkKind.BOILERPLATE
+                            and len(racer.held) < cfg.max_held_chunks):
+                        racer.held.append(chunk.event)
                         racer.phase = Phase.PREAMBLE
                         race.extend(race.ttft_deadline + cfg.preamble_timeout)
                         continue
-                    self._commit(race, racer, [*racer.held, text], None)
+                    self._commit(race, racer, [*racer.held, chunk.event], None)
                     return None
                 case InferenceComplete():
                     # Boilerplate then a clean close: a valid empty completion.
                     self._commit(race, racer, list(racer.held), event)
                     return None
                 case InferenceError():
-                    return racer.failure(event.status_code, event.error or "provider error")
+                    return racer.failure(event.status_code, provider_message(event.error))
         return racer.failure(DISCONNECTED, racer.connection.end_reason(racer.lease.request_id))
 
     async def _send_request(self, ctx: RequestContext, racer: Racer) -> None:
@@ -374,18 +379,18 @@ def open_chunk(racer: Racer, chunk: InferenceResponseChunk) -> str:
     return chunk.data
 
 
+def provider_message(text: str, limit: int = 300) -> str:
+    """A provider's error text as consumers and logs may see it: printable and bounded."""
+    cleaned = "".join(c if c.isprintable() else " " for c in text[:limit]).strip()
+    return cleaned or "provider error"
+
+
 def _retry_label(failures: list[Failure]) -> str:
     if any(f.timeout for f in failures):
         return "timeout"
     if any(f.after_boilerplate for f in failures):
         return "retry_precontent"
     return "retry"
-
-
-def _ended_stream() -> trio.MemoryReceiveChannel[ProviderEvent]:
-    send, receive = trio.open_memory_channel[ProviderEvent](0)
-    send.close()
-    return receive
 
 
 def exhausted(failures: list[Failure]) -> errors.ApiError:

@@ -1,16 +1,23 @@
-"""Chunk classification: boilerplate, content or terminal. Pure.
+"""Chunk parsing and classification: boilerplate, content or terminal. Pure.
 
 A chunk is the JSON payload of one streamed event, as the provider sends it.
+It is parsed once, with limits (:mod:`coordinator.protocol.boundedjson`), and
+from then on only the parsed event travels: the consumer gets it re-encoded,
+never the provider's raw text, so no provider can break the SSE framing.
+A payload that is not a JSON object (or ``[DONE]``) is a provider error.
+
 Classification reads the *parsed* ``type`` and fields, never substrings, so a
 content delta whose text merely contains ``response.created`` is content.
-Anything that does not parse is content: it cannot be proven harmless to drop.
 """
 
 from __future__ import annotations
 
 import enum
-import json
-from typing import Any
+from typing import Any, Final
+
+import attrs
+
+from coordinator.protocol import boundedjson
 
 
 class Endpoint(enum.Enum):
@@ -32,15 +39,37 @@ _CHAT_DELTA_CONTENT_KEYS = ("content", "tool_calls", "function_call", "refusal",
                             "reasoning_content", "reasoning", "audio")
 
 
-def classify(endpoint: Endpoint, payload: str) -> ChunkKind:
+Event = dict[str, Any]
+MAX_EVENT_DEPTH: Final = 64
+
+
+class ChunkError(ValueError):
+    """A payload that is not an event of the endpoint's stream: a provider error."""
+
+
+@attrs.frozen
+class Chunk:
+    kind: ChunkKind
+    event: Event | None  # None for the terminal marker
+
+
+TERMINAL_CHUNK: Final = Chunk(ChunkKind.TERMINAL, None)
+
+
+def parse_chunk(endpoint: Endpoint, payload: str, *, max_depth: int = MAX_EVENT_DEPTH) -> Chunk:
+    """Parse and classify one payload; :class:`ChunkError` when it is not an event."""
     if payload.strip() == "[DONE]":
-        return ChunkKind.TERMINAL
+        return TERMINAL_CHUNK
     try:
-        event = json.loads(payload)
-    except ValueError:
-        return ChunkKind.CONTENT
+        event = boundedjson.loads(payload, max_depth=max_depth)
+    except boundedjson.JsonLimitError as exc:
+        raise ChunkError(f"chunk is not a JSON event: {str(exc)[:200]}") from None
     if not isinstance(event, dict):
-        return ChunkKind.CONTENT
+        raise ChunkError("chunk is not a JSON object")
+    return Chunk(classify_event(endpoint, event), event)
+
+
+def classify_event(endpoint: Endpoint, event: Event) -> ChunkKind:
     match endpoint:
         case Endpoint.CHAT:
             return _chat(event)

@@ -1,10 +1,12 @@
-"""After the commit: stream the winner's chunks to the consumer.
+"""After the commit: stream the winner's events to the consumer.
 
-The relay yields the held chunks and the first content chunk, then every
-further chunk, until the provider completes. What goes wrong now cannot be
+The relay yields the held events and the first content event, then every
+further event, until the provider completes. What goes wrong now cannot be
 retried (content has been delivered), so it ends the stream with one in-band
-error item: a provider error, a disconnect, or ``idle_timeout`` seconds with
-no chunk. Every way out releases the winner's slot with the right verdict.
+error item: a provider error, a malformed chunk, a disconnect, or
+``idle_timeout`` seconds with no chunk. Every way out releases the winner's
+slot with the right verdict — as soon as the provider's part is over, before
+the last batch is handed to a consumer who may be slow to take it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from coordinator.protocol import (
     InferenceResponseChunk,
     Usage,
 )
-from coordinator.providers.connection import ProviderEvent
+from coordinator.providers.connection import EventStream, ProviderEvent
 from coordinator.registry.actor import CANCELLED, SUCCESS, Outcome
 
-from .attempt import DISCONNECTED, TIMEOUT, Committed, Dispatcher, open_chunk
+from .attempt import DISCONNECTED, TIMEOUT, Committed, Dispatcher, open_chunk, provider_message
+from .chunks import ChunkError, Event, parse_chunk
 
 
 @attrs.frozen
@@ -41,7 +44,7 @@ class InBandError:
     status: int
 
 
-RelayItem = str | End | InBandError
+RelayItem = Event | End | InBandError
 
 
 @attrs.frozen
@@ -67,6 +70,7 @@ async def relay(
     try:
         if committed.complete is not None:
             ending = _Ending(SUCCESS, cancel_provider=False)
+            await _finish(dispatcher, committed, ending)
             yield [*committed.chunks, End(committed.complete.usage)]
             return
         if committed.chunks:
@@ -76,6 +80,7 @@ async def relay(
                 event = await _next_event(racer.events)
             if idle.cancelled_caught:
                 ending = _Ending(Outcome.failure(TIMEOUT), cancel_provider=True)
+                await _finish(dispatcher, committed, ending)
                 yield [InBandError("timeout", "no output from the provider for "
                                    f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)]
                 return
@@ -86,6 +91,7 @@ async def relay(
                     batch.append(item)
                 if end is not None:
                     ending = end
+                    await _finish(dispatcher, committed, ending)
                     yield batch
                     return
             yield batch
@@ -93,9 +99,12 @@ async def relay(
         await dispatcher.close_winner(committed, ending.outcome, cancel=ending.cancel_provider)
 
 
-def _with_buffered(
-    first: ProviderEvent | None, events: trio.MemoryReceiveChannel[ProviderEvent]
-) -> list[ProviderEvent | None]:
+async def _finish(dispatcher: Dispatcher, committed: Committed, ending: _Ending) -> None:
+    """The provider's part is over: release its slot now, not when the consumer has read."""
+    await dispatcher.close_winner(committed, ending.outcome, cancel=ending.cancel_provider)
+
+
+def _with_buffered(first: ProviderEvent | None, events: EventStream) -> list[ProviderEvent | None]:
     batch = [first]
     while first is not None and len(batch) < _MAX_BATCH:
         try:
@@ -116,16 +125,15 @@ def _translate(
     match event:
         case InferenceResponseChunk():
             try:
-                text = open_chunk(racer, event)
-            except DecryptError as exc:
+                chunk = parse_chunk(committed.endpoint, open_chunk(racer, event))
+            except (DecryptError, ChunkError) as exc:
                 return (InBandError("provider_error", f"bad response chunk: {exc}", DISCONNECTED),
                         _Ending(Outcome.failure(DISCONNECTED), cancel_provider=True))
-            # After the commit only the provider's own end marker needs spotting.
-            return (None if text.strip() == "[DONE]" else text), None
+            return chunk.event, None
         case InferenceComplete():
             return End(event.usage), _Ending(SUCCESS, cancel_provider=False)
         case InferenceError():
-            return (InBandError("provider_error", event.error or "provider error",
+            return (InBandError("provider_error", provider_message(event.error),
                                 event.status_code),
                     _Ending(Outcome.failure(event.status_code), cancel_provider=False))
         case InferenceAccepted():
@@ -136,22 +144,22 @@ def _translate(
                     _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
 
 
-async def _next_event(events: trio.MemoryReceiveChannel[ProviderEvent]) -> ProviderEvent | None:
+async def _next_event(events: EventStream) -> ProviderEvent | None:
     try:
         return await events.receive()
     except (trio.EndOfChannel, trio.ClosedResourceError):
         return None
 
 
-async def collect(dispatcher: Dispatcher, committed: Committed) -> tuple[list[str], Usage]:
+async def collect(dispatcher: Dispatcher, committed: Committed) -> tuple[list[Event], Usage]:
     """Non-streaming: the winner's whole output, or an ApiError if it fails mid-way."""
-    chunks: list[str] = []
+    chunks: list[Event] = []
     items = relay(dispatcher, committed)
     try:
         async for batch in items:
             for item in batch:
                 match item:
-                    case str():
+                    case dict():
                         chunks.append(item)
                     case End(usage):
                         return chunks, usage

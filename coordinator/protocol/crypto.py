@@ -13,6 +13,7 @@ import base64
 import binascii
 
 import attrs
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
@@ -96,20 +97,39 @@ def open_request(
     return body, sealer
 
 
-def _challenge_message(nonce: str, timestamp: float) -> bytes:
-    return f"{nonce}:{timestamp!r}".encode()
+def challenge_text(nonce: str, timestamp: int, public_key: str) -> bytes:
+    """The exact bytes a provider signs to answer a challenge.
+
+    ``"<nonce>:<timestamp>:<public_key>"`` in UTF-8: the hex nonce, the
+    integer timestamp in decimal, and the base64 X25519 key exactly as the
+    provider registered it. Covering the encryption key binds it to the
+    signing key, so no one can register somebody else's encryption key.
+    """
+    return f"{nonce}:{timestamp}:{public_key}".encode("utf-8", "surrogatepass")
 
 
-def sign_challenge(key: nacl.signing.SigningKey, nonce: str, timestamp: float) -> str:
+def sign_challenge(
+    key: nacl.signing.SigningKey, nonce: str, timestamp: int, public_key: str
+) -> str:
     """Provider side: prove possession of the registered signing key."""
-    return _b64(key.sign(_challenge_message(nonce, timestamp)).signature)
+    return _b64(key.sign(challenge_text(nonce, timestamp, public_key)).signature)
 
 
-def verify_challenge(verify_key_b64: str, nonce: str, timestamp: float, signature: str) -> bool:
+def verify_challenge(
+    verify_key_b64: str, nonce: str, timestamp: int, public_key: str, signature: str
+) -> bool:
     """Coordinator side: True only for a valid signature by the registered key."""
     try:
         key = nacl.signing.VerifyKey(_b64decode(verify_key_b64))
-        key.verify(_challenge_message(nonce, timestamp), _b64decode(signature))
+        key.verify(challenge_text(nonce, timestamp, public_key), _b64decode(signature))
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError):
         return False
     return True
+
+
+def load_verify_key(text: str) -> nacl.signing.VerifyKey:
+    """Parse a base64 Ed25519 public key, raising ``ValueError`` when it is not one."""
+    raw = _b64decode(text)
+    if len(raw) != nacl.bindings.crypto_sign_PUBLICKEYBYTES:
+        raise ValueError(f"signing key must be {nacl.bindings.crypto_sign_PUBLICKEYBYTES} bytes")
+    return nacl.signing.VerifyKey(raw)

@@ -17,11 +17,34 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from coordinator.protocol import boundedjson
+
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+# Token counts above this are not counts; a provider reporting one is broken.
+MAX_USAGE_TOKENS: Final = 10**9
 
 
 class FrameError(ValueError):
-    """A frame that cannot be turned into a message. Reject it, keep the socket."""
+    """A frame that cannot be turned into a message. Reject it, keep the socket.
+
+    ``request_id`` is set when the frame names a request it belongs to (a
+    well-formed JSON object with a string ``request_id`` whose other fields
+    are wrong): the edge then fails that request, and only that one.
+    """
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _token_count(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= MAX_USAGE_TOKENS:
+        raise ValueError(f"{attribute.name} {value} is outside 0..{MAX_USAGE_TOKENS}")
+
+
+def _http_status(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 100 <= value <= 599:
+        raise ValueError(f"{attribute.name} {value} is not an HTTP status")
 
 
 @attrs.frozen
@@ -50,8 +73,8 @@ class EncryptedPayload:
 
 @attrs.frozen
 class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int = attrs.field(default=0, validator=_token_count)
+    completion_tokens: int = attrs.field(default=0, validator=_token_count)
 
 
 # ---- provider -> coordinator -------------------------------------------------
@@ -106,7 +129,7 @@ class InferenceError:
     TYPE = "inference_error"
     request_id: str
     error: str
-    status_code: int = 500
+    status_code: int = attrs.field(default=500, validator=_http_status)
 
 
 @attrs.frozen
@@ -136,7 +159,9 @@ class Cancel:
 class AttestationChallenge:
     TYPE = "attestation_challenge"
     nonce: str
-    timestamp: float
+    # Integer milliseconds: its decimal text is what gets signed, the same in
+    # every language (docs/protocol.md, admission).
+    timestamp: int
 
 
 Message = (
@@ -228,20 +253,38 @@ def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Mes
     if len(frame) > max_bytes:
         raise FrameError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        raw = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FrameError(f"malformed JSON: {exc}") from None
+        # No depth limit here: the converter reads only known, shallow fields,
+        # and the parser itself stops at its recursion limit.
+        raw = boundedjson.loads(frame, clamp_ints=True)
+    except boundedjson.JsonLimitError as exc:
+        raise FrameError(f"malformed JSON: {_short(str(exc))}") from None
     if not isinstance(raw, dict):
         raise FrameError("frame is not a JSON object")
     kind = raw.pop("type", None)
     cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise FrameError(f"unknown message type {kind!r}")
+        raise FrameError(f"unknown message type {_short(kind)}")
     try:
         message: Message = converter.structure(raw, cls)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
         detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
             exc, cattrs.BaseValidationError
         ) else str(exc)
-        raise FrameError(f"bad {kind} frame: {detail}") from None
+        request_id = raw.get("request_id")
+        raise FrameError(
+            f"bad {kind} frame: {_short(detail)}",
+            request_id if isinstance(request_id, str) else None,
+        ) from None
     return message
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """A bounded, printable rendering of hostile input for messages and logs."""
+    if isinstance(value, str):
+        text = value
+    elif value is None or isinstance(value, bool | int | float):
+        text = repr(value)
+    else:  # never repr a hostile container: it may be nested past the recursion limit
+        text = f"<{type(value).__name__}>"
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -37,6 +37,61 @@ class ProviderGone(Exception):
     """The provider's socket is closed; nothing more can be sent to it."""
 
 
+def _weight(event: ProviderEvent) -> int:
+    """Bytes an event holds while buffered (chunks carry the payload; the rest is small)."""
+    if isinstance(event, InferenceResponseChunk):
+        if event.encrypted_data is not None:
+            return len(event.encrypted_data.ciphertext)
+        return len(event.data or "")
+    return 0
+
+
+@attrs.define(eq=False)
+class _Buffer:
+    """The connection's end of one request's stream, with the bytes it holds."""
+
+    send: trio.MemorySendChannel[ProviderEvent]
+    held: int = 0
+
+
+@attrs.define(eq=False)
+class EventStream:
+    """The request's end of its stream: events from the provider, in order.
+
+    Receiving gives the bytes back to the stream's budget, so the budget
+    bounds what a slow consumer leaves buffered, in bytes as well as frames.
+    """
+
+    _receive: trio.MemoryReceiveChannel[ProviderEvent]
+    _buffer: _Buffer
+
+    async def receive(self) -> ProviderEvent:
+        event = await self._receive.receive()
+        self._buffer.held -= _weight(event)
+        return event
+
+    def receive_nowait(self) -> ProviderEvent:
+        event = self._receive.receive_nowait()
+        self._buffer.held -= _weight(event)
+        return event
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> ProviderEvent:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+def ended_stream() -> EventStream:
+    """A stream that is already over (the provider went before it could open)."""
+    send, receive = trio.open_memory_channel[ProviderEvent](0)
+    send.close()
+    return EventStream(receive, _Buffer(send))
+
+
 @attrs.define(eq=False)
 class ProviderConnection:
     provider_id: str
@@ -45,24 +100,26 @@ class ProviderConnection:
     public_key: nacl.public.PublicKey
     encrypted_chunks: bool = True
     stream_buffer: int = 256
-    _streams: dict[str, trio.MemorySendChannel[ProviderEvent]] = attrs.field(factory=dict)
+    stream_buffer_bytes: int = 8 * 1024 * 1024
+    _streams: dict[str, _Buffer] = attrs.field(factory=dict)
     # Why a stream ended early, for streams the connection closed on its own.
     _ended: dict[str, str] = attrs.field(factory=dict)
     closed: bool = False
     superseded: trio.Event = attrs.field(factory=trio.Event)
 
     # -- per-request streams
-    def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[ProviderEvent]:
+    def open_stream(self, request_id: str) -> EventStream:
         if self.closed:
             raise ProviderGone(self.provider_id)
         send, receive = trio.open_memory_channel[ProviderEvent](self.stream_buffer)
-        self._streams[request_id] = send
-        return receive
+        buffer = _Buffer(send)
+        self._streams[request_id] = buffer
+        return EventStream(receive, buffer)
 
     def close_stream(self, request_id: str) -> None:
-        send = self._streams.pop(request_id, None)
-        if send is not None:
-            send.close()
+        buffer = self._streams.pop(request_id, None)
+        if buffer is not None:
+            buffer.send.close()
         self._ended.pop(request_id, None)
 
     def end_reason(self, request_id: str) -> str:
@@ -71,24 +128,33 @@ class ProviderConnection:
 
     def deliver(self, request_id: str, event: ProviderEvent) -> bool:
         """Hand an event to its request; False when no such request is pending."""
-        send = self._streams.get(request_id)
-        if send is None:
+        buffer = self._streams.get(request_id)
+        if buffer is None:
             return False
+        weight = _weight(event)
+        if buffer.held + weight > self.stream_buffer_bytes:
+            self._overflow(request_id)
+            return True
         try:
-            send.send_nowait(event)
+            buffer.send.send_nowait(event)
         except trio.WouldBlock:
-            log.warning("request %s on %s overflowed its stream buffer", request_id,
-                        self.provider_id)
-            self._end(request_id, "consumer too slow: stream buffer overflowed")
+            self._overflow(request_id)
         except trio.BrokenResourceError:
             self._streams.pop(request_id, None)
+        else:
+            buffer.held += weight
         return True
 
+    def _overflow(self, request_id: str) -> None:
+        log.warning("request %s on %s overflowed its stream buffer", request_id,
+                    self.provider_id)
+        self._end(request_id, "consumer too slow: stream buffer overflowed")
+
     def _end(self, request_id: str, reason: str) -> None:
-        send = self._streams.pop(request_id, None)
-        if send is not None:
+        buffer = self._streams.pop(request_id, None)
+        if buffer is not None:
             self._ended[request_id] = reason
-            send.close()
+            buffer.send.close()
 
     def close_all(self) -> None:
         """The socket is gone: end every pending stream, exactly once each."""

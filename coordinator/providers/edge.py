@@ -1,18 +1,24 @@
 """The provider edge: admit a WebSocket, register it, read its frames until it goes.
 
-Admission: the first frame must be ``register`` with a configured provider
-token, an X25519 ``public_key`` and an Ed25519 ``signing_public_key``; the
-provider must then sign a fresh challenge. Anything else closes the socket
-with 1008 (policy violation) before the registry ever hears of it. Admitted
-providers are challenged again every ``challenge_interval`` seconds.
+Admission (docs/protocol.md): the first frame must be ``register`` within
+``register_timeout`` and at most ``register_frame_bytes`` long, with a
+configured provider token, an X25519 ``public_key``, an Ed25519
+``signing_public_key`` and claims that pass :mod:`.admission`; the provider
+must then sign a fresh challenge covering its encryption key, and its id must
+be bound to the key it proved (:mod:`.identity`). Anything else closes the
+socket with 1008 (policy violation) before the registry ever hears of it. At
+most ``max_pending_providers`` sockets may be in admission at once; more are
+refused at the handshake with 503. Admitted providers are challenged again
+every ``challenge_interval`` seconds.
 
-After admission, one malformed frame is logged, counted and skipped; it never
-ends the connection or touches another request.
+After admission, one malformed frame is logged, counted and skipped; a frame
+that names one of this connection's requests but is malformed fails that
+request (and only it). Nothing one connection sends can end another or the
+listener: the handler never lets an exception out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import secrets
@@ -22,6 +28,7 @@ import trio
 import trio_websocket
 
 from coordinator.config import Config
+from coordinator.credentials import matches_any
 from coordinator.metrics import Metrics
 from coordinator.protocol import (
     AttestationChallenge,
@@ -37,20 +44,20 @@ from coordinator.protocol import (
     encode_frame,
     verify_challenge,
 )
-from coordinator.protocol.crypto import load_public_key
+from coordinator.protocol.crypto import load_public_key, load_verify_key
+from coordinator.providers import admission
+from coordinator.providers.admission import AdmissionError
 from coordinator.providers.connection import ProviderConnection
-from coordinator.registry.actor import RegistryClient
+from coordinator.providers.identity import IdentityBook, Session
+from coordinator.registry.actor import RegisterRefused, RegistryClient
 from coordinator.registry.table import ProviderRecord
 from coordinator.registry.versions import parse_version
 
 log = logging.getLogger(__name__)
 
 POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 503
 _sessions = itertools.count(1)
-
-
-class AdmissionError(Exception):
-    pass
 
 
 @attrs.define(eq=False)
@@ -58,47 +65,79 @@ class ProviderEdge:
     config: Config
     registry: RegistryClient
     metrics: Metrics
+    identities: IdentityBook
+    pending: int = 0  # sockets in admission now
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        """trio-websocket handler: one call per provider connection."""
-        ws = await request.accept()
+        """trio-websocket handler: one call per provider connection. Never raises."""
         try:
-            register = await self._admit(ws)
-        except AdmissionError as exc:
-            log.warning("provider refused: %s", exc)
-            with trio.move_on_after(1):
-                await ws.aclose(POLICY_VIOLATION, str(exc)[:120])
-            return
+            await self._handle(request)
         except trio_websocket.ConnectionClosed:
-            return
-        await self._serve_admitted(ws, register)
+            pass
+        except Exception:
+            # A bug in this connection's handling ends this connection only.
+            log.error("provider connection handler failed", exc_info=True)
 
-    async def _admit(self, ws: trio_websocket.WebSocketConnection) -> Register:
-        message = await self._next_frame(ws, self.config.register_timeout, "register")
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        if self.pending >= self.config.max_pending_providers:
+            self.metrics.frames_rejected.labels("admission_full").inc()
+            await request.reject(TRY_AGAIN_LATER, body=b"too many providers in admission")
+            return
+        self.pending += 1
+        try:
+            ws = await request.accept()
+            admitted = await self._admit_or_close(ws)
+        finally:
+            self.pending -= 1
+        if admitted is not None:
+            register, session = admitted
+            try:
+                await self._serve_admitted(ws, register, session)
+            finally:
+                self.identities.leave(session)
+
+    async def _admit_or_close(
+        self, ws: trio_websocket.WebSocketConnection
+    ) -> tuple[Register, Session] | None:
+        try:
+            return await self._admit(ws)
+        except AdmissionError as exc:
+            reason = str(exc)[:120]
+            log.warning("provider refused: %s", reason)
+            with trio.move_on_after(1):
+                await ws.aclose(POLICY_VIOLATION, reason)
+            return None
+
+    async def _admit(self, ws: trio_websocket.WebSocketConnection) -> tuple[Register, Session]:
+        message = await self._next_frame(ws, self.config.register_timeout, "register",
+                                         self.config.register_frame_bytes)
         if not isinstance(message, Register):
             raise AdmissionError(f"expected register, got {type(message).__name__}")
         # No configured token admits nobody: a coordinator is never open by accident.
-        if not any(
-            secrets.compare_digest(message.auth_token, t) for t in self.config.provider_tokens
-        ):
+        if not matches_any(message.auth_token, self.config.provider_tokens):
             raise AdmissionError("invalid provider token")
         try:
             load_public_key(message.public_key)
+            load_verify_key(message.signing_public_key or "")
         except ValueError as exc:
-            raise AdmissionError(f"bad public_key: {exc}") from None
-        if not message.signing_public_key:
-            raise AdmissionError("register carries no signing_public_key")
-        if not await self._challenge(ws, message.signing_public_key, None):
+            raise AdmissionError(f"bad public_key or signing_public_key: {exc}") from None
+        admission.check_register(message, self.config)
+        signing_key = message.signing_public_key or ""
+        if not await self._challenge(ws, signing_key, message.public_key, None):
             raise AdmissionError("challenge not answered with a valid signature")
-        return message
+        session = self.identities.admit(message.provider_id, next(_sessions), signing_key,
+                                        message.public_key)
+        _allow_large_frames(ws, self.config.max_frame_bytes * 2)
+        return message, session
 
     async def _next_frame(
-        self, ws: trio_websocket.WebSocketConnection, budget: float, what: str
+        self, ws: trio_websocket.WebSocketConnection, budget: float, what: str,
+        max_bytes: int,
     ) -> object:
         with trio.move_on_after(budget):
             raw = await ws.get_message()
             try:
-                return decode_frame(raw, max_bytes=self.config.max_frame_bytes)
+                return decode_frame(raw, max_bytes=max_bytes)
             except FrameError as exc:
                 raise AdmissionError(str(exc)) from None
         raise AdmissionError(f"no {what} within {budget:g}s")
@@ -107,58 +146,69 @@ class ProviderEdge:
         self,
         ws: trio_websocket.WebSocketConnection,
         signing_key: str,
+        public_key: str,
         answers: trio.MemoryReceiveChannel[AttestationResponse] | None,
     ) -> bool:
         """Send a fresh nonce; True when the answer is signed by ``signing_key``."""
         nonce = secrets.token_hex(16)
-        timestamp = trio.current_time()
+        timestamp = round(trio.current_time() * 1000)
         await ws.send_message(
             encode_frame(AttestationChallenge(nonce=nonce, timestamp=timestamp))
         )
         with trio.move_on_after(self.config.challenge_timeout):
             while True:
                 if answers is None:
-                    frame = await self._next_frame(ws, self.config.challenge_timeout, "answer")
+                    frame = await self._next_frame(ws, self.config.challenge_timeout, "answer",
+                                                   self.config.register_frame_bytes)
                 else:
                     frame = await answers.receive()
                 if isinstance(frame, AttestationResponse) and frame.nonce == nonce:
-                    return verify_challenge(signing_key, nonce, timestamp, frame.signature)
+                    return verify_challenge(signing_key, nonce, timestamp, public_key,
+                                            frame.signature)
         return False
 
     async def _serve_admitted(
-        self, ws: trio_websocket.WebSocketConnection, register: Register
+        self, ws: trio_websocket.WebSocketConnection, register: Register, session: Session
     ) -> None:
-        provider_id = register.provider_id or _key_id(register.public_key)
+        provider_id = session.provider_id
         connection = ProviderConnection(
             provider_id=provider_id,
-            session=next(_sessions),
+            session=session.session,
             ws=ws,
             public_key=load_public_key(register.public_key),
             encrypted_chunks=register.encrypted_response_chunks,
             stream_buffer=self.config.request_buffer_chunks,
+            stream_buffer_bytes=self.config.request_buffer_bytes,
         )
         record = ProviderRecord(
             provider_id=provider_id,
             session=connection.session,
             version_text=register.version,
             version=parse_version(register.version),
-            models={m.id: m for m in register.models},
-            memory_gb=register.hardware.memory_gb,
-            decode_tps=register.decode_tps,
-            prefill_tps=register.prefill_tps,
-            max_slots=register.max_concurrency or self.config.default_provider_slots,
+            models=admission.unique_models(register),
+            memory_gb=admission.clamp(register.hardware.memory_gb, admission.MAX_MEMORY_GB),
+            decode_tps=admission.clamp(register.decode_tps, admission.MAX_DECODE_TPS),
+            prefill_tps=admission.clamp(register.prefill_tps, admission.MAX_PREFILL_TPS),
+            max_slots=admission.slots(register, self.config),
             connection=connection,
-            hardware=f"{register.hardware.machine_model} {register.hardware.chip_name}".strip(),
+            hardware=admission.hardware_label(register),
+            signing_key=session.signing_key,
         )
         answers_in, answers = trio.open_memory_channel[AttestationResponse](4)
-        await self.registry.register(record)
+        try:
+            await self.registry.register(record)
+        except RegisterRefused as exc:
+            log.warning("provider %s refused by the registry: %s", provider_id, exc)
+            with trio.move_on_after(1):
+                await ws.aclose(POLICY_VIOLATION, str(exc)[:120])
+            return
         log.info("provider %s v%s registered (session %d, %d models)", provider_id,
-                 register.version, connection.session, len(register.models))
+                 register.version, connection.session, len(record.models))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_supersede, connection, nursery.cancel_scope)
                 nursery.start_soon(
-                    self._rechallenge, ws, register.signing_public_key or "", answers,
+                    self._rechallenge, ws, session.signing_key, register.public_key, answers,
                     nursery.cancel_scope)
                 await self.read_frames(connection, answers_in)
                 nursery.cancel_scope.cancel()
@@ -180,13 +230,14 @@ class ProviderEdge:
         self,
         ws: trio_websocket.WebSocketConnection,
         signing_key: str,
+        public_key: str,
         answers: trio.MemoryReceiveChannel[AttestationResponse],
         scope: trio.CancelScope,
     ) -> None:
         while True:
             await trio.sleep(self.config.challenge_interval)
             try:
-                ok = await self._challenge(ws, signing_key, answers)
+                ok = await self._challenge(ws, signing_key, public_key, answers)
             except trio_websocket.ConnectionClosed:
                 return
             if not ok:
@@ -213,7 +264,13 @@ class ProviderEdge:
                 except trio_websocket.ConnectionClosed:
                     return
                 idle.deadline = trio.current_time() + budget
-                self._on_frame(connection, raw, answers)
+                try:
+                    self._on_frame(connection, raw, answers)
+                except Exception:
+                    # A frame the code did not foresee costs that frame, not the connection.
+                    self.metrics.frames_rejected.labels("internal").inc()
+                    log.error("provider %s: frame handling failed", connection.provider_id,
+                              exc_info=True)
         log.warning("provider %s silent for %gs; closing", connection.provider_id, budget)
 
     def _on_frame(
@@ -226,6 +283,11 @@ class ProviderEdge:
             message = decode_frame(raw, max_bytes=self.config.max_frame_bytes)
         except FrameError as exc:
             self._reject(connection, "malformed", str(exc))
+            if exc.request_id is not None:
+                # The frame names one of this provider's requests: that request
+                # fails (before content it fails over), nothing else notices.
+                connection.deliver(exc.request_id, InferenceError(
+                    exc.request_id, f"malformed frame from the provider: {exc}"[:300], 502))
             return
         match message:
             case InferenceResponseChunk() | InferenceAccepted() | InferenceComplete() | InferenceError():
@@ -247,5 +309,12 @@ class ProviderEdge:
         log.warning("provider %s: rejected frame (%s)", connection.provider_id, detail[:200])
 
 
-def _key_id(public_key: str) -> str:
-    return "p-" + hashlib.sha256(public_key.encode()).hexdigest()[:12]
+def _allow_large_frames(ws: trio_websocket.WebSocketConnection, limit: int) -> None:
+    """Raise the connection's message limit once the provider is admitted.
+
+    The listener's limit is the small pre-registration one, so an unadmitted
+    socket can make the coordinator buffer at most that much. trio-websocket
+    has no public setter; its reader checks this attribute on every message
+    fragment (tests/test_security.py pins the behaviour).
+    """
+    ws._max_message_size = limit

@@ -30,10 +30,19 @@ from coordinator.metrics import Metrics
 from coordinator.registry import scheduler
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.gates import Gate, fail_fast_message, gate
+from coordinator.registry.models import ModelMemory
 from coordinator.registry.table import Job, Lease, ProviderRecord
 from coordinator.registry.versions import Version, parse_version
 
 log = logging.getLogger(__name__)
+
+
+class RegistryFault(Exception):
+    """The actor failed to handle one message (a bug); the loop itself lives on."""
+
+
+class RegisterRefused(Exception):
+    """A registration the registry will not accept; the message is the reason."""
 
 
 class Refusal(enum.Enum):
@@ -75,7 +84,7 @@ CANCELLED = Outcome(OutcomeKind.CANCELLED)
 @attrs.frozen
 class _Register:
     record: ProviderRecord
-    reply: trio.MemorySendChannel[None]
+    reply: trio.MemorySendChannel[RegisterRefused | RegistryFault | None]
 
 
 @attrs.frozen
@@ -91,13 +100,13 @@ class _Acquire:
     avoid_version: str | None
     queue: bool
     ticket: object
-    reply: trio.MemorySendChannel[Lease | Refused | None]
+    reply: trio.MemorySendChannel[Lease | Refused | RegistryFault | None]
 
 
 @attrs.frozen
 class _Withdraw:
     ticket: object
-    reply: trio.MemorySendChannel[None]
+    reply: trio.MemorySendChannel[RegistryFault | None]
 
 
 @attrs.frozen
@@ -108,7 +117,7 @@ class _Release:
 
 @attrs.frozen
 class _Snapshot:
-    reply: trio.MemorySendChannel[dict[str, Any]]
+    reply: trio.MemorySendChannel[dict[str, Any] | RegistryFault]
 
 
 _Command = _Register | _Unregister | _Acquire | _Withdraw | _Release | _Snapshot
@@ -129,7 +138,9 @@ class RegistryState:
     metrics: Metrics
     rng: random.Random
     providers: dict[str, ProviderRecord] = attrs.field(factory=dict)
-    known_models: set[str] = attrs.field(factory=set)
+    # model -> provider id -> record: a decision looks only at the model's providers.
+    by_model: dict[str, dict[str, ProviderRecord]] = attrs.field(factory=dict)
+    offline_models: ModelMemory = attrs.field(init=False)
     queue: deque[_Waiter] = attrs.field(factory=deque)
     breaker: Breaker = attrs.field(init=False)
     _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
@@ -144,14 +155,14 @@ class RegistryState:
         c = self.config
         self.breaker = Breaker(c.breaker_strikes, c.breaker_window, c.breaker_cooldown)
         self.floors = {trait: parse_version(v) for trait, v in c.capability_floors.items()}
+        self.offline_models = ModelMemory(c.model_forget_after, c.max_known_models)
 
     # -- gating, shared by every path
     def _reasons(self, job: Job, exclude: Collection[str], now: float) -> dict[str, Gate | None]:
         return {
             pid: gate(r, job, floors=self.floors, breaker=self.breaker, now=now, exclude=exclude,
                       memory_fraction=self.config.model_memory_fraction)
-            for pid, r in self.providers.items()
-            if job.model in r.models
+            for pid, r in self.by_model.get(job.model, {}).items()
         }
 
     def decide(self, request: _Acquire, now: float) -> Lease | Refused | None:
@@ -160,7 +171,7 @@ class RegistryState:
         reasons = self._reasons(job, request.exclude, now)
         eligible = [self.providers[pid] for pid, why in reasons.items() if why is None]
         if not reasons:
-            if job.model in self.known_models:
+            if self.offline_models.remembers(job.model, now):
                 return None  # its providers are momentarily offline
             return Refused(Refusal.UNKNOWN_MODEL, errors.not_found(
                 f"the model {job.model!r} does not exist or is not served"))
@@ -193,6 +204,14 @@ class RegistryState:
 
     # -- handlers
     def handle(self, command: _Command, now: float) -> None:
+        try:
+            self._dispatch(command, now)
+        finally:
+            self.metrics.queue_depth.set(len(self.queue))
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def _dispatch(self, command: _Command, now: float) -> None:
         match command:
             case _Acquire():
                 self._on_acquire(command, now)
@@ -203,16 +222,17 @@ class RegistryState:
                 self._withdraw(ticket, now)
                 reply.send_nowait(None)
             case _Register(record, reply):
-                self._on_register(record)
+                try:
+                    self._on_register(record, now)
+                except RegisterRefused as refused:
+                    reply.send_nowait(refused)
+                    return
                 reply.send_nowait(None)
                 self._drain(now)
             case _Unregister(provider_id, session):
-                self._on_unregister(provider_id, session)
+                self._on_unregister(provider_id, session, now)
             case _Snapshot(reply):
                 reply.send_nowait(self.snapshot(now))
-        self.metrics.queue_depth.set(len(self.queue))
-        self.changed.set()
-        self.changed = trio.Event()
 
     def _on_acquire(self, request: _Acquire, now: float) -> None:
         decision = self.decide(request, now)
@@ -266,22 +286,38 @@ class RegistryState:
             log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
         self.metrics.cooldowns_active.set(len(self.breaker.cooldowns(now)))
 
-    def _on_register(self, record: ProviderRecord) -> None:
+    def _on_register(self, record: ProviderRecord, now: float) -> None:
+        old = self.providers.get(record.provider_id)
+        if old is not None and old.signing_key != record.signing_key:
+            # The edge binds ids to keys; this keeps the rule where the table is.
+            raise RegisterRefused(f"provider id {record.provider_id} is live with another key")
         if self.observer is not None:
             self.observer("register", trio.current_time(), {"provider_id": record.provider_id})
-        old = self.providers.get(record.provider_id)
-        if old is not None and old.connection is not None:
-            old.connection.supersede()
+        if old is not None:
+            self._remove(old, now)
+            if old.connection is not None:
+                old.connection.supersede()
         self.providers[record.provider_id] = record
+        for model in record.models:
+            self.by_model.setdefault(model, {})[record.provider_id] = record
+            self.offline_models.came_online(model)
         self.breaker.forget_provider(record.provider_id)
-        self.known_models.update(record.models)
         self._count_versions()
 
-    def _on_unregister(self, provider_id: str, session: int) -> None:
+    def _on_unregister(self, provider_id: str, session: int, now: float) -> None:
         record = self.providers.get(provider_id)
         if record is not None and record.session == session:
-            del self.providers[provider_id]
+            self._remove(record, now)
             self._count_versions()
+
+    def _remove(self, record: ProviderRecord, now: float) -> None:
+        del self.providers[record.provider_id]
+        for model in record.models:
+            serving = self.by_model.get(model, {})
+            serving.pop(record.provider_id, None)
+            if not serving:
+                self.by_model.pop(model, None)
+                self.offline_models.went_offline(model, now)
 
     def _count_versions(self) -> None:
         self.metrics.providers_online.clear()
@@ -316,8 +352,12 @@ class RegistryState:
             ],
             "queue_depth": len(self.queue),
             "leases": sum(len(r.leases) for r in self.providers.values()),
-            "models": sorted(self.known_models),
+            "models": sorted({*self.by_model, *self._remembered(now)}),
         }
+
+    def _remembered(self, now: float) -> list[str]:
+        self.offline_models.sweep(now)
+        return self.offline_models.names()
 
 
 # ---- the task and its handle ------------------------------------------------------
@@ -333,9 +373,12 @@ class RegistryClient:
     state: RegistryState
 
     async def register(self, record: ProviderRecord) -> None:
-        reply, answer = trio.open_memory_channel[None](1)
+        """Add a provider; raise :class:`RegisterRefused` when the table will not take it."""
+        reply, answer = trio.open_memory_channel[RegisterRefused | RegistryFault | None](1)
         await self._send.send(_Register(record, reply))
-        await answer.receive()
+        _raise_fault(refused := await answer.receive())
+        if isinstance(refused, RegisterRefused):
+            raise refused
 
     async def unregister(self, provider_id: str, session: int) -> None:
         await self._tell(_Unregister(provider_id, session))
@@ -346,9 +389,12 @@ class RegistryClient:
             await self._send.send(command)
 
     async def snapshot(self) -> dict[str, Any]:
-        reply, answer = trio.open_memory_channel[dict[str, Any]](1)
+        reply, answer = trio.open_memory_channel[dict[str, Any] | RegistryFault](1)
         await self._send.send(_Snapshot(reply))
-        return await answer.receive()
+        result = await answer.receive()
+        _raise_fault(result)
+        assert not isinstance(result, RegistryFault)
+        return result
 
     async def release(self, lease: Lease, outcome: Outcome) -> None:
         """Give a slot back with a health verdict. Idempotent; safe in cleanup."""
@@ -360,41 +406,45 @@ class RegistryClient:
 
     async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Lease | None:
         """A free eligible provider now, or None. Never queues (the backup path)."""
-        reply, answer = trio.open_memory_channel[Lease | Refused | None](1)
+        reply, answer = trio.open_memory_channel[Lease | Refused | RegistryFault | None](1)
         await self._send.send(_Acquire(job, exclude, None, False, object(), reply))
         # The actor answers at once (this never queues). Shielded, so a grant is
         # never dropped on the floor when the caller is cancelled meanwhile: the
         # caller records it at once and its cleanup releases it.
         with trio.CancelScope(shield=True):
             result = await answer.receive()
+        _raise_fault(result)
         return result if isinstance(result, Lease) else None
 
     async def acquire(
         self, job: Job, exclude: frozenset[str] = frozenset(), avoid_version: str | None = None
     ) -> Lease | Refused:
         """A lease, waiting in the queue for up to ``queue_timeout`` when all slots are busy."""
-        reply, answer = trio.open_memory_channel[Lease | Refused | None](1)
+        reply, answer = trio.open_memory_channel[Lease | Refused | RegistryFault | None](1)
         ticket = object()
         await self._send.send(_Acquire(job, exclude, avoid_version, True, ticket, reply))
-        result: Lease | Refused | None = None
+        result: Lease | Refused | RegistryFault | None = None
         try:
             with trio.move_on_after(self.config.queue_timeout):
                 result = await answer.receive()
         finally:
             if result is None:
                 await self._withdraw(ticket, answer)
+        _raise_fault(result)
+        assert not isinstance(result, RegistryFault)
         if result is None:
             return Refused(Refusal.QUEUE_FULL, errors.overloaded(
                 f"no provider slot became free within {self.config.queue_timeout:g}s"))
         return result
 
     async def _withdraw(
-        self, ticket: object, answer: trio.MemoryReceiveChannel[Lease | Refused | None]
+        self, ticket: object,
+        answer: trio.MemoryReceiveChannel[Lease | Refused | RegistryFault | None],
     ) -> None:
         # The actor handles messages in order, so once the withdrawal is
         # acknowledged any grant it made earlier is already in our channel.
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            reply, ack = trio.open_memory_channel[None](1)
+            reply, ack = trio.open_memory_channel[RegistryFault | None](1)
             await self._send.send(_Withdraw(ticket, reply))
             await ack.receive()
             try:
@@ -419,4 +469,23 @@ async def serve_registry(
     task_status.started(client)
     async with receive:
         async for command in receive:
-            state.handle(command, trio.current_time())
+            try:
+                state.handle(command, trio.current_time())
+            except Exception as exc:
+                # One message's failure is that message's: the caller gets a
+                # fault, the table and every other caller carry on.
+                log.error("registry: %s message failed", type(command).__name__, exc_info=True)
+                _answer_fault(command, RegistryFault(f"{type(command).__name__}: {exc!r}"[:300]))
+
+
+def _answer_fault(command: _Command, fault: RegistryFault) -> None:
+    reply = getattr(command, "reply", None)
+    if reply is not None:
+        # The handler may have answered before it failed; then that answer stands.
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+            reply.send_nowait(fault)
+
+
+def _raise_fault(result: object) -> None:
+    if isinstance(result, RegistryFault):
+        raise result

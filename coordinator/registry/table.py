@@ -59,6 +59,7 @@ class ProviderRecord:
     max_slots: int = 8
     connection: ProviderConnection | Any = None
     hardware: str = ""
+    signing_key: str = ""
     leases: dict[str, Lease] = attrs.field(factory=dict)
     served: int = 0
 

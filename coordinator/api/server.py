@@ -1,0 +1,216 @@
+"""The HTTP listener: hypercorn's HTTP machinery over TCP streams the coordinator owns.
+
+hypercorn parses HTTP and runs the ASGI application; three limits it does not
+keep (each reproduced against hypercorn 0.18 + quart-trio) are kept here, on
+the stream under it:
+
+* **Keep-alive idle timeout.** hypercorn re-arms its idle timer from inside
+  the application's task, which quart-trio cancels when the response is done,
+  so a connection that has served a request is never closed. Here a
+  connection with no request in flight for ``keep_alive_timeout`` seconds is
+  closed: its read returns end-of-file, which hypercorn treats as the peer
+  leaving.
+* **Write timeout.** hypercorn shields its writes, so a consumer that stops
+  reading blocks the response forever. A write that cannot finish within
+  ``write_timeout`` breaks the stream; hypercorn then reports a disconnect to
+  the application, which cancels the request (the dispatcher releases the
+  provider's slot and tells it to stop).
+* **Connection cap.** At most ``max_connections`` consumer connections are
+  open; further ones wait in the kernel's accept backlog.
+
+The stream learns when requests start and end from :class:`ConnectionTable`,
+which the ASGI edge (``routes.EdgeGuard``) calls with the request's peer
+address — the one thing an ASGI scope and a TCP stream both know.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from functools import partial
+from typing import Any
+
+import attrs
+import hypercorn.config
+import trio
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr, wrap_app
+
+from coordinator.config import Config
+
+log = logging.getLogger(__name__)
+
+Peer = tuple[str, int]
+
+
+@attrs.define(eq=False)
+class ConnectionTable:
+    """Open consumer connections by peer address, and their request counts."""
+
+    keep_alive_timeout: float
+    streams: dict[Peer, GuardedStream] = attrs.field(factory=dict)
+
+    def request_started(self, peer: Peer | None) -> None:
+        stream = self.streams.get(peer) if peer is not None else None
+        if stream is not None:
+            stream.in_flight += 1
+            stream.rearm()
+
+    def request_ended(self, peer: Peer | None) -> None:
+        stream = self.streams.get(peer) if peer is not None else None
+        if stream is not None:
+            stream.in_flight -= 1
+            stream.rearm()
+
+
+class GuardedStream(trio.abc.HalfCloseableStream):
+    """A consumer's TCP stream with an idle deadline on reads and a deadline on writes."""
+
+    def __init__(self, inner: trio.SocketStream, table: ConnectionTable, write_timeout: float,
+                 on_close: trio.Semaphore) -> None:
+        self.inner = inner
+        self.socket = inner.socket  # hypercorn reads the peer and local addresses from it
+        self.in_flight = 0
+        self._table = table
+        self._write_timeout = write_timeout
+        self._on_close = on_close
+        self._idle_since = trio.current_time()
+        self._reading: trio.CancelScope | None = None
+        self._broken = False
+        self._closed = False
+        self.peer: Peer | None = _peer(inner.socket)
+        if self.peer is not None:
+            table.streams[self.peer] = self
+
+    def _deadline(self) -> float:
+        if self.in_flight > 0:
+            return math.inf
+        return self._idle_since + self._table.keep_alive_timeout
+
+    def rearm(self) -> None:
+        """A request started or ended: move the idle deadline of the read in progress."""
+        if self.in_flight == 0:
+            self._idle_since = trio.current_time()
+        if self._reading is not None:
+            self._reading.deadline = self._deadline()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        with trio.CancelScope(deadline=self._deadline()) as scope:
+            self._reading = scope
+            try:
+                data = await self.inner.receive_some(max_bytes)
+            finally:
+                self._reading = None
+            self._idle_since = trio.current_time()
+            return data
+        return b""  # idle past the keep-alive timeout: hypercorn sees the peer leave
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._broken:
+            raise trio.BrokenResourceError("consumer stopped reading")
+        with trio.move_on_after(self._write_timeout) as scope:
+            await self.inner.send_all(data)
+        if scope.cancelled_caught:
+            self._broken = True
+            log.info("consumer %s stopped reading for %gs; closing", self.peer,
+                     self._write_timeout)
+            await self.inner.aclose()  # also ends the read in progress
+            raise trio.BrokenResourceError("consumer stopped reading")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.peer is not None and self._table.streams.get(self.peer) is self:
+                del self._table.streams[self.peer]
+            self._on_close.release()
+        await self.inner.aclose()
+
+
+class GuardedListener(trio.abc.Listener[GuardedStream]):
+    """Accepts at most ``slots`` concurrent connections; the rest wait in the backlog."""
+
+    def __init__(self, inner: trio.SocketListener, table: ConnectionTable, slots: int,
+                 write_timeout: float) -> None:
+        self.inner = inner
+        self._table = table
+        self._slots = trio.Semaphore(slots)
+        self._write_timeout = write_timeout
+
+    async def accept(self) -> GuardedStream:
+        await self._slots.acquire()
+        try:
+            stream = await self.inner.accept()
+        except BaseException:
+            self._slots.release()
+            raise
+        return GuardedStream(stream, self._table, self._write_timeout, self._slots)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _peer(sock: trio.socket.SocketType) -> Peer | None:
+    try:
+        address = parse_socket_addr(sock.family, sock.getpeername())
+    except OSError:
+        return None  # already reset by the peer
+    return (address[0], address[1]) if address is not None else None
+
+
+def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hconfig = hypercorn.config.Config()
+    hconfig.bind = [f"{config.http_host}:{config.http_port}"]
+    hconfig.accesslog = None
+    hconfig.keep_alive_timeout = config.keep_alive_timeout
+    return hconfig
+
+
+async def serve_http(
+    app: Any,
+    config: Config,
+    table: ConnectionTable,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``config.http_host:http_port`` until cancelled; report the URL."""
+    hconfig = hypercorn_config(config)
+    wrapped = wrap_app(app, hconfig.wsgi_max_body_size, "asgi")
+    state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, hconfig, state)
+    context = WorkerContext(None)
+    sock = _bind(config.http_host, config.http_port, hconfig.backlog)
+    listener = GuardedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                               table, config.max_connections, config.write_timeout)
+    host, port = sock.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        task_status.started(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
+        await trio.serve_listeners(
+            partial(TCPServer, wrapped, hconfig, context, ConnectionState(state)),
+            [listener],
+        )
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
