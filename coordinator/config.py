@@ -15,23 +15,27 @@ from typing import Any
 import attrs
 
 
-def _pairs(what: str) -> Any:
-    """A converter for ``name=value,name=value`` text (or a mapping)."""
+def _pairs(value: Any, what: str) -> Mapping[str, str]:
+    """``name=value,name=value`` text (or a mapping) as a mapping."""
+    if not isinstance(value, str):
+        return dict(value)
+    out: dict[str, str] = {}
+    for pair in (p.strip() for p in value.split(",")):
+        if not pair:
+            continue
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{pair!r} is not {what}")
+        out[name.strip()] = text.strip()
+    return out
 
-    def convert(value: Any) -> Mapping[str, str]:
-        if not isinstance(value, str):
-            return dict(value)
-        out: dict[str, str] = {}
-        for pair in (p.strip() for p in value.split(",")):
-            if not pair:
-                continue
-            name, sep, text = pair.partition("=")
-            if not sep or not name.strip():
-                raise ValueError(f"{pair!r} is not {what}")
-            out[name.strip()] = text.strip()
-        return out
 
-    return convert
+def _floors(value: Any) -> Mapping[str, str]:
+    return _pairs(value, "trait=version")
+
+
+def _bindings(value: Any) -> Mapping[str, str]:
+    return _pairs(value, "provider_id=signing_key")
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -80,7 +84,7 @@ class Config:
     breaker_window: float = 60.0
     breaker_cooldown: float = 300.0
     capability_floors: Mapping[str, str] = attrs.field(
-        factory=lambda: {"tools": "0.6.3"}, converter=_pairs("trait=version")
+        factory=lambda: {"tools": "0.6.3"}, converter=_floors
     )
     model_memory_fraction: float = 0.9
     # -- queue
@@ -94,7 +98,7 @@ class Config:
     max_known_models: int = 10_000
     model_forget_after: float = 3600.0
     provider_bindings: Mapping[str, str] = attrs.field(
-        factory=dict, converter=_pairs("provider_id=signing_key")
+        factory=dict, converter=_bindings
     )
     max_identity_pins: int = 100_000
     register_timeout: float = 10.0

@@ -26,6 +26,9 @@ class Fault(enum.Enum):
     DISCONNECT_AFTER_CONTENT = "disconnect_after_content"
     PLAINTEXT_CHUNKS = "plaintext_chunks"  # declares encryption, sends plaintext
     GARBAGE_CHUNK = "garbage_chunk"  # a chunk that does not decrypt
+    # Sends ``raw`` as one chunk's payload, verbatim, after ``after_chunks`` content
+    # chunks (0: right after the preamble), then carries on: hostile-output tests.
+    RAW_CHUNK = "raw_chunk"
 
 
 @attrs.frozen
@@ -45,6 +48,7 @@ class Behaviour:
     text: str | None = None
     ignore_cancel: bool = False
     failure_probability: float = 0.0
+    raw: str = ""  # the payload RAW_CHUNK sends
 
 
 HEALTHY = Behaviour()

@@ -155,6 +155,8 @@ async def play(
     for i, text in enumerate(script.content):
         if i and token_interval:
             await trio.sleep(token_interval)
+        if i == b.after_chunks and fault is Fault.RAW_CHUNK:
+            yield Chunk(b.raw)
         if i == b.after_chunks and fault is Fault.ERROR_AFTER_CONTENT:
             yield Error(b.status, b.error_message)
             return

@@ -139,7 +139,9 @@ class Harness:
                 nursery.cancel_scope.cancel()
 
     async def _serve_edge(self, nursery: trio.Nursery, stream: Any) -> None:
-        request = await trio_websocket.wrap_server_stream(nursery, stream)
+        # As serve() does: small frames only until the edge admits the provider.
+        request = await trio_websocket.wrap_server_stream(
+            nursery, stream, max_message_size=self.coordinator.config.register_frame_bytes)
         await self.coordinator.edge.handle(request)
 
     async def wait_registered(self, provider_id: str) -> None:

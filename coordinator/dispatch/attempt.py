@@ -311,7 +311,7 @@ class Dispatcher:
         )
 
     def _commit(
-        self, race: _Race, racer: Racer, chunks: list[str], complete: InferenceComplete | None
+        self, race: _Race, racer: Racer, chunks: list[Event], complete: InferenceComplete | None
     ) -> None:
         if race.winner is not None:
             return  # the other racer got there first; this one is cancelled with the nursery

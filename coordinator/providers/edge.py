@@ -90,11 +90,7 @@ class ProviderEdge:
         finally:
             self.pending -= 1
         if admitted is not None:
-            register, session = admitted
-            try:
-                await self._serve_admitted(ws, register, session)
-            finally:
-                self.identities.leave(session)
+            await self._serve_admitted(ws, *admitted)
 
     async def _admit_or_close(
         self, ws: trio_websocket.WebSocketConnection
@@ -196,15 +192,15 @@ class ProviderEdge:
         )
         answers_in, answers = trio.open_memory_channel[AttestationResponse](4)
         try:
-            await self.registry.register(record)
-        except RegisterRefused as exc:
-            log.warning("provider %s refused by the registry: %s", provider_id, exc)
-            with trio.move_on_after(1):
-                await ws.aclose(POLICY_VIOLATION, str(exc)[:120])
-            return
-        log.info("provider %s v%s registered (session %d, %d models)", provider_id,
-                 register.version, connection.session, len(record.models))
-        try:
+            try:
+                await self.registry.register(record)
+            except RegisterRefused as exc:
+                log.warning("provider %s refused by the registry: %s", provider_id, exc)
+                with trio.move_on_after(1):
+                    await ws.aclose(POLICY_VIOLATION, str(exc)[:120])
+                return
+            log.info("provider %s v%s registered (session %d, %d models)", provider_id,
+                     register.version, connection.session, len(record.models))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_supersede, connection, nursery.cancel_scope)
                 nursery.start_soon(
@@ -213,6 +209,9 @@ class ProviderEdge:
                 await self.read_frames(connection, answers_in)
                 nursery.cancel_scope.cancel()
         finally:
+            # The id is free again before the registry forgets the provider, so
+            # whoever sees it gone may at once register under it.
+            self.identities.leave(session)
             connection.close_all()
             with trio.CancelScope(shield=True):
                 await self.registry.unregister(provider_id, connection.session)

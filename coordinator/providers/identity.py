@@ -121,10 +121,10 @@ class IdentityBook:
     def bound_key(self, provider_id: str) -> str | None:
         return self.configured.get(provider_id) or self._pins.get(provider_id)
 
-
-def _canonical(key: str) -> str:
-    return base64.b64encode(base64.b64decode(key)).decode("ascii")
-
     @property
     def pin_count(self) -> int:
         return len(self._pins)
+
+
+def _canonical(key: str) -> str:
+    return base64.b64encode(base64.b64decode(key)).decode("ascii")

@@ -376,8 +376,8 @@ class RegistryClient:
         """Add a provider; raise :class:`RegisterRefused` when the table will not take it."""
         reply, answer = trio.open_memory_channel[RegisterRefused | RegistryFault | None](1)
         await self._send.send(_Register(record, reply))
-        _raise_fault(refused := await answer.receive())
-        if isinstance(refused, RegisterRefused):
+        refused = await answer.receive()
+        if refused is not None:
             raise refused
 
     async def unregister(self, provider_id: str, session: int) -> None:

@@ -1,0 +1,590 @@
+"""Regression tests for the attacks of the security review: each failed before its fix.
+
+Crashes (the whole process used to die), identity takeover, exhaustion, and
+provider output that used to become 500s or broken streams. Each test drives
+the attack through the real edges and then checks the coordinator still
+serves the next request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+
+import nacl.signing
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from coordinator.app import serve
+from coordinator.protocol import (
+    EncryptedPayload,
+    InferenceComplete,
+    InferenceResponseChunk,
+    Usage,
+    encode_frame,
+)
+from coordinator.providers.connection import ProviderConnection
+from coordinator.providers.identity import key_id
+from provider_sim.behaviours import Behaviour, Fault
+from provider_sim.fleet import demo_fleet, run_fleet
+from provider_sim.provider import SimProvider
+
+from .harness import ADMIN_KEY, API_KEY, MODEL, TOKEN, Harness, make_config, model, open_harness
+
+
+class _Errors(logging.Handler):
+    """Collects ERROR records (and any traceback) from the coordinator's loggers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+
+@pytest.fixture
+def errors() -> _Errors:
+    handler = _Errors()
+    root = logging.getLogger("coordinator")
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+
+
+async def _raw_socket(h: Harness, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+    """A client WebSocket to the provider edge that has not registered."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    nursery.start_soon(h._serve_edge, nursery, server_stream)
+    return await trio_websocket.wrap_client_stream(nursery, client_stream, "c", "/")
+
+
+async def _closed_with(ws: trio_websocket.WebSocketConnection) -> int | None:
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed as exc:
+        return exc.reason.code if exc.reason else None
+
+
+async def _still_serves(h: Harness) -> None:
+    result = await h.chat(stream=False)
+    assert result.status == 200, result.body
+    assert result.json()["choices"][0]["message"]["content"]
+
+
+# ---- inputs that used to end the process ------------------------------------------
+
+
+async def test_deeply_nested_frame_before_admission_closes_only_that_socket(
+        autojump_clock, errors):
+    async with open_harness() as h:
+        await h.add_provider("p")
+        async with trio.open_nursery() as nursery:
+            ws = await _raw_socket(h, nursery)
+            await ws.send_message("[" * 1000)
+            assert await _closed_with(ws) == 1008
+            nursery.cancel_scope.cancel()
+        await _still_serves(h)
+    assert not errors.records
+
+
+async def test_deeply_nested_heartbeat_after_admission_is_one_rejected_frame(
+        autojump_clock, errors):
+    async with open_harness() as h:
+        provider = await h.add_provider("p")
+        assert provider.current_ws is not None
+        await provider.current_ws.send_message('{"type":"heartbeat","x":' + "[" * 5000 + "}")
+        await provider.current_ws.send_message("[" * 100_000)
+        await _still_serves(h)
+        assert provider.closed_with is None
+        rejected = h.coordinator.metrics.frames_rejected.labels("malformed")._value.get()
+        assert rejected == 2
+    assert not errors.records
+
+
+@pytest.mark.parametrize("token", ["é", "\ud800", "x" * 10_000])
+async def test_odd_provider_tokens_are_refused_with_1008(autojump_clock, errors, token):
+    async with open_harness() as h:
+        intruder = SimProvider("intruder", (model(),), token=token)
+        await h.connect(intruder, wait=False)
+        await h.until(lambda: intruder.closed_with is not None)
+        assert intruder.closed_with == 1008
+        await h.add_provider("p")
+        await _still_serves(h)
+    assert not errors.records
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "max_output_tokens"])
+async def test_huge_max_tokens_is_a_400_and_the_registry_lives(autojump_clock, errors, field):
+    async with open_harness() as h:
+        await h.add_provider("p")
+        digits = b'{"model":"m1","messages":[{"role":"user","content":"x"}],"%s":%s}' % (
+            field.encode(), b"9" * 310)
+        huge = await h.request("/v1/chat/completions", raw=digits)
+        assert huge.status == 400
+        assert "digits" in huge.json()["error"]["message"]
+        big = await h.chat(stream=False, **{field: 10**12})
+        assert big.status == 400
+        assert big.json()["error"]["message"] == f"'{field}' must be at most 1000000"
+        await _still_serves(h)
+    assert not errors.records
+
+
+async def test_a_failing_registry_message_gets_an_error_and_the_actor_lives(
+        autojump_clock, monkeypatch):
+    from coordinator.registry import scheduler
+
+    async with open_harness() as h:
+        await h.add_provider("p")
+        real = scheduler.job_cost
+        calls = 0
+
+        def broken_once(record, job):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OverflowError("simulated bug")
+            return real(record, job)
+
+        monkeypatch.setattr(scheduler, "job_cost", broken_once)
+        failed = await h.chat(stream=False)
+        assert failed.status == 500
+        assert failed.json()["error"]["code"] == "internal_error"
+        await _still_serves(h)
+        await h.assert_quiescent()
+
+
+async def test_non_ascii_api_key_is_a_401(autojump_clock, errors):
+    async with open_harness() as h:
+        await h.add_provider("p")
+        for key in ("é", "\u00ff" * 3, "ключ"):
+            result = await h.request("/v1/chat/completions", {"model": MODEL},
+                                     headers={"authorization": f"Bearer {key}"})
+            assert result.status == 401
+            assert result.json()["error"]["type"] == "authentication_error"
+            result = await h.request("/v1/chat/completions", {"model": MODEL},
+                                     headers={"x-api-key": key, "authorization": ""})
+            assert result.status == 401
+        await _still_serves(h)
+    assert not errors.records
+
+
+# ---- identity -------------------------------------------------------------------------
+
+
+async def test_takeover_by_claiming_another_providers_id_is_refused(autojump_clock, errors):
+    async with open_harness(speculative_backup=False) as h:
+        victim = await h.add_provider("prov-A", behaviour=Behaviour(token_interval=1.0, tokens=20))
+        async with trio.open_nursery() as nursery:
+            in_flight: list = []
+
+            async def stream() -> None:
+                in_flight.append(await h.chat())
+
+            nursery.start_soon(stream)
+            await h.until(lambda: len(victim.received) == 1)
+            thief = SimProvider("prov-A", (model(),), token=TOKEN)  # its own keys
+            await h.connect(thief, wait=False)
+            await h.until(lambda: thief.closed_with is not None)
+        assert thief.closed_with == 1008
+        assert victim.closed_with is None
+        [result] = in_flight
+        assert result.status == 200 and "error" not in result.body.decode()
+        assert h.state.providers["prov-A"].session == victim_session(h, victim)
+        pinned = await h.chat(stream=False, provider_ids=["prov-A"])
+        assert pinned.status == 200 and pinned.headers["x-provider-id"] == "prov-A"
+        assert len(victim.received) == 2 and thief.received == []
+    assert not errors.records
+
+
+def victim_session(h: Harness, provider: SimProvider) -> int:
+    return h.state.providers[provider.provider_id].session
+
+
+async def test_nobody_can_register_another_providers_encryption_key(autojump_clock):
+    async with open_harness() as h:
+        victim = await h.add_provider("prov-A")
+        copycat = SimProvider("copycat", (model(),), token=TOKEN, key=victim._key)
+        await h.connect(copycat, wait=False)
+        await h.until(lambda: copycat.closed_with is not None)
+        assert copycat.closed_with == 1008
+        assert "copycat" not in h.state.providers and victim.closed_with is None
+
+
+async def test_without_an_id_a_provider_is_named_after_its_signing_key(autojump_clock):
+    async with open_harness() as h:
+        anonymous = SimProvider("ignored", (model(),), token=TOKEN)
+        anonymous.provider_id = None  # type: ignore[assignment]
+        await h.connect(anonymous, wait=False)
+        derived = key_id(anonymous.register_message().signing_public_key or "")
+        await h.until(lambda: derived in h.state.providers)
+        # Claiming that derived id with another key is refused.
+        thief = SimProvider(derived, (model(),), token=TOKEN)
+        await h.connect(thief, wait=False)
+        await h.until(lambda: thief.closed_with is not None)
+        assert thief.closed_with == 1008 and anonymous.closed_with is None
+
+
+async def test_an_operator_can_remove_a_pin_and_bind_ids_up_front(autojump_clock):
+    bound = nacl.signing.SigningKey.generate()
+    bound_b64 = SimProvider("x", (model(),), signing=bound).register_message().signing_public_key
+    async with open_harness(provider_bindings={"fixed": bound_b64}) as h:
+        first = await h.add_provider("prov-A")
+        h.kill("prov-A")
+        await h.wait_gone("prov-A")
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        assert (await h.request("/v1/admin/providers/prov-A/pin", method="DELETE")).status == 401
+        removed = await h.request("/v1/admin/providers/prov-A/pin", method="DELETE", headers=admin)
+        assert removed.status == 200 and removed.json()["pin"] == "removed"
+        again = await h.request("/v1/admin/providers/prov-A/pin", method="DELETE", headers=admin)
+        assert again.status == 404
+        configured = await h.request("/v1/admin/providers/fixed/pin", method="DELETE",
+                                     headers=admin)
+        assert configured.status == 409
+        rekeyed = await h.add_provider("prov-A")  # a new key may now claim the id
+        assert rekeyed.signing_key is not first.signing_key
+        wrong = SimProvider("fixed", (model(),), token=TOKEN)
+        await h.connect(wrong, wait=False)
+        await h.until(lambda: wrong.closed_with is not None)
+        assert wrong.closed_with == 1008
+        await h.add_provider("fixed", signing=bound)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("version", "0.7.0\r\nX-Evil: 1"),
+    ("provider_id", "a b"),
+    ("provider_id", "x" * 65),
+])
+async def test_header_bound_fields_are_validated_at_registration(autojump_clock, field, value):
+    async with open_harness() as h:
+        kwargs = {"version": value} if field == "version" else {}
+        provider_id = value if field == "provider_id" else "odd"
+        odd = SimProvider(provider_id, (model(),), token=TOKEN, **kwargs)
+        await h.connect(odd, wait=False)
+        await h.until(lambda: odd.closed_with is not None)
+        assert odd.closed_with == 1008
+        assert not h.state.providers
+
+
+async def test_declared_speeds_are_clamped_to_a_plausible_range(autojump_clock):
+    async with open_harness(speculative_backup=False) as h:
+        await h.add_provider("liar", decode_tps=1e308, prefill_tps=1e308)
+        await h.add_provider("honest", decode_tps=5000.0, prefill_tps=500_000.0)
+        record = h.state.providers["liar"]
+        assert record.decode_tps == 5000.0 and record.prefill_tps == 500_000.0
+        served = {(await h.chat(stream=False)).headers["x-provider-id"] for _ in range(20)}
+        assert served == {"liar", "honest"}  # a near-tie: load is spread, not captured
+
+
+async def test_model_names_are_bounded_and_forgotten(autojump_clock):
+    async with open_harness(max_models_per_provider=3, model_forget_after=60.0) as h:
+        greedy = SimProvider("greedy", tuple(model(f"m{i}") for i in range(4)), token=TOKEN)
+        await h.connect(greedy, wait=False)
+        await h.until(lambda: greedy.closed_with is not None)
+        assert greedy.closed_with == 1008
+        await h.add_provider("p", model("gone"))
+        h.kill("p")
+        await h.wait_gone("p")
+        # Remembered for a while: a request waits in the queue for its providers...
+        with trio.move_on_after(1):
+            await h.chat(stream=False, model_id="gone")
+        await trio.sleep(60)
+        # ...then forgotten: 404 at once.
+        result = await h.chat(stream=False, model_id="gone")
+        assert result.status == 404
+
+
+# ---- exhaustion -------------------------------------------------------------------
+
+
+async def test_pre_registration_frames_are_small(autojump_clock):
+    async with open_harness(register_frame_bytes=1024) as h, trio.open_nursery() as nursery:
+        ws = await _raw_socket(h, nursery)
+        await ws.send_message("x" * 2048)
+        assert await _closed_with(ws) == 1009
+        nursery.cancel_scope.cancel()
+        # Once admitted, a provider may send frames up to max_frame_bytes.
+        provider = await h.add_provider("p", behaviour=Behaviour(text="y" * 4000))
+        await _still_serves(h)
+        assert provider.closed_with is None
+
+
+def test_byte_budget_bounds_what_a_stream_buffers():
+    connection = ProviderConnection("p", 1, None, None, stream_buffer=1000,  # type: ignore[arg-type]
+                                    stream_buffer_bytes=10_000)
+    events = connection.open_stream("r")
+    chunk = InferenceResponseChunk("r", encrypted_data=EncryptedPayload("k", "x" * 4000))
+    assert connection.deliver("r", chunk) and connection.deliver("r", chunk)
+    assert connection.pending == 1
+    connection.deliver("r", chunk)  # 12,000 bytes buffered: over the budget
+    assert connection.pending == 0
+    assert connection.end_reason("r").startswith("consumer too slow")
+    assert events.receive_nowait() == chunk  # what was buffered is still delivered
+
+
+# ---- provider output that used to become 500s or broken streams --------------------
+
+
+@pytest.mark.parametrize("raw", [
+    '{"a":' * 5000 + "1" + "}" * 5000,
+    "not json at all",
+    '"a string"',
+    '{"n": NaN}',
+])
+async def test_hostile_chunk_before_content_fails_over(autojump_clock, errors, raw):
+    async with open_harness() as h:
+        await h.add_provider("bad", behaviour=Behaviour(Fault.RAW_CHUNK, raw=raw, after_chunks=0),
+                             decode_tps=1000)
+        await h.add_provider("good", decode_tps=10)
+        for stream in (True, False):
+            result = await h.chat(stream=stream)
+            assert result.status == 200
+            assert result.headers["x-provider-id"] == "good"
+        await h.assert_quiescent()
+    assert not errors.records
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
+async def test_hostile_chunk_after_content_ends_the_stream_in_band(autojump_clock, errors, path):
+    async with open_harness() as h:
+        # (The first Responses "content" events are announcements: still boilerplate.)
+        await h.add_provider("bad", behaviour=Behaviour(Fault.RAW_CHUNK, raw="[" * 3000,
+                                                        after_chunks=5))
+        body = {"model": MODEL, "stream": True, "max_tokens": 50,
+                "messages": [{"role": "user", "content": "hi"}]}
+        if path == "/v1/responses":
+            body = {"model": MODEL, "stream": True, "input": "hi"}
+        result = await h.request(path, body)
+        assert result.status == 200
+        events = result.sse
+        assert any("bad response chunk" in data for _, data in events)
+        if path == "/v1/chat/completions":
+            assert events[-1][1] == "[DONE]"
+        else:
+            assert events[-1][0] == "error"
+        await h.assert_quiescent()
+    assert not errors.records
+
+
+async def test_a_chunk_cannot_inject_sse_lines(autojump_clock):
+    payload = json.dumps({"choices": [{"index": 0, "delta": {
+        "content": "hi\n\ndata: [DONE]\n\nevent: x"}}]})
+    async with open_harness() as h:
+        await h.add_provider("p", behaviour=Behaviour(Fault.RAW_CHUNK, raw=payload,
+                                                      after_chunks=0))
+        result = await h.chat()
+        assert [d for _, d in result.sse].count("[DONE]") == 1
+        assert "hi\n\ndata: [DONE]\n\nevent: x" in result.text
+        responses = await h.request("/v1/responses", {"model": MODEL, "stream": True,
+                                                      "input": "x"})
+        assert all("\n" not in (name or "") for name, _ in responses.sse)
+
+
+async def test_odd_chunks_on_non_streaming_requests_are_tolerated(autojump_clock, errors):
+    odd = json.dumps({"choices": "nope", "type": 7, "index": "x",
+                      "delta": [1, 2], "content_block": "str"})
+    async with open_harness() as h:
+        await h.add_provider("p", behaviour=Behaviour(Fault.RAW_CHUNK, raw=odd, after_chunks=1))
+        for path, body in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+            ("/v1/completions", {"prompt": "x"}),
+            ("/v1/responses", {"input": "x"}),
+            ("/v1/messages", {"max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}),
+        ]:
+            result = await h.request(path, {"model": MODEL, "stream": False, **body})
+            assert result.status == 200, (path, result.body)
+    assert not errors.records
+
+
+@pytest.mark.parametrize("usage", [
+    '{"prompt_tokens":-1000,"completion_tokens":3}',
+    '{"prompt_tokens":1,"completion_tokens":' + "9" * 4300 + "}",
+])
+async def test_impossible_usage_is_a_provider_error(autojump_clock, errors, usage):
+    async with open_harness(speculative_backup=False, max_attempts=1) as h:
+        provider = await h.add_provider("p", behaviour=Behaviour(Fault.STALL_AFTER_ROLE))
+        async with trio.open_nursery() as nursery:
+            results: list = []
+
+            async def ask() -> None:
+                results.append(await h.chat(stream=False))
+
+            nursery.start_soon(ask)
+            await h.until(lambda: provider.log and provider.log[-1][1] == "received")
+            rid = provider.log[-1][2]
+            assert provider.current_ws is not None
+            await provider.current_ws.send_message(
+                f'{{"type":"inference_complete","request_id":"{rid}","usage":{usage}}}')
+        [result] = results
+        assert result.status in (502, 503)
+        assert "-1000" not in result.body.decode()
+        provider.behaviour = Behaviour()
+        await _still_serves(h)
+    assert not errors.records
+
+
+async def test_valid_usage_passes_through(autojump_clock):
+    frame = encode_frame(InferenceComplete("r", Usage(3, 4)))
+    assert '"prompt_tokens":3' in frame
+
+
+# ---- over real sockets --------------------------------------------------------------
+
+
+async def _serve_fleet(nursery: trio.Nursery, providers: int = 1, **config: object) -> object:
+    running = await nursery.start(serve, make_config(http_port=0, provider_port=0, **config))
+    fleet = demo_fleet(providers, token=TOKEN)
+    nursery.start_soon(run_fleet, fleet, running.provider_url)
+    while len(running.registry.state.providers) < providers:
+        await running.registry.state.changed.wait()
+    return running
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.rsplit("//", 1)[1].rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+_CHAT = json.dumps({"model": "sim-chat-small",
+                    "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def _post(body: bytes = _CHAT, key: str = API_KEY) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+async def _read_response(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += await stream.receive_some(65536)
+    return head
+
+
+async def test_idle_keep_alive_connections_are_closed(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, keep_alive_timeout=5.0)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(_post())
+        assert (await _read_response(stream)).startswith(b"HTTP/1.1 200")
+        start = trio.current_time()
+        assert await stream.receive_some(100) == b""  # the server closed it
+        assert 5.0 <= trio.current_time() - start < 6.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_connection_cap_queues_new_connections(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_connections=2, keep_alive_timeout=5.0)
+        address = _address(running.http_url)
+        idle = [await trio.open_tcp_stream(*address) for _ in range(2)]
+        for stream in idle:
+            await stream.send_all(_post())
+            await _read_response(stream)
+        start = trio.current_time()
+        late = await trio.open_tcp_stream(*address)  # waits in the backlog
+        await late.send_all(_post())
+        assert (await _read_response(late)).startswith(b"HTTP/1.1 200")
+        assert trio.current_time() - start >= 5.0  # served once an idle one was closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_consumer_that_stops_reading_is_cut_and_its_slot_released(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(serve, make_config(http_port=0, provider_port=0,
+                                                         write_timeout=30.0))
+        chatty = SimProvider("chatty", (model("sim-chat-small"),), token=TOKEN,
+                             behaviour=Behaviour(text=" ".join(["word"] * 20_000)))
+        nursery.start_soon(chatty.run, running.provider_url)
+        while not running.registry.state.providers:
+            await running.registry.state.changed.wait()
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(_address(running.http_url))
+        stream = trio.SocketStream(sock)
+        body = json.dumps({"model": "sim-chat-small", "stream": True, "max_tokens": 100000,
+                           "messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+        await stream.send_all(_post(body))
+        await stream.receive_some(100)  # the headers and first chunk; then stop reading
+        registry = running.registry
+        while (await registry.snapshot())["leases"] == 1:
+            await registry.state.changed.wait()
+        assert (await registry.snapshot())["leases"] == 0
+        assert trio.current_time() >= 30.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_tcp_reset_after_the_upgrade_does_not_end_the_listener(errors):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        host, port = _address(running.provider_url)
+        for _ in range(5):
+            sock = trio.socket.socket()
+            await sock.connect((host, port))
+            await sock.send(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                            b"Sec-WebSocket-Version: 13\r\n\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # RST
+        # A listener that had died would neither admit this provider nor serve the request.
+        provider = SimProvider("late", (model("sim-chat-small"),), token=TOKEN)
+        nursery.start_soon(provider.run, running.provider_url)
+        await provider.registered.wait()
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(_post())
+        assert (await _read_response(stream)).startswith(b"HTTP/1.1 200")
+        nursery.cancel_scope.cancel()
+    assert not errors.records
+
+
+async def test_websocket_upgrade_on_an_api_path_is_refused_cleanly(errors):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        for path in (b"/v1/chat/completions", b"/status", b"/nowhere"):
+            head = await _upgrade(_address(running.http_url), path)
+            assert head.startswith(b"HTTP/1.1 403"), head
+        nursery.cancel_scope.cancel()
+    assert not errors.records
+
+
+async def test_too_many_providers_in_admission_are_refused_at_the_handshake(autojump_clock):
+    async with open_harness(max_pending_providers=2) as h, trio.open_nursery() as nursery:
+        silent = [await _raw_socket(h, nursery) for _ in range(2)]
+        assert (await _memory_upgrade(h, nursery)).startswith(b"HTTP/1.1 503")
+        await silent[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await _memory_upgrade(h, nursery)).startswith(b"HTTP/1.1 101")
+        nursery.cancel_scope.cancel()
+
+
+_UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def _memory_upgrade(h: Harness, nursery: trio.Nursery) -> bytes:
+    """The provider edge's answer to a raw upgrade request, in process."""
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(h._serve_edge, nursery, server)
+    await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE)
+    return await client.receive_some(1000)
+
+
+async def _upgrade(address: tuple[str, int], path: bytes) -> bytes:
+    """The response head to a raw WebSocket upgrade request."""
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + _UPGRADE)
+    head = await stream.receive_some(1000)
+    await stream.aclose()
+    return head
