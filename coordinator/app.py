@@ -60,7 +60,7 @@ async def start_coordinator(nursery: trio.Nursery, config: Config) -> Coordinato
     dispatcher = Dispatcher(config, registry, metrics)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
     app = create_app(Api(config, registry, dispatcher, metrics, identities))
-    connections = ConnectionTable(config.keep_alive_timeout)
+    connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
                        ProviderEdge(config, registry, metrics, identities),
                        EdgeGuard(app, connections), connections)

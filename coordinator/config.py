@@ -66,6 +66,7 @@ class Config:
     # -- consumer connections
     max_connections: int = 1000
     keep_alive_timeout: float = 5.0
+    request_head_timeout: float = 10.0
     write_timeout: float = 30.0
     status_public: bool = False
     # -- dispatch budgets (seconds)

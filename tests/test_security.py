@@ -588,3 +588,22 @@ async def _upgrade(address: tuple[str, int], path: bytes) -> bytes:
     head = await stream.receive_some(1000)
     await stream.aclose()
     return head
+
+
+async def test_a_request_head_that_trickles_in_is_cut(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, request_head_timeout=10.0, keep_alive_timeout=5.0)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        start = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError):  # the server hung up mid-head
+            for byte in _post():  # one byte every 4 s: never idle for 5 s
+                await stream.send_all(bytes([byte]))
+                await trio.sleep(4)
+        assert 10.0 <= trio.current_time() - start <= 20.0  # noticed by the next send or two
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_huge_model_name_is_refused_without_echoing_it(autojump_clock):
+    async with open_harness() as h:
+        result = await h.chat(stream=False, model_id="m" * 100_000)
+        assert result.status == 400 and len(result.body) < 1000

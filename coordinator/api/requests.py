@@ -16,6 +16,8 @@ from coordinator.protocol import boundedjson
 
 # Request fields the coordinator consumes itself and does not forward.
 ALLOWLIST_FIELD = "provider_ids"
+# Providers may not declare longer model ids either (providers/admission.py).
+MAX_MODEL_CHARS = 256
 
 
 @attrs.frozen
@@ -65,6 +67,9 @@ def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int =
     model = _require(body, "model", str, "a string")
     if not model:
         raise bad_request("'model' must not be empty", "invalid_value")
+    if len(model) > MAX_MODEL_CHARS:
+        raise bad_request(f"'model' must be at most {MAX_MODEL_CHARS} characters",
+                          "invalid_value")
     match endpoint:
         case Endpoint.CHAT:
             messages = _require(body, "messages", list, "an array of message objects")

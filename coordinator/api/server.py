@@ -9,7 +9,9 @@ the stream under it:
   so a connection that has served a request is never closed. Here a
   connection with no request in flight for ``keep_alive_timeout`` seconds is
   closed: its read returns end-of-file, which hypercorn treats as the peer
-  leaving.
+  leaving. Once the first byte of a request arrives, its head must be
+  complete within ``request_head_timeout`` seconds (however slowly it
+  trickles in), so no connection is held by a request that never starts.
 * **Write timeout.** hypercorn shields its writes, so a consumer that stops
   reading blocks the response forever. A write that cannot finish within
   ``write_timeout`` breaks the stream; hypercorn then reports a disconnect to
@@ -52,6 +54,7 @@ class ConnectionTable:
     """Open consumer connections by peer address, and their request counts."""
 
     keep_alive_timeout: float
+    request_head_timeout: float = 10.0
     streams: dict[Peer, GuardedStream] = attrs.field(factory=dict)
 
     def request_started(self, peer: Peer | None) -> None:
@@ -79,6 +82,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._write_timeout = write_timeout
         self._on_close = on_close
         self._idle_since = trio.current_time()
+        self._head_since: float | None = None  # when the next request's first byte came
         self._reading: trio.CancelScope | None = None
         self._broken = False
         self._closed = False
@@ -89,10 +93,13 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     def _deadline(self) -> float:
         if self.in_flight > 0:
             return math.inf
+        if self._head_since is not None:
+            return self._head_since + self._table.request_head_timeout
         return self._idle_since + self._table.keep_alive_timeout
 
     def rearm(self) -> None:
-        """A request started or ended: move the idle deadline of the read in progress."""
+        """A request started or ended: move the deadline of the read in progress."""
+        self._head_since = None
         if self.in_flight == 0:
             self._idle_since = trio.current_time()
         if self._reading is not None:
@@ -105,9 +112,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
                 data = await self.inner.receive_some(max_bytes)
             finally:
                 self._reading = None
-            self._idle_since = trio.current_time()
+            if data and self.in_flight == 0 and self._head_since is None:
+                self._head_since = trio.current_time()  # a request is on its way
             return data
-        return b""  # idle past the keep-alive timeout: hypercorn sees the peer leave
+        return b""  # idle, or a request head too slow: hypercorn sees the peer leave
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._broken:
