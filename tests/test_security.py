@@ -607,3 +607,45 @@ async def test_a_huge_model_name_is_refused_without_echoing_it(autojump_clock):
     async with open_harness() as h:
         result = await h.chat(stream=False, model_id="m" * 100_000)
         assert result.status == 400 and len(result.body) < 1000
+
+
+# ---- the pure cores behind the above ----------------------------------------------
+
+
+def test_model_memory_is_bounded_and_forgets():
+    from coordinator.registry.models import ModelMemory
+
+    memory = ModelMemory(forget_after=60.0, capacity=3)
+    for i in range(5):
+        memory.went_offline(f"m{i}", now=float(i))
+    assert memory.names() == ["m2", "m3", "m4"]  # the oldest were dropped
+    assert memory.remembers("m4", now=63.9) and not memory.remembers("m2", now=62.0)
+    memory.came_online("m3")
+    memory.sweep(now=1000.0)
+    assert len(memory) == 0
+
+
+def test_identity_book_binds_ids_to_keys():
+    from coordinator.providers.admission import AdmissionError
+    from coordinator.providers.identity import IdentityBook
+
+    def key() -> str:
+        return SimProvider("k", (model(),)).register_message().signing_public_key or ""
+
+    a, b = key(), key()
+    book = IdentityBook(max_pins=2)
+    first = book.admit("prov-A", 1, a, "pk-a=")
+    with pytest.raises(AdmissionError, match="bound to another key"):
+        book.admit("prov-A", 2, b, "pk-b=")
+    with pytest.raises(AdmissionError, match="public_key"):
+        book.admit("prov-B", 3, b, "pk-a=")
+    assert book.admit("prov-A", 4, a, "pk-a2=").session == 4  # same key: supersedes
+    book.leave(first)  # an old session leaving does not free the newer one's id
+    with pytest.raises(AdmissionError):
+        book.admit(None, 5, b, "pk-a2=")
+    assert book.admit(None, 6, b, "pk-b=").provider_id == key_id(b)
+    with pytest.raises(AdmissionError, match="derived from another key"):
+        book.admit(key_id(b), 7, a, "pk-c=")
+    book.admit("prov-C", 8, b, "pk-d=")
+    with pytest.raises(AdmissionError, match="no room"):
+        book.admit("prov-D", 9, b, "pk-e=")

@@ -354,14 +354,57 @@ class EdgeGuard:
         scope[CLEANUP_KEY] = cleanups
         if self.connections is not None:
             self.connections.request_started(peer)
+        body = _BodyWatch(receive, send, _has_body(scope))
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, body.receive, body.send)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 for cleanup in cleanups:
                     await cleanup()
             if self.connections is not None:
-                self.connections.request_ended(peer)
+                self.connections.request_ended(peer, close=body.closing)
+
+
+class _BodyWatch:
+    """Closes the connection after a response that was sent before the request body was read.
+
+    An early answer (401 before the body is read, 413 from Content-Length) leaves
+    the unread body on the connection; hypercorn 0.18 then sometimes leaves the
+    connection hanging, so the client's next request on it is never answered.
+    ``Connection: close`` makes the client open a fresh connection instead, and
+    the listener (``server.GuardedStream``) closes this one once the request ends.
+    """
+
+    def __init__(self, receive: Any, send: Any, has_body: bool) -> None:
+        self._receive = receive
+        self._send = send
+        self.body_read = not has_body
+        self.closing = False
+
+    async def receive(self) -> dict[str, Any]:
+        message: dict[str, Any] = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.body_read = True
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not self.body_read:
+            self.closing = True
+            message = {**message, "headers": [*message.get("headers", ()),
+                                              (b"connection", b"close")]}
+        await self._send(message)
+
+
+def _has_body(scope: dict[str, Any]) -> bool:
+    """Whether an HTTP/1 request's framing announces a body (HTTP/2 needs no help here)."""
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"transfer-encoding":
+            return True
+        if name.lower() == b"content-length":
+            return value.strip() != b"0"
+    return False
 
 
 def _peer(scope: dict[str, Any]) -> tuple[str, int] | None:

@@ -19,6 +19,11 @@ the stream under it:
   provider's slot and tells it to stop).
 * **Connection cap.** At most ``max_connections`` consumer connections are
   open; further ones wait in the kernel's accept backlog.
+* **Close after an early answer.** A response sent before the request body was
+  read (401, 413) says ``Connection: close``; hypercorn does not always close
+  such a connection (its close runs in the application's task, which
+  quart-trio may cancel first), so the stream ends it here once the request is
+  over — otherwise the client's next request on it would never be answered.
 
 The stream learns when requests start and end from :class:`ConnectionTable`,
 which the ASGI edge (``routes.EdgeGuard``) calls with the request's peer
@@ -63,10 +68,12 @@ class ConnectionTable:
             stream.in_flight += 1
             stream.rearm()
 
-    def request_ended(self, peer: Peer | None) -> None:
+    def request_ended(self, peer: Peer | None, *, close: bool = False) -> None:
+        """A request is over; ``close`` ends its connection once nothing else is in flight."""
         stream = self.streams.get(peer) if peer is not None else None
         if stream is not None:
             stream.in_flight -= 1
+            stream.closing |= close
             stream.rearm()
 
 
@@ -78,6 +85,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self.inner = inner
         self.socket = inner.socket  # hypercorn reads the peer and local addresses from it
         self.in_flight = 0
+        self.closing = False  # a response said "Connection: close": end after it
         self._table = table
         self._write_timeout = write_timeout
         self._on_close = on_close
@@ -93,6 +101,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     def _deadline(self) -> float:
         if self.in_flight > 0:
             return math.inf
+        if self.closing:
+            return -math.inf
         if self._head_since is not None:
             return self._head_since + self._table.request_head_timeout
         return self._idle_since + self._table.keep_alive_timeout

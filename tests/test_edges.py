@@ -1,0 +1,126 @@
+"""Real-world defects at the edges, each reproduced black-box first (issue: real-world defects)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from coordinator.app import Running, serve
+from provider_sim.fleet import demo_fleet, run_fleet
+
+from .harness import API_KEY, TOKEN, make_config
+
+
+async def _serve_fleet(nursery: trio.Nursery, providers: int = 1, **config: object) -> Running:
+    running: Running = await nursery.start(
+        serve, make_config(http_port=0, provider_port=0, **config))
+    nursery.start_soon(run_fleet, demo_fleet(providers, token=TOKEN), running.provider_url)
+    while len(running.registry.state.providers) < providers:
+        await running.registry.state.changed.wait()
+    return running
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.rsplit("//", 1)[1].rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def _request(body: bytes, key: str | None = API_KEY, length: int | None = None) -> bytes:
+    auth = b"" if key is None else b"Authorization: Bearer " + key.encode() + b"\r\n"
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
+            + b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body) if length is None else length).encode() + b"\r\n\r\n" + body)
+
+
+class _Reader:
+    """Reads whole HTTP/1.1 responses (Content-Length framed) off a raw stream."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def response(self) -> tuple[int, dict[bytes, bytes], bytes] | None:
+        """The next response, or None when the server closed the connection first."""
+        while b"\r\n\r\n" not in self.buffer:
+            data = await self._receive()
+            if not data:
+                return None
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in
+                   (line.partition(b":") for line in lines[1:])}
+        length = int(headers.get(b"content-length", b"0"))
+        while len(self.buffer) < length:
+            data = await self._receive()
+            if not data:
+                return None
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    async def _receive(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            data = b""
+        self.buffer += data
+        return data
+
+
+_GOOD = json.dumps({"model": "sim-chat-small",
+                    "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.mark.parametrize(("first", "status"), [
+    (_request(_GOOD, key=None), 401),
+    (_request(_GOOD, key="wrong"), 401),
+    (_request(b'{"model":"x","pad":"' + b"x" * 300_000 + b'"}'), 413),
+    (_request(b'{"model":"sim-chat-small","messages":[{"content":"x"}],"pad":"'
+              + b"x" * 100_000 + b'"}', key="wrong"), 401),
+])
+async def test_a_connection_never_hangs_after_an_early_error(autojump_clock, first, status):
+    """Each early answer either keeps the connection usable or closes it at once."""
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_body_bytes=200_000)
+        for _ in range(5):
+            stream = await trio.open_tcp_stream(*_address(running.http_url))
+            reader = _Reader(stream)
+            try:
+                await stream.send_all(first)
+            except trio.BrokenResourceError:
+                pass  # the server answered and closed while the body was still going out
+            answer = await reader.response()
+            assert answer is not None and answer[0] == status
+            started = trio.current_time()
+            try:
+                await stream.send_all(_request(_GOOD))
+            except trio.BrokenResourceError:
+                follow_up = None
+            else:
+                follow_up = await reader.response()
+            if follow_up is None:
+                # Closed rather than answered: announced, and at once (no idle timeout).
+                assert answer[1].get(b"connection") == b"close"
+                assert trio.current_time() - started < 1.0
+            else:
+                assert follow_up[0] == 200
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_without_a_body_keep_the_connection_alive(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        reader = _Reader(stream)
+        for path in (b"/healthz", b"/metrics", b"/v1/models", b"/healthz"):
+            await stream.send_all(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\n\r\n")
+            answer = await reader.response()
+            assert answer is not None and answer[0] == 200
+            assert b"connection" not in answer[1]
+        await stream.send_all(_request(_GOOD))
+        answer = await reader.response()
+        assert answer is not None and answer[0] == 200
+        nursery.cancel_scope.cancel()
