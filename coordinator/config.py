@@ -14,6 +14,8 @@ from typing import Any
 
 import attrs
 
+from coordinator import sizes
+
 
 def _pairs(value: Any, what: str) -> Mapping[str, str]:
     """``name=value,name=value`` text (or a mapping) as a mapping."""
@@ -108,6 +110,12 @@ class Config:
     heartbeat_timeout: float = 90.0
     # -- misc
     seed: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        problems = sizes.check(self.max_body_bytes, self.max_frame_bytes,
+                               self.register_frame_bytes, self.request_buffer_bytes)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Config:

@@ -39,6 +39,12 @@ def too_large(limit: int) -> ApiError:
                     "request_too_large")
 
 
+def too_large_for_providers(request_bytes: int, largest: int, model: str) -> ApiError:
+    return ApiError(413, f"this request needs a {request_bytes}-byte frame; the providers of "
+                    f"model {model} accept at most {largest} bytes", "invalid_request_error",
+                    "request_too_large")
+
+
 def unavailable(message: str, code: str = "no_provider") -> ApiError:
     return ApiError(503, message, "provider_error", code, retry_after=5)
 

@@ -23,7 +23,6 @@ import json
 from decimal import Decimal
 from typing import Any, Final
 
-MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 MAX_SCHEMA_DEPTH: Final = 32
 
 _SCHEMA_HINTS: Final = frozenset(
@@ -33,9 +32,13 @@ _SCHEMA_HINTS: Final = frozenset(
 _UNIONS: Final = ("anyOf", "oneOf", "allOf")
 
 
-def normalize_tool_schemas(body: bytes) -> bytes:
-    """Repair tool schemas in a request body; return ``body`` itself when nothing changes."""
-    if b'"tools"' not in body or len(body) > MAX_BODY_BYTES:
+def normalize_tool_schemas(body: bytes, *, limit: int = 10 * 1024 * 1024) -> bytes:
+    """Repair tool schemas in a request body; return ``body`` itself when nothing changes.
+
+    ``limit`` is the body limit of the caller (docs/configuration.md, "Sizes"):
+    bodies above it are left alone, as they are refused anyway.
+    """
+    if b'"tools"' not in body or len(body) > limit:
         return body
     exact = _ExactFloats()
     try:

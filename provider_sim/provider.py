@@ -74,6 +74,8 @@ class SimProvider:
     prefill_tps: float = 2000.0
     memory_gb: float = 64.0
     max_concurrency: int = 8
+    # The largest request frame this provider's socket takes (declared in register).
+    max_request_bytes: int = 1024 * 1024
     heartbeat_interval: float = 20.0
     encrypt: bool = True
     seed: int = 0
@@ -159,11 +161,13 @@ class SimProvider:
             provider_id=self.provider_id,
             signing_public_key=_b64(bytes(self._signing.verify_key)),
             max_concurrency=self.max_concurrency,
+            max_request_bytes=self.max_request_bytes,
         )
 
     async def run(self, url: str) -> None:
         """Connect to ``url`` and serve until the socket closes."""
-        async with trio_websocket.open_websocket_url(url) as ws:
+        async with trio_websocket.open_websocket_url(
+                url, max_message_size=self.max_request_bytes) as ws:
             await self.serve(ws)
 
     async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:

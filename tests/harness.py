@@ -133,7 +133,8 @@ class Harness:
                 # The server side reads the client's handshake, so it runs alongside.
                 nursery.start_soon(self._serve_edge, nursery, server_stream)
                 ws = await trio_websocket.wrap_client_stream(
-                    nursery, client_stream, "coordinator", "/")
+                    nursery, client_stream, "coordinator", "/",
+                    max_message_size=provider.max_request_bytes)
                 task_status.started()
                 await provider.serve(ws)
                 nursery.cancel_scope.cancel()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import trio
 
 from coordinator.app import Running, serve
+from provider_sim.behaviours import Behaviour
 from provider_sim.fleet import demo_fleet, run_fleet
 
-from .harness import API_KEY, TOKEN, make_config
+from .harness import API_KEY, MODEL, TOKEN, make_config, open_harness
 
 
 async def _serve_fleet(nursery: trio.Nursery, providers: int = 1, **config: object) -> Running:
@@ -86,10 +88,9 @@ async def test_a_connection_never_hangs_after_an_early_error(autojump_clock, fir
         for _ in range(5):
             stream = await trio.open_tcp_stream(*_address(running.http_url))
             reader = _Reader(stream)
-            try:
+            # (The server may answer and close while the body is still going out.)
+            with contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(first)
-            except trio.BrokenResourceError:
-                pass  # the server answered and closed while the body was still going out
             answer = await reader.response()
             assert answer is not None and answer[0] == status
             started = trio.current_time()
@@ -124,3 +125,75 @@ async def test_requests_without_a_body_keep_the_connection_alive(autojump_clock)
         answer = await reader.response()
         assert answer is not None and answer[0] == 200
         nursery.cancel_scope.cancel()
+
+
+# ---- sizes: one contract ---------------------------------------------------------
+
+
+def _chat_of(size: int) -> dict:
+    """A chat body whose encoded length is exactly ``size`` bytes."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": ""}]}
+    pad = size - len(json.dumps(body).encode())
+    body["messages"][0]["content"] = "x" * pad
+    assert len(json.dumps(body).encode()) == size
+    return body
+
+
+async def test_request_frames_go_only_to_providers_that_accept_them(autojump_clock):
+    from coordinator import sizes
+    from coordinator.api.requests import parse_body
+    from coordinator.dispatch.attempt import plaintext_body
+    from coordinator.dispatch.chunks import Endpoint
+
+    limit = 64 * 1024
+
+    def frame_of(body: dict) -> int:
+        raw = json.dumps(body).encode()
+        return sizes.request_frame_bound(len(plaintext_body(parse_body(raw), Endpoint.CHAT)))
+
+    low, high = 1000, limit  # the largest body whose frame fits, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if frame_of(_chat_of(middle)) <= limit else (low, middle - 1)
+    fits, too_big = _chat_of(low), _chat_of(low + 3)
+    assert frame_of(fits) <= limit < frame_of(too_big)
+    async with open_harness() as h:
+        small = await h.add_provider("small", max_request_bytes=limit)
+        ok = await h.request("/v1/chat/completions", fits)
+        assert ok.status == 200 and ok.headers["x-provider-id"] == "small"
+        refused = await h.request("/v1/chat/completions", too_big)
+        assert refused.status == 413 and "accept at most 65536 bytes" in refused.body.decode()
+        assert small.closed_with is None and len(small.received) == 1
+        await h.add_provider("large", max_request_bytes=4 * limit)
+        routed = await h.request("/v1/chat/completions", too_big)
+        assert routed.status == 200 and routed.headers["x-provider-id"] == "large"
+        await h.assert_quiescent()
+
+
+async def test_the_body_limit_is_exact(autojump_clock):
+    async with open_harness(max_body_bytes=50_000) as h:
+        await h.add_provider("p")
+        assert (await h.request("/v1/chat/completions", _chat_of(50_000))).status == 200
+        assert (await h.request("/v1/chat/completions", _chat_of(50_001))).status == 413
+
+
+async def test_a_provider_frame_over_the_limit_fails_only_its_request(autojump_clock):
+    async with open_harness(max_frame_bytes=8192, register_frame_bytes=4096,
+                            request_buffer_bytes=8192, speculative_backup=False) as h:
+        # A chunk of ~6 KiB fits; one of ~9 KiB does not (base64 grows it by a third).
+        provider = await h.add_provider("p", behaviour=Behaviour(text="y" * 4000))
+        assert (await h.chat(stream=False)).status == 200
+        provider.behaviour = Behaviour(text="y" * 7000)
+        failed = await h.chat(stream=False)
+        assert failed.status == 503 and "exceeds the 8192-byte limit" in failed.body.decode()
+        assert provider.closed_with is None
+        provider.behaviour = Behaviour()
+        assert (await h.chat(stream=False)).status == 200
+        await h.assert_quiescent()
+
+
+def test_sizes_must_be_consistent():
+    with pytest.raises(ValueError, match="request_buffer_bytes"):
+        make_config(max_frame_bytes=8 * 1024 * 1024, request_buffer_bytes=1024 * 1024)
+    with pytest.raises(ValueError, match="register_frame_bytes"):
+        make_config(max_frame_bytes=4096, register_frame_bytes=8192, request_buffer_bytes=8192)

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.toolschema import MAX_BODY_BYTES, MAX_SCHEMA_DEPTH, normalize_tool_schemas
+from coordinator.toolschema import MAX_SCHEMA_DEPTH, normalize_tool_schemas
 
 
 def chat(parameters: Any, **extra: Any) -> bytes:
@@ -132,9 +132,10 @@ def test_bodies_without_tools_or_malformed_pass_through():
         assert normalize_tool_schemas(body) is body
 
 
-def test_oversized_body_skipped():
-    big = chat({"properties": {"a": {}}}, pad="x" * MAX_BODY_BYTES)
-    assert normalize_tool_schemas(big) is big
+def test_bodies_over_the_callers_limit_are_skipped():
+    body = chat({"properties": {"a": {}}}, pad="x" * 5000)
+    assert normalize_tool_schemas(body, limit=len(body) - 1) is body
+    assert normalize_tool_schemas(body, limit=len(body)) != body
 
 
 def test_numbers_and_siblings_survive_exactly():

@@ -21,7 +21,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from coordinator import errors
+from coordinator import errors, sizes
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.dispatch.attempt import (
@@ -110,10 +110,11 @@ class Api:
         if not self._authorized(self.config.api_keys):
             raise errors.unauthorized()
         raw = await _read_body(self.config.max_body_bytes)
-        raw = normalize_tool_schemas(raw)
+        raw = normalize_tool_schemas(raw, limit=self.config.max_body_bytes)
         parsed = validate(endpoint, parse_body(raw, self.config.max_json_depth),
                           max_tokens_limit=self.config.max_tokens_limit)
         record["model"] = parsed.model
+        plaintext = plaintext_body(parsed.body, endpoint)
         job = Job(
             request_id=request_id,
             model=parsed.model,
@@ -121,9 +122,9 @@ class Api:
             prompt_tokens=estimate_prompt_tokens(len(raw)),
             max_tokens=parsed.max_tokens,
             allowlist=parsed.allowlist,
+            request_bytes=sizes.request_frame_bound(len(plaintext)),
         )
-        ctx = RequestContext(job, endpoint, plaintext_body(parsed.body, endpoint), parsed.stream,
-                             timing)
+        ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
         try:
             committed = await self.dispatcher.dispatch(ctx)
@@ -403,7 +404,7 @@ def _has_body(scope: dict[str, Any]) -> bool:
         if name.lower() == b"transfer-encoding":
             return True
         if name.lower() == b"content-length":
-            return value.strip() != b"0"
+            return bool(value.strip() != b"0")
     return False
 
 

@@ -18,7 +18,7 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
-from coordinator.protocol.messages import EncryptedPayload
+from coordinator.protocol.messages import EncryptedPayload, InferenceRequest, encode_frame
 
 
 class DecryptError(ValueError):
@@ -42,6 +42,32 @@ def load_public_key(text: str) -> nacl.public.PublicKey:
     if len(raw) != nacl.public.PublicKey.SIZE:
         raise ValueError(f"public key must be {nacl.public.PublicKey.SIZE} bytes")
     return nacl.public.PublicKey(raw)
+
+
+# A box adds a 24-byte nonce and a 16-byte MAC; the ephemeral key is 32 bytes.
+BOX_OVERHEAD = nacl.public.Box.NONCE_SIZE + 16
+EPHEMERAL_KEY_B64 = 44
+
+
+def sealed_b64_bytes(plaintext_bytes: int) -> int:
+    """Length of the base64 ciphertext of a ``plaintext_bytes``-long body."""
+    return 4 * -(-(plaintext_bytes + BOX_OVERHEAD) // 3)
+
+
+def _request_envelope_bytes() -> int:
+    empty = InferenceRequest("", EncryptedPayload("A" * EPHEMERAL_KEY_B64, ""))
+    return len(encode_frame(empty))
+
+
+_REQUEST_ENVELOPE = _request_envelope_bytes()
+
+
+def request_frame_bytes(request_id: str, plaintext_bytes: int) -> int:
+    """The exact length of the ``inference_request`` frame carrying a sealed body.
+
+    JSON escapes nothing in it: the id is the coordinator's own, the rest base64.
+    """
+    return _REQUEST_ENVELOPE + len(request_id) + sealed_b64_bytes(plaintext_bytes)
 
 
 @attrs.define(eq=False)

@@ -11,6 +11,7 @@ tri-state and ``false`` must go on the wire, ``None`` must not.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import attrs
@@ -96,6 +97,8 @@ class Register:
     provider_id: str | None = None
     signing_public_key: str | None = None
     max_concurrency: int | None = None
+    # The largest inference_request frame (bytes) this provider accepts.
+    max_request_bytes: int | None = None
 
 
 @attrs.frozen
@@ -251,7 +254,8 @@ def encode_frame(message: Message) -> str:
 def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Parse one frame; raise :class:`FrameError` with a short reason on anything off."""
     if len(frame) > max_bytes:
-        raise FrameError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
+        raise FrameError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit",
+                         _leading_request_id(frame))
     try:
         # No depth limit here: the converter reads only known, shallow fields,
         # and the parser itself stops at its recursion limit.
@@ -276,6 +280,22 @@ def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Mes
             request_id if isinstance(request_id, str) else None,
         ) from None
     return message
+
+
+_LEADING_ID: Final = re.compile(r'^\{"type":"[a-z_]{1,40}","request_id":"([A-Za-z0-9._:-]{1,128})"')
+
+
+def _leading_request_id(frame: str | bytes) -> str | None:
+    """The request id of an oversized frame, if it leads with one as this codec writes it.
+
+    Parsing a frame over the limit is what the limit avoids, but the request it
+    belongs to should fail at once rather than wait for its budget to expire.
+    """
+    head = frame[:256]
+    if isinstance(head, bytes):
+        head = head.decode("ascii", "replace")
+    match = _LEADING_ID.match(head)
+    return match.group(1) if match else None
 
 
 def _short(value: object, limit: int = 200) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from coordinator import sizes
 from coordinator.config import Config
 from coordinator.protocol import ModelInfo, Register
 
@@ -58,6 +59,10 @@ def check_register(message: Register, config: Config) -> None:
                                  "printable characters")
     if message.max_concurrency is not None and message.max_concurrency < 1:
         raise AdmissionError("max_concurrency must be at least 1")
+    if (message.max_request_bytes is not None
+            and message.max_request_bytes < sizes.MIN_PROVIDER_REQUEST_BYTES):
+        raise AdmissionError(
+            f"max_request_bytes must be at least {sizes.MIN_PROVIDER_REQUEST_BYTES}")
 
 
 def clamp(value: float, high: float) -> float:
@@ -68,6 +73,13 @@ def clamp(value: float, high: float) -> float:
 def slots(message: Register, config: Config) -> int:
     declared = message.max_concurrency or config.default_provider_slots
     return min(declared, config.max_provider_slots)
+
+
+def request_limit(message: Register) -> int:
+    """The largest request frame to send this provider."""
+    if message.max_request_bytes is None:
+        return sizes.DEFAULT_PROVIDER_REQUEST_BYTES
+    return min(message.max_request_bytes, sizes.MAX_PROVIDER_REQUEST_BYTES)
 
 
 def unique_models(message: Register) -> dict[str, ModelInfo]:

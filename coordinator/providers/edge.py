@@ -27,6 +27,7 @@ import attrs
 import trio
 import trio_websocket
 
+from coordinator import sizes
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.metrics import Metrics
@@ -123,7 +124,7 @@ class ProviderEdge:
             raise AdmissionError("challenge not answered with a valid signature")
         session = self.identities.admit(message.provider_id, next(_sessions), signing_key,
                                         message.public_key)
-        _allow_large_frames(ws, self.config.max_frame_bytes * 2)
+        _allow_large_frames(ws, sizes.provider_socket_limit(self.config.max_frame_bytes))
         return message, session
 
     async def _next_frame(
@@ -186,6 +187,7 @@ class ProviderEdge:
             decode_tps=admission.clamp(register.decode_tps, admission.MAX_DECODE_TPS),
             prefill_tps=admission.clamp(register.prefill_tps, admission.MAX_PREFILL_TPS),
             max_slots=admission.slots(register, self.config),
+            max_request_bytes=admission.request_limit(register),
             connection=connection,
             hardware=admission.hardware_label(register),
             signing_key=session.signing_key,

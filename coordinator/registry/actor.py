@@ -180,6 +180,10 @@ class RegistryState:
             if Gate.EXCLUDED in why:
                 return Refused(Refusal.EXHAUSTED, errors.unavailable(
                     "no further provider available for this request"))
+            if why - {Gate.NOT_ALLOWED} == {Gate.REQUEST_TOO_LARGE}:
+                largest = max(r.max_request_bytes for r in self.by_model[job.model].values())
+                return Refused(Refusal.UNSERVABLE, errors.too_large_for_providers(
+                    job.request_bytes, largest, job.model))
             return Refused(Refusal.UNSERVABLE, errors.unavailable(fail_fast_message(job, why)))
         chosen = scheduler.pick(eligible, job, self.rng, avoid_version=request.avoid_version)
         return None if chosen is None else self._lease(chosen, job)

@@ -25,6 +25,7 @@ class Gate(enum.Enum):
     EXCLUDED = "already failed this request"
     NO_MODEL = "does not serve the model"
     TOO_LARGE = "model does not fit in the provider's memory"
+    REQUEST_TOO_LARGE = "request is larger than the provider accepts"
     TEMPLATE = "model's chat template does not render"
     VISION = "model does not accept images or video"
     FLOOR = "provider version is below the capability floor"
@@ -51,6 +52,8 @@ def gate(
         return Gate.NO_MODEL
     if record.memory_gb > 0 and model.size_bytes > record.memory_gb * GIB * memory_fraction:
         return Gate.TOO_LARGE
+    if job.request_bytes > record.max_request_bytes:
+        return Gate.REQUEST_TOO_LARGE
     # False fences the model for every shape: the self-check renders plain
     # chat too, so a False may mean ordinary prompts crash as well.
     if model.template_render_ok is False:

@@ -26,6 +26,8 @@ class Job:
     traits: Traits = attrs.field(factory=Traits)
     prompt_tokens: int = 1
     max_tokens: int = 256
+    # The inference_request frame's size (an upper bound), for providers' limits.
+    request_bytes: int = 0
     # Optional allowlist of provider ids from the request; None = any.
     allowlist: frozenset[str] | None = None
 
@@ -60,6 +62,7 @@ class ProviderRecord:
     connection: ProviderConnection | Any = None
     hardware: str = ""
     signing_key: str = ""
+    max_request_bytes: int = 1024 * 1024
     leases: dict[str, Lease] = attrs.field(factory=dict)
     served: int = 0
 
