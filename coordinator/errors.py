@@ -45,6 +45,11 @@ def too_large_for_providers(request_bytes: int, largest: int, model: str) -> Api
                     "request_too_large")
 
 
+def rejected_by_provider(status: int, message: str) -> ApiError:
+    """A provider's deterministic answer about the request itself, passed on as is."""
+    return ApiError(status, message, "invalid_request_error", "provider_rejected_request")
+
+
 def unavailable(message: str, code: str = "no_provider") -> ApiError:
     return ApiError(503, message, "provider_error", code, retry_after=5)
 

@@ -78,6 +78,8 @@ class SimProvider:
     max_request_bytes: int = 1024 * 1024
     heartbeat_interval: float = 20.0
     encrypt: bool = True
+    # Frame each chunk's payload as an SSE event ("data: {...}\n\n"), as some backends do.
+    sse_chunks: bool = False
     seed: int = 0
     # Per-model default behaviour, overriding ``behaviour`` for that model.
     model_behaviours: dict[str, Behaviour] = attrs.field(factory=dict)
@@ -284,6 +286,8 @@ class SimProvider:
     def _chunk_frame(
         self, rid: str, text: str, corrupt: str | None, sealer: ResponseSealer
     ) -> InferenceResponseChunk:
+        if self.sse_chunks:
+            text = f"data: {text}\n\n"
         if corrupt == "plaintext" or not self.encrypt:
             return InferenceResponseChunk(rid, data=text)
         if corrupt == "garbage":

@@ -13,6 +13,7 @@ from provider_sim.behaviours import Behaviour
 from provider_sim.fleet import demo_fleet, run_fleet
 
 from .harness import API_KEY, MODEL, TOKEN, make_config, open_harness
+from .simulation import _terminators, _text
 
 
 async def _serve_fleet(nursery: trio.Nursery, providers: int = 1, **config: object) -> Running:
@@ -197,3 +198,101 @@ def test_sizes_must_be_consistent():
         make_config(max_frame_bytes=8 * 1024 * 1024, request_buffer_bytes=1024 * 1024)
     with pytest.raises(ValueError, match="register_frame_bytes"):
         make_config(max_frame_bytes=4096, register_frame_bytes=8192, request_buffer_bytes=8192)
+
+
+# ---- deterministic 4xx from a provider ----------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
+async def test_a_deterministic_4xx_ends_the_request_at_once(autojump_clock, status):
+    from provider_sim.behaviours import Fault
+
+    message = "prompt is 9000 tokens; the context is 8192"
+    async with open_harness() as h:
+        first = await h.add_provider("first", behaviour=Behaviour(
+            Fault.ERROR, status=status, error_message=message), decode_tps=1000)
+        other = await h.add_provider("other", decode_tps=10)
+        for stream in (False, True):
+            result = await h.chat(stream=stream)
+            assert result.status == status
+            assert result.json()["error"]["message"] == message
+            assert result.json()["error"]["code"] == "provider_rejected_request"
+        anthropic = await h.request("/v1/messages", {
+            "model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]})
+        assert anthropic.status == status
+        assert anthropic.json()["type"] == "error"
+        assert anthropic.json()["error"]["message"] == message
+        assert len(first.received) == 3 and other.received == []  # never retried elsewhere
+        assert not h.state.breaker.cooldowns(trio.current_time())  # and no strike
+        await h.assert_quiescent()
+
+
+@pytest.mark.parametrize(("status", "strike"), [(500, True), (502, True), (429, False),
+                                                (503, False), (401, False)])
+async def test_sickness_and_capacity_still_fail_over(autojump_clock, status, strike):
+    from provider_sim.behaviours import Fault
+
+    async with open_harness(breaker_strikes=1) as h:
+        await h.add_provider("first", behaviour=Behaviour(Fault.ERROR, status=status),
+                             decode_tps=1000)
+        await h.add_provider("other", decode_tps=10)
+        result = await h.chat(stream=False)
+        assert result.status == 200 and result.headers["x-provider-id"] == "other"
+        cooling = h.state.breaker.is_cooling(("first", MODEL, "base"), trio.current_time())
+        assert cooling is strike
+
+
+# ---- SSE-framed chunk payloads ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages",
+                                  "/v1/completions"])
+async def test_sse_framed_payloads_are_understood(autojump_clock, path):
+    bodies = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}]},
+              "/v1/responses": {"input": "x"}, "/v1/completions": {"prompt": "x"},
+              "/v1/messages": {"max_tokens": 30, "messages": [{"role": "user", "content": "x"}]}}
+    async with open_harness() as h:
+        await h.add_provider("framed", sse_chunks=True)
+        streamed = await h.request(path, {"model": MODEL, "stream": True, **bodies[path]})
+        assert streamed.status == 200
+        assert "data: data:" not in streamed.body.decode()
+        assert _text(path, streamed, True).startswith("Hello from m1 on framed")
+        assert _terminators(path, streamed) == 1
+        whole = await h.request(path, {"model": MODEL, "stream": False, **bodies[path]})
+        assert whole.status == 200
+        assert _text(path, whole, False).startswith("Hello from m1 on framed")
+
+
+async def test_sse_framed_boilerplate_is_still_held(autojump_clock):
+    from provider_sim.behaviours import Fault
+
+    async with open_harness() as h:
+        await h.add_provider("framed", sse_chunks=True, decode_tps=1000,
+                             behaviour=Behaviour(Fault.ROLE_THEN_ERROR))
+        await h.add_provider("good", decode_tps=10)
+        result = await h.chat()
+        assert result.status == 200 and result.headers["x-provider-id"] == "good"
+        assert result.headers["x-attempts"] == "2"
+
+
+@pytest.mark.parametrize(("raw", "kind"), [
+    ('data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n', "boilerplate"),
+    ('data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+     'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', "content"),
+    ("data: [DONE]\n\n", "terminal"),
+    (': keep-alive\n\ndata: {"choices":[{"delta":{"content":"a"}}]}\n\n', "content"),
+    ('event: x\ndata: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n', "content"),
+])
+def test_sse_payload_parsing(raw, kind):
+    from coordinator.dispatch.chunks import Endpoint, parse_chunk
+
+    assert parse_chunk(Endpoint.CHAT, raw).kind.value == kind
+
+
+@pytest.mark.parametrize("raw", ["data: data: {}\n\n", "data: {}\n\ngarbage", "data: [1]",
+                                 "data: {\n\n"])
+def test_malformed_sse_payloads_are_provider_errors(raw):
+    from coordinator.dispatch.chunks import ChunkError, Endpoint, parse_chunk
+
+    with pytest.raises(ChunkError):
+        parse_chunk(Endpoint.CHAT, raw)

@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 DISCONNECTED: Final = 502
 TIMEOUT: Final = 504
+# Provider statuses that say the request itself is wrong (a prompt longer than the
+# model's context, a bad parameter): another provider would answer the same, so
+# the request ends at once with that status. docs/architecture.md has the table.
+DETERMINISTIC: Final = frozenset({400, 404, 413, 422})
 
 
 class Phase(enum.Enum):
@@ -189,6 +193,10 @@ class Dispatcher:
                 self.metrics.dispatches.labels("success").inc()
                 return outcome
             failures.extend(outcome)
+            rejected = next((f for f in outcome if f.status in DETERMINISTIC), None)
+            if rejected is not None:
+                self.metrics.dispatches.labels("rejected").inc()
+                raise errors.rejected_by_provider(rejected.status, rejected.message)
             if attempt < self.config.max_attempts:
                 self.metrics.dispatches.labels(_retry_label(outcome)).inc()
                 now = trio.current_time()
@@ -263,6 +271,9 @@ class Dispatcher:
         await self._close(racer, Outcome.failure(failure.status), send_cancel=False)
         if not racer.is_backup:
             race.primary_settled.set()
+        if failure.status in DETERMINISTIC:
+            assert race.nursery is not None
+            race.nursery.cancel_scope.cancel()  # the answer is in: stop the other racer
 
     async def _race_to_content(self, race: _Race, racer: Racer) -> Failure | None:
         """Run one racer until it commits (None) or fails before content (a Failure)."""
@@ -281,15 +292,15 @@ class Dispatcher:
                         chunk = parse_chunk(race.ctx.endpoint, open_chunk(racer, event))
                     except (DecryptError, ChunkError) as exc:
                         return racer.failure(DISCONNECTED, f"bad response chunk: {exc}")
-                    if chunk.event is None:
+                    if chunk.kind is ChunkKind.TERMINAL:
                         continue  # the provider's own end marker; the coordinator writes its own
                     if (chunk.kind is ChunkKind.BOILERPLATE
-                            and len(racer.held) < cfg.max_held_chunks):
-                        racer.held.append(chunk.event)
+                            and len(racer.held) + len(chunk.events) <= cfg.max_held_chunks):
+                        racer.held.extend(chunk.events)
                         racer.phase = Phase.PREAMBLE
                         race.extend(race.ttft_deadline + cfg.preamble_timeout)
                         continue
-                    self._commit(race, racer, [*racer.held, chunk.event], None)
+                    self._commit(race, racer, [*racer.held, *chunk.events], None)
                     return None
                 case InferenceComplete():
                     # Boilerplate then a clean close: a valid empty completion.

@@ -1,10 +1,12 @@
 """Chunk parsing and classification: boilerplate, content or terminal. Pure.
 
-A chunk is the JSON payload of one streamed event, as the provider sends it.
-It is parsed once, with limits (:mod:`coordinator.protocol.boundedjson`), and
-from then on only the parsed event travels: the consumer gets it re-encoded,
-never the provider's raw text, so no provider can break the SSE framing.
-A payload that is not a JSON object (or ``[DONE]``) is a provider error.
+A chunk's payload is one streamed event as a bare JSON object, or — as
+providers that frame their output as SSE send it — one or more SSE events
+(``data: {...}`` blocks, ``[DONE]`` among them). It is parsed once, with limits
+(:mod:`coordinator.protocol.boundedjson`), and from then on only the parsed
+events travel: the consumer gets them re-encoded, never the provider's raw
+text, so no provider can break the SSE framing. Anything else is a provider
+error.
 
 Classification reads the *parsed* ``type`` and fields, never substrings, so a
 content delta whose text merely contains ``response.created`` is content.
@@ -49,24 +51,54 @@ class ChunkError(ValueError):
 
 @attrs.frozen
 class Chunk:
-    kind: ChunkKind
-    event: Event | None  # None for the terminal marker
+    kind: ChunkKind  # CONTENT if any event is content; TERMINAL when there is no event
+    events: tuple[Event, ...]
 
 
-TERMINAL_CHUNK: Final = Chunk(ChunkKind.TERMINAL, None)
+TERMINAL_CHUNK: Final = Chunk(ChunkKind.TERMINAL, ())
+_SSE_FIELDS: Final = ("event:", "id:", "retry:", ":")
 
 
 def parse_chunk(endpoint: Endpoint, payload: str, *, max_depth: int = MAX_EVENT_DEPTH) -> Chunk:
-    """Parse and classify one payload; :class:`ChunkError` when it is not an event."""
-    if payload.strip() == "[DONE]":
+    """Parse and classify one payload; :class:`ChunkError` when it is not made of events."""
+    text = payload.strip()
+    if text == "[DONE]":
         return TERMINAL_CHUNK
+    if text.startswith("data:") or text.startswith(_SSE_FIELDS):
+        datas = _sse_data(text)
+    else:
+        datas = [text]
+    events = tuple(_event(data, max_depth) for data in datas if data.strip() != "[DONE]")
+    if not events:
+        return TERMINAL_CHUNK
+    kinds = {classify_event(endpoint, event) for event in events}
+    kind = ChunkKind.CONTENT if ChunkKind.CONTENT in kinds else ChunkKind.BOILERPLATE
+    return Chunk(kind, events)
+
+
+def _sse_data(text: str) -> list[str]:
+    """The data of each SSE event in ``text`` (multi-line data joined with newlines)."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = []
+        for line in block.split("\n"):
+            if line.startswith("data:"):
+                lines.append(line[6:] if line.startswith("data: ") else line[5:])
+            elif line and not line.startswith(_SSE_FIELDS):
+                raise ChunkError("chunk mixes SSE framing with other text")
+        if lines:
+            out.append("\n".join(lines))
+    return out
+
+
+def _event(data: str, max_depth: int) -> Event:
     try:
-        event = boundedjson.loads(payload, max_depth=max_depth)
+        event = boundedjson.loads(data, max_depth=max_depth)
     except boundedjson.JsonLimitError as exc:
         raise ChunkError(f"chunk is not a JSON event: {str(exc)[:200]}") from None
     if not isinstance(event, dict):
         raise ChunkError("chunk is not a JSON object")
-    return Chunk(classify_event(endpoint, event), event)
+    return event
 
 
 def classify_event(endpoint: Endpoint, event: Event) -> ChunkKind:

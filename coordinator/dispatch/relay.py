@@ -86,9 +86,8 @@ async def relay(
                 return
             batch: list[RelayItem] = []
             for ready in _with_buffered(event, racer.events):
-                item, end = _translate(committed, ready)
-                if item is not None:
-                    batch.append(item)
+                items, end = _translate(committed, ready)
+                batch.extend(items)
                 if end is not None:
                     ending = end
                     await _finish(dispatcher, committed, ending)
@@ -119,28 +118,29 @@ def _with_buffered(first: ProviderEvent | None, events: EventStream) -> list[Pro
 
 def _translate(
     committed: Committed, event: ProviderEvent | None
-) -> tuple[RelayItem | None, _Ending | None]:
-    """One provider event after the commit: the item for the consumer, and the end if it is one."""
+) -> tuple[tuple[RelayItem, ...], _Ending | None]:
+    """One provider event after the commit: the items for the consumer, and the end if it is one."""
     racer = committed.racer
     match event:
         case InferenceResponseChunk():
             try:
                 chunk = parse_chunk(committed.endpoint, open_chunk(racer, event))
             except (DecryptError, ChunkError) as exc:
-                return (InBandError("provider_error", f"bad response chunk: {exc}", DISCONNECTED),
+                return ((InBandError("provider_error", f"bad response chunk: {exc}",
+                                     DISCONNECTED),),
                         _Ending(Outcome.failure(DISCONNECTED), cancel_provider=True))
-            return chunk.event, None
+            return chunk.events, None
         case InferenceComplete():
-            return End(event.usage), _Ending(SUCCESS, cancel_provider=False)
+            return (End(event.usage),), _Ending(SUCCESS, cancel_provider=False)
         case InferenceError():
-            return (InBandError("provider_error", provider_message(event.error),
-                                event.status_code),
+            return ((InBandError("provider_error", provider_message(event.error),
+                                 event.status_code),),
                     _Ending(Outcome.failure(event.status_code), cancel_provider=False))
         case InferenceAccepted():
-            return None, None
+            return (), None
         case None:
             reason = racer.connection.end_reason(racer.lease.request_id)
-            return (InBandError("disconnected", reason, DISCONNECTED),
+            return ((InBandError("disconnected", reason, DISCONNECTED),),
                     _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
 
 
