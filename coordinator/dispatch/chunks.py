@@ -64,10 +64,8 @@ def parse_chunk(endpoint: Endpoint, payload: str, *, max_depth: int = MAX_EVENT_
     text = payload.strip()
     if text == "[DONE]":
         return TERMINAL_CHUNK
-    if text.startswith("data:") or text.startswith(_SSE_FIELDS):
-        datas = _sse_data(text)
-    else:
-        datas = [text]
+    framed = text.startswith(("data:", *_SSE_FIELDS))
+    datas = _sse_data(text) if framed else [text]
     events = tuple(_event(data, max_depth) for data in datas if data.strip() != "[DONE]")
     if not events:
         return TERMINAL_CHUNK
