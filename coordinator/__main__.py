@@ -1,19 +1,91 @@
-"""``coordinator serve`` runs the coordinator; ``coordinator demo`` adds a simulated fleet."""
+"""``coordinator serve`` runs the coordinator; ``coordinator demo`` adds a simulated fleet.
+
+SIGTERM or SIGINT drains: new requests get 503, requests in flight have
+``drain_timeout`` seconds to finish, providers are closed with 1001, and the
+process exits 0. A second signal stops at once. A setting that cannot be used
+(a bad ``COORDINATOR_*`` value, a port in use) is one line on stderr and
+exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import secrets
+import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import trio
 
+from coordinator.api.server import ListenError
 from coordinator.app import Running, serve
-from coordinator.config import Config
+from coordinator.config import Config, ConfigError, unknown_variables
+
+log = logging.getLogger("coordinator")
+
+USAGE_ERROR = 2
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming the flag at fault, not the usage block."""
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="coordinator", description="An inference coordinator: OpenAI- and Anthropic-style "
+        "HTTP in front of a fleet of WebSocket providers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
+    for name, text in (("serve", "run the coordinator"),
+                       ("demo", "run the coordinator with simulated providers on loopback")):
+        p = sub.add_parser(
+            name, help=text, description=text + ". Every setting also comes from a "
+            "COORDINATOR_<NAME> environment variable (docs/configuration.md), e.g. "
+            "COORDINATOR_API_KEYS, COORDINATOR_ADMIN_KEYS, COORDINATOR_PROVIDER_TOKENS, "
+            "COORDINATOR_MAX_BODY_BYTES, COORDINATOR_QUEUE_MAX, COORDINATOR_DRAIN_TIMEOUT; "
+            "flags win over variables.")
+        p.add_argument("--host", default=None, metavar="ADDR",
+                       help="HTTP bind address (default: 127.0.0.1, COORDINATOR_HTTP_HOST)")
+        p.add_argument("--port", type=_port, default=None,
+                       help="HTTP port, 0 for any free one (default: 8000, "
+                       "COORDINATOR_HTTP_PORT)")
+        p.add_argument("--provider-host", default=None, metavar="ADDR",
+                       help="provider WebSocket bind address (default: 127.0.0.1, "
+                       "COORDINATOR_PROVIDER_HOST)")
+        p.add_argument("--provider-port", type=_port, default=None,
+                       help="provider WebSocket port (default: 8001, "
+                       "COORDINATOR_PROVIDER_PORT)")
+        p.add_argument("--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS,
+                       help="log level (default: INFO)")
+        if name == "demo":
+            p.add_argument("--providers", type=_positive, default=4,
+                           help="simulated providers to start (default: 4)")
+    return parser
 
 
 def _config_from(args: argparse.Namespace, **extra: Any) -> Config:
@@ -39,62 +111,89 @@ def _generated_secrets(config: Config) -> Config:
     return attrs.evolve(config, **generated) if generated else config
 
 
-async def _serve(config: Config) -> None:
+def _signals() -> Any:
+    """SIGINT and SIGTERM as a stream, from before anything is served (no KeyboardInterrupt)."""
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+
+
+async def _until_signalled(running: Running, signals: Any) -> None:
+    """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once."""
+    async for signum in signals:
+        print(f"\n{signal.Signals(signum).name}: draining for up to "
+              f"{running.coordinator.config.drain_timeout:g}s "
+              "(send it again to stop at once)", flush=True)
+        break
     async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(serve, config)
-        print(f"coordinator: HTTP on {running.http_url}, providers on {running.provider_url}",
-              flush=True)
+        nursery.start_soon(_stop_on_second_signal, signals, running)
+        await running.shutdown()
+        nursery.cancel_scope.cancel()
+    print("coordinator stopped", flush=True)
+
+
+async def _stop_on_second_signal(signals: Any, running: Running) -> None:
+    async for _ in signals:
+        running.stop()
+        return
+
+
+async def _serve(config: Config) -> None:
+    with _signals() as signals:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(serve, config)
+            print(f"coordinator: HTTP on {running.http_url}, providers on "
+                  f"{running.provider_url}", flush=True)
+            await _until_signalled(running, signals)
 
 
 async def _demo(config: Config, providers: int) -> None:
     from provider_sim.behaviours import Behaviour
     from provider_sim.fleet import demo_fleet, run_fleet
 
-    async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(serve, config)
-        # Paced like a real model (about 30 tokens/s) so the stream is visible.
-        fleet = demo_fleet(providers, token=config.provider_tokens[0],
-                           behaviour=Behaviour(token_interval=0.03, tokens=40))
-        nursery.start_soon(run_fleet, fleet, running.provider_url)
-        state = running.registry.state
-        while len(state.providers) < providers:
-            await state.changed.wait()
-        key = config.api_keys[0]
-        print(
-            f"\nCoordinator ready with {providers} simulated providers "
-            f"(models: sim-chat-small, sim-vision-large).\n"
-            f"  HTTP API   {running.http_url}\n"
-            f"  providers  {running.provider_url}\n"
-            f"  API key    {key}\n"
-            f"  admin key  {config.admin_keys[0]}\n\n"
-            "Stream tokens:\n\n"
-            f"  curl -N {running.http_url}/v1/chat/completions \\\n"
-            f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-            "    -d '{\"model\": \"sim-chat-small\", \"stream\": true, "
-            "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
-            f"Status: curl {running.http_url}/v1/admin/providers "
-            f"-H 'Authorization: Bearer {config.admin_keys[0]}'\n"
-            "Press Ctrl-C to stop.",
-            flush=True,
-        )
+    with _signals() as signals:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(serve, config)
+            # Paced like a real model (about 30 tokens/s) so the stream is visible.
+            fleet = demo_fleet(providers, token=config.provider_tokens[0],
+                               behaviour=Behaviour(token_interval=0.03, tokens=40))
+            nursery.start_soon(run_fleet, fleet, running.provider_url)
+            await running.registry.wait_for(lambda state: len(state.providers) >= providers)
+            print(_demo_banner(running, config, providers), flush=True)
+            await _until_signalled(running, signals)
+            nursery.cancel_scope.cancel()  # the simulated fleet
+
+
+def _demo_banner(running: Running, config: Config, providers: int) -> str:
+    key, admin = config.api_keys[0], config.admin_keys[0]
+    return (
+        f"\nCoordinator ready with {providers} simulated providers "
+        f"(models: sim-chat-small, sim-vision-large).\n"
+        f"  HTTP API   {running.http_url}\n"
+        f"  providers  {running.provider_url}\n"
+        f"  API key    {key}\n"
+        f"  admin key  {admin}\n\n"
+        "Stream tokens:\n\n"
+        f"  curl -N {running.http_url}/v1/chat/completions \\\n"
+        f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"sim-chat-small\", \"stream\": true, "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
+        f"Status page: {running.http_url}/status?key={admin}\n"
+        f"Providers:   curl {running.http_url}/v1/admin/providers "
+        f"-H 'Authorization: Bearer {admin}'\n"
+        "Press Ctrl-C to stop (it drains first).")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"coordinator: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("serve", "demo"):
-        p = sub.add_parser(name)
-        p.add_argument("--host", default=None, help="HTTP bind address (127.0.0.1)")
-        p.add_argument("--port", type=int, default=None, help="HTTP port (8000)")
-        p.add_argument("--provider-host", default=None, help="provider WebSocket bind address")
-        p.add_argument("--provider-port", type=int, default=None, help="provider port (8001)")
-        p.add_argument("--log-level", default="INFO")
-        if name == "demo":
-            p.add_argument("--providers", type=int, default=4)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
+    for warning in unknown_variables():
+        log.warning("%s", warning)
+    try:
         if args.command == "demo":
             config = _config_from(
                 args,
@@ -102,10 +201,17 @@ def main(argv: list[str] | None = None) -> None:
                 admin_keys=("admin-" + secrets.token_hex(8),),
                 provider_tokens=("demo-provider-token",),
             )
-            trio.run(_demo, config, args.providers)
         else:
             config = _generated_secrets(_config_from(args))
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        if args.command == "demo":
+            trio.run(_demo, config, args.providers)
+        else:
             trio.run(_serve, config)
+    except* ListenError as group:
+        _fail("; ".join(str(exc) for exc in group.exceptions))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ adds the two listeners.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any
 
 import attrs
@@ -16,15 +15,18 @@ import trio
 import trio_websocket
 
 from coordinator.api.routes import Api, EdgeGuard, create_app
-from coordinator.api.server import ConnectionTable, serve_http
+from coordinator.api.server import ConnectionTable, ListenError, bind_http, serve_http
 from coordinator.config import Config
 from coordinator.dispatch.attempt import Dispatcher
+from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.providers.edge import ProviderEdge
 from coordinator.providers.identity import IdentityBook
 from coordinator.registry.actor import RegistryClient, serve_registry
 
 log = logging.getLogger(__name__)
+
+GOING_AWAY = 1001
 
 
 @attrs.frozen
@@ -38,55 +40,82 @@ class Coordinator:
     edge: ProviderEdge
     asgi: Any  # the ASGI application, edge guard included
     connections: ConnectionTable
+    drain: Drain
+
+    async def shutdown(self) -> None:
+        """Drain (docs/operations.md, shutdown): returns once every request has ended."""
+        log.info("draining: no new work; in-flight requests have %gs", self.drain.timeout)
+        self.drain.begin(trio.current_time())
+        self.connections.close_idle()
+        await self.drain.wait_done()
+        await self.edge.close_all(GOING_AWAY, "coordinator shutting down")
 
 
 @attrs.frozen
 class Running:
-    """A serving coordinator: its parts and where it listens."""
+    """A serving coordinator: its parts, where it listens, and how to stop it."""
 
     coordinator: Coordinator
     http_url: str
     provider_url: str
+    _scope: trio.CancelScope
 
     @property
     def registry(self) -> RegistryClient:
         return self.coordinator.registry
 
+    async def shutdown(self) -> None:
+        """Drain, close provider sessions with 1001, then stop serving."""
+        await self.coordinator.shutdown()
+        self._scope.cancel()
+
+    def stop(self) -> None:
+        """Stop at once, without draining."""
+        self._scope.cancel()
+
 
 async def start_coordinator(nursery: trio.Nursery, config: Config) -> Coordinator:
     """Start the registry actor in ``nursery`` and build the edge and the API around it."""
     metrics = Metrics()
+    drain = Drain(config.drain_timeout)
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
-    dispatcher = Dispatcher(config, registry, metrics)
+    dispatcher = Dispatcher(config, registry, metrics, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
-    app = create_app(Api(config, registry, dispatcher, metrics, identities))
+    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain))
     connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
-                       ProviderEdge(config, registry, metrics, identities),
-                       EdgeGuard(app, connections), connections)
+                       ProviderEdge(config, registry, metrics, identities, drain),
+                       EdgeGuard(app, connections, drain), connections, drain)
 
 
 async def serve(
     config: Config, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run the coordinator until cancelled. Port 0 binds a free port; see ``Running``."""
+    """Run the coordinator until cancelled. Port 0 binds a free port; see ``Running``.
+
+    Both listeners are opened first: one that cannot be raises :class:`ListenError`.
+    """
+    http_socket = bind_http(config)
+    try:
+        provider_listeners = await trio.open_tcp_listeners(
+            config.provider_port, host=config.provider_host)
+    except OSError as exc:
+        http_socket.close()
+        raise ListenError(f"cannot listen for providers on {config.provider_host}:"
+                          f"{config.provider_port}: {exc.strerror or exc}") from None
     async with trio.open_nursery() as nursery:
         coordinator = await start_coordinator(nursery, config)
-        ws_server = await nursery.start(
-            partial(
-                trio_websocket.serve_websocket,
-                coordinator.edge.handle,
-                config.provider_host,
-                config.provider_port,
-                ssl_context=None,
-                # Until a provider is admitted only a small frame is accepted;
-                # the edge raises the limit after admission.
-                max_message_size=config.register_frame_bytes,
-                connect_timeout=config.register_timeout,
-            )
+        ws_server = trio_websocket.WebSocketServer(
+            coordinator.edge.handle,
+            provider_listeners,
+            # Until a provider is admitted only a small frame is accepted;
+            # the edge raises the limit after admission.
+            max_message_size=config.register_frame_bytes,
+            connect_timeout=config.register_timeout,
         )
+        await nursery.start(ws_server.run)
         http_url = await nursery.start(
-            serve_http, coordinator.asgi, config, coordinator.connections)
+            serve_http, coordinator.asgi, config, coordinator.connections, http_socket)
         provider_url = f"ws://{config.provider_host}:{ws_server.port}/"
         log.info("coordinator listening: http %s, providers %s", http_url, provider_url)
-        task_status.started(Running(coordinator, http_url, provider_url))
+        task_status.started(Running(coordinator, http_url, provider_url, nursery.cancel_scope))

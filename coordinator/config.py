@@ -8,6 +8,7 @@ fields take comma-separated values; ``capability_floors`` takes
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -82,6 +83,7 @@ class Config:
     idle_timeout: float = 600.0
     max_held_chunks: int = 8
     cancel_send_timeout: float = 2.0
+    drain_timeout: float = 30.0
     # -- routing health
     breaker_strikes: int = 2
     breaker_window: float = 60.0
@@ -112,32 +114,115 @@ class Config:
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        problems = sizes.check(self.max_body_bytes, self.max_frame_bytes,
-                               self.register_frame_bytes, self.request_buffer_bytes)
+        problems = [f"{name}: {problem}" for name, problem in self._field_problems()]
+        problems += sizes.check(self.max_body_bytes, self.max_frame_bytes,
+                                self.register_frame_bytes, self.request_buffer_bytes)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
+
+    def _field_problems(self) -> list[tuple[str, str]]:
+        out = []
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if value != value:  # NaN
+                out.append((field.name, "must be a number"))
+            elif field.name in _PORTS and not 0 <= value <= 65535:
+                out.append((field.name, f"must be a port number 0-65535, not {value}"))
+            elif field.name in _FRACTIONS and not 0 < value <= 1:
+                out.append((field.name, f"must be in (0, 1], not {value}"))
+            elif field.name in _AT_LEAST_ONE and value < 1:
+                out.append((field.name, f"must be at least 1, not {value}"))
+            elif value < 0:
+                out.append((field.name, f"must not be negative, not {value}"))
+        return out
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Config:
-        """Defaults, then ``COORDINATOR_*`` variables, then explicit overrides."""
+        """Defaults, then ``COORDINATOR_*`` variables, then explicit overrides.
+
+        Raises :class:`ConfigError` naming the variable or setting at fault.
+        """
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in attrs.fields(cls):
-            raw = environ.get(f"COORDINATOR_{field.name.upper()}")
+            variable = f"COORDINATOR_{field.name.upper()}"
+            raw = environ.get(variable)
             if raw is not None:
-                values[field.name] = _parse(field, raw)
+                try:
+                    values[field.name] = _parse(field, raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{variable}={raw!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(_name_variables(str(exc), environ)) from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+_PORTS = frozenset({"http_port", "provider_port"})
+_FRACTIONS = frozenset({"backup_fraction", "model_memory_fraction"})
+_AT_LEAST_ONE = frozenset({
+    "max_body_bytes", "max_frame_bytes", "max_json_depth", "max_tokens_limit",
+    "request_buffer_chunks", "max_connections", "max_attempts", "breaker_strikes",
+    "default_provider_slots", "max_provider_slots", "max_pending_providers",
+    "max_models_per_provider", "max_identity_pins",
+})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _name_variables(message: str, environ: Mapping[str, str]) -> str:
+    """Say ``COORDINATOR_X`` for settings that came from the environment."""
+    for field in attrs.fields(Config):
+        variable = f"COORDINATOR_{field.name.upper()}"
+        if variable in environ and message.startswith(f"{field.name}:"):
+            return f"{variable}={environ[variable]!r}" + message[len(field.name):]
+    return message
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``COORDINATOR_*`` variable that names no setting."""
+    environ = os.environ if environ is None else environ
+    known = [f"COORDINATOR_{f.name.upper()}" for f in attrs.fields(Config)]
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("COORDINATOR_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            warnings.append(f"{name} is not a coordinator setting{hint}")
+    return warnings
 
 
 def _parse(field: attrs.Attribute[Any], raw: str) -> Any:
-    kind = field.type
-    if kind in ("int", int):
-        return int(raw)
+    converter: Any = field.converter
+    if converter is not None:  # lists and pairs parse themselves
+        return converter(raw)
+    kind: Any = field.type
+    text = raw.strip()
+    if kind in ("int", int, "int | None"):
+        if not text and kind == "int | None":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("not an integer") from None
     if kind in ("float", float):
-        return float(raw)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
     if kind in ("bool", bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if kind in ("int | None",):
-        return int(raw) if raw else None
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError("not a boolean (use true/false, yes/no, on/off or 1/0)")
     return raw

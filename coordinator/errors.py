@@ -54,5 +54,10 @@ def unavailable(message: str, code: str = "no_provider") -> ApiError:
     return ApiError(503, message, "provider_error", code, retry_after=5)
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "the coordinator is shutting down; retry on another instance or "
+                    "shortly", "provider_error", "shutting_down", retry_after=5)
+
+
 def overloaded(message: str, retry_after: int = 10) -> ApiError:
     return ApiError(429, message, "rate_limit_error", "capacity", retry_after=retry_after)

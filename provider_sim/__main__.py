@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -38,30 +41,49 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command != "load" else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        if args.command == "fleet":
-            members: list[FleetMember]
-            if args.file:
-                members, _ = load_fleet(args.file, token=args.token)
-            else:
-                members = [FleetMember(p) for p in demo_fleet(
-                    args.n, args.token or "demo-provider-token",
-                    parse_behaviour(args.behaviour), args.seed)]
-            trio.run(run_fleet, members, args.coordinator)
-        elif args.command == "http":
-            from .http import serve_http
-
-            async def serve_and_say() -> None:
-                async with trio.open_nursery() as nursery:
-                    url = await nursery.start(serve_http, args.host, args.port,
-                                              parse_behaviour(args.behaviour), args.tokens)
-                    print(f"simulated provider (OpenAI-compatible) on {url}", flush=True)
-
-            trio.run(serve_and_say)
+    if args.command == "fleet":
+        members: list[FleetMember]
+        if args.file:
+            members, _ = load_fleet(args.file, token=args.token)
         else:
-            from .load import run_from_args
+            members = [FleetMember(p) for p in demo_fleet(
+                args.n, args.token or "demo-provider-token",
+                parse_behaviour(args.behaviour), args.seed)]
+        print(f"{len(members)} simulated providers connecting to {args.coordinator} "
+              "(Ctrl-C to stop)", flush=True)
+        trio.run(until_signalled, run_fleet, members, args.coordinator)
+    elif args.command == "http":
+        from .http import serve_http
 
-            run_from_args(args)
+        async def serve_and_say() -> None:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(serve_http, args.host, args.port,
+                                          parse_behaviour(args.behaviour), args.tokens)
+                print(f"simulated provider (OpenAI-compatible) on {url}", flush=True)
+
+        trio.run(until_signalled, serve_and_say)
+    else:
+        from .load import run_from_args
+
+        run_from_args(args)
+
+
+async def until_signalled(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run ``function`` until it returns or SIGINT/SIGTERM arrives; then stop quietly."""
+    async with trio.open_nursery() as nursery:
+        result: list[Any] = []
+
+        async def run() -> None:
+            result.append(await function(*args))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(f"\n{signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
+    return result[0] if result else None
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ from .template_check import check_snapshot, collect_templates, is_vision_snapsho
 
 log = logging.getLogger(__name__)
 
+
+def _describe(exc: BaseException) -> str:
+    """An exception's message, or its type and cause when it has none."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({cause})"
+    return text
+
 DEMO_MODELS = (
     ModelInfo("sim-chat-small", size_bytes=4 * 1024**3, model_type="chat", quantization="4bit"),
     ModelInfo("sim-vision-large", size_bytes=20 * 1024**3, model_type="chat",
@@ -154,12 +163,20 @@ async def _keep_connected(member: FleetMember, url: str, reconnect: bool) -> Non
     while True:
         # Churn is a budget on the connection: a cancel scope, then a pause.
         with trio.move_on_after(member.churn.every if member.churn else float("inf")):
+            provider.closed_with = None
             try:
                 await provider.run(url)
             except (OSError, trio.BrokenResourceError) as exc:
-                log.warning("%s: connection failed: %s", provider.provider_id, exc)
+                log.warning("%s: cannot connect to %s: %s", provider.provider_id, url,
+                            _describe(exc))
             except Exception as exc:  # the handshake library raises its own types
-                log.warning("%s: connection error: %s", provider.provider_id, exc)
+                log.warning("%s: connection to %s failed: %s", provider.provider_id, url,
+                            _describe(exc))
+            else:
+                if provider.closed_with is not None:
+                    log.warning("%s: the coordinator closed the connection: %d %s",
+                                provider.provider_id, provider.closed_with,
+                                provider.closed_reason or "(no reason given)")
         if not reconnect:
             return
         await trio.sleep(member.churn.down_for if member.churn else 1.0)

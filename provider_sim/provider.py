@@ -99,6 +99,7 @@ class SimProvider:
     # Replaced whenever something above is recorded, so tests can wait on it.
     activity: trio.Event = attrs.field(factory=trio.Event)
     closed_with: int | None = None
+    closed_reason: str = ""
     current_ws: trio_websocket.WebSocketConnection | None = None
     _key: nacl.public.PrivateKey = attrs.field(factory=nacl.public.PrivateKey.generate)
     _signing: nacl.signing.SigningKey = attrs.field(factory=nacl.signing.SigningKey.generate)
@@ -184,6 +185,7 @@ class SimProvider:
                         raw = await ws.get_message()
                     except trio_websocket.ConnectionClosed as exc:
                         self.closed_with = exc.reason.code if exc.reason else None
+                        self.closed_reason = (exc.reason.reason or "") if exc.reason else ""
                         self._touch()
                         break
                     try:
@@ -204,6 +206,9 @@ class SimProvider:
                 key = self.sign_with or self._signing
                 signature = sign_challenge(key, nonce, timestamp, self.public_key)
                 nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature))
+                if not self.registered.is_set():
+                    log.info("%s: registered, answering the coordinator's challenge",
+                             self.provider_id)
                 self.registered.set()
             case InferenceRequest():
                 scripted = self.script.popleft() if self.script else None

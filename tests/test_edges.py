@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -296,3 +301,140 @@ def test_malformed_sse_payloads_are_provider_errors(raw):
 
     with pytest.raises(ChunkError):
         parse_chunk(Endpoint.CHAT, raw)
+
+
+# ---- small operator-facing defects ---------------------------------------------------
+
+
+async def test_the_cooldown_gauge_agrees_with_the_status_page(autojump_clock):
+    from provider_sim.behaviours import Fault
+
+    async with open_harness(breaker_strikes=1) as h:
+        for name in ("a", "b"):
+            await h.add_provider(name, behaviour=Behaviour(Fault.ERROR, status=500))
+        await h.chat(stream=False)  # both fail once: both cool down
+        metrics = h.coordinator.metrics.render().decode()
+        assert "coordinator_cooldowns_active 2.0" in metrics
+        for name in ("a", "b"):
+            h.kill(name)
+            await h.wait_gone(name)
+        snapshot = await h.registry.snapshot()
+        assert not any(p["cooldowns"] for p in snapshot["providers"])
+        assert "coordinator_cooldowns_active 0.0" in h.coordinator.metrics.render().decode()
+        await trio.sleep(10_000)  # and cooldowns that expire leave the gauge by themselves
+        assert "coordinator_cooldowns_active 0.0" in h.coordinator.metrics.render().decode()
+
+
+# ---- graceful drain ----------------------------------------------------------------
+
+
+async def test_drain_lets_streams_finish_then_ends_the_rest(autojump_clock):
+    from provider_sim.behaviours import Fault
+
+    async with open_harness(drain_timeout=30.0) as h:
+        short = await h.add_provider("short", behaviour=Behaviour(token_interval=1.0, tokens=10))
+        long = await h.add_provider("long", behaviour=Behaviour(token_interval=1.0, tokens=100))
+        # Accepted (a cold load: a 600 s budget), then silent: still waiting at the deadline.
+        stuck = await h.add_provider("stuck", behaviour=Behaviour(Fault.STALL, accepted_delay=0.0))
+        results: dict[str, object] = {}
+
+        async def ask(name: str, **extra: object) -> None:
+            results[name] = await h.chat(provider_ids=[name], **extra)
+
+        async with trio.open_nursery() as nursery:
+            for name in ("short", "long"):
+                nursery.start_soon(ask, name)
+            nursery.start_soon(ask, "stuck")
+            await h.until(lambda: short.received and long.received and stuck.received)
+            start = trio.current_time()
+            nursery.start_soon(h.coordinator.shutdown)
+            await h.until(lambda: h.coordinator.drain.draining)
+            refused = await h.chat()
+            assert refused.status == 503 and refused.headers["retry-after"]
+            assert refused.json()["error"]["code"] == "shutting_down"
+        assert trio.current_time() - start < 32.0
+        finished, cut, waiting = results["short"], results["long"], results["stuck"]
+        assert finished.status == 200 and "error" not in finished.body.decode()  # type: ignore[attr-defined]
+        assert finished.sse[-1][1] == "[DONE]"  # type: ignore[attr-defined]
+        assert cut.status == 200 and "shutting down" in cut.body.decode()  # type: ignore[attr-defined]
+        assert [d for _, d in cut.sse].count("[DONE]") == 1  # type: ignore[attr-defined]
+        assert waiting.status == 503  # type: ignore[attr-defined]
+        for provider in (short, long, stuck):
+            assert provider.closed_with == 1001
+        assert stuck.cancelled and long.cancelled  # told to stop, not abandoned
+
+
+async def test_a_drain_with_nothing_in_flight_is_immediate(autojump_clock):
+    async with open_harness() as h:
+        provider = await h.add_provider("p")
+        assert (await h.chat()).status == 200
+        start = trio.current_time()
+        await h.coordinator.shutdown()
+        assert trio.current_time() - start < 2.0
+        assert provider.closed_with == 1001
+        health = await h.request("/healthz", method="GET")
+        assert health.status == 503 and health.json()["status"] == "draining"
+
+
+# ---- the command line: signals and operator errors -------------------------------------
+
+
+def _run_coordinator(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}
+    environ.update({"COORDINATOR_API_KEYS": "k", "COORDINATOR_PROVIDER_TOKENS": "t",
+                    **(env or {})})
+    return subprocess.Popen([sys.executable, "-m", "coordinator", *args], env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_drains_and_exits_0_without_a_traceback(signum):
+    process = _run_coordinator("serve", "--port", "0", "--provider-port", "0")
+    assert process.stdout is not None
+    for line in process.stdout:  # wait until it serves
+        if line.startswith("coordinator: HTTP on"):
+            break
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "draining" in out and "coordinator stopped" in out
+
+
+@pytest.mark.parametrize(("args", "env", "names"), [
+    (["--port", "70000"], {}, "--port"),
+    (["--log-level", "LOUD"], {}, "--log-level"),
+    ([], {"COORDINATOR_QUEUE_MAX": "abc"}, "COORDINATOR_QUEUE_MAX"),
+    ([], {"COORDINATOR_CAPABILITY_FLOORS": "tools"}, "COORDINATOR_CAPABILITY_FLOORS"),
+    ([], {"COORDINATOR_SPECULATIVE_BACKUP": "maybe"}, "COORDINATOR_SPECULATIVE_BACKUP"),
+    ([], {"COORDINATOR_TTFT_BASE": "-5"}, "COORDINATOR_TTFT_BASE"),
+    ([], {"COORDINATOR_BACKUP_FRACTION": "2"}, "COORDINATOR_BACKUP_FRACTION"),
+])
+def test_operator_errors_are_one_line_and_exit_2(args, env, names):
+    process = _run_coordinator("serve", "--provider-port", "0", *args, env=env)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert names in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if names in line]) == 1
+
+
+def test_a_port_in_use_names_the_listener():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for flag, what in (("--port", "HTTP"), ("--provider-port", "providers")):
+            other = "--provider-port" if flag == "--port" else "--port"
+            process = _run_coordinator("serve", flag, str(port), other, "0")
+            _, err = process.communicate(timeout=60)
+            assert process.returncode == 2
+            assert f"cannot listen for {what} on 127.0.0.1:{port}" in err
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_variable_gets_a_warning_naming_the_closest():
+    process = _run_coordinator("serve", env={"COORDINATOR_QUEUE_MAXX": "1",
+                                             "COORDINATOR_TTFT_BASE": "-1"})
+    _, err = process.communicate(timeout=60)
+    assert "COORDINATOR_QUEUE_MAXX is not a coordinator setting; did you mean " \
+           "COORDINATOR_QUEUE_MAX?" in err

@@ -33,6 +33,7 @@ from coordinator.dispatch.attempt import (
 )
 from coordinator.dispatch.chunks import Endpoint
 from coordinator.dispatch.relay import End, InBandError, collect, relay
+from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.providers.identity import IdentityBook, Unpin
 from coordinator.registry.actor import CANCELLED, RegistryClient, RegistryFault
@@ -42,7 +43,7 @@ from coordinator.toolschema import normalize_tool_schemas
 
 from . import sse
 from .assemble import assemble
-from .errors import Family, error_body, error_headers
+from .errors import Family, error_body, error_headers, error_json
 from .requests import parse_body, validate
 from .server import ConnectionTable
 from .status import render_status
@@ -61,6 +62,7 @@ class Api:
     dispatcher: Dispatcher
     metrics: Metrics
     identities: IdentityBook = attrs.field(factory=IdentityBook)
+    drain: Drain = attrs.field(factory=Drain)
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
@@ -126,10 +128,15 @@ class Api:
         )
         ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
+        committed: Committed | None = None
         try:
-            committed = await self.dispatcher.dispatch(ctx)
+            # Waiting for a provider (queue, attempts) ends with the drain, if one begins.
+            with self.drain.bounded():
+                committed = await self.dispatcher.dispatch(ctx)
         finally:
             record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
+        if committed is None:
+            raise errors.shutting_down()
         self._on_request_end(committed)
         record["provider"] = committed.racer.lease.provider_id
         headers = {
@@ -196,8 +203,10 @@ class Api:
 
     async def healthz(self) -> Response:
         snapshot = await self.registry.snapshot()
-        return json_response({"status": "ok", "providers": len(snapshot["providers"]),
-                              "queue_depth": snapshot["queue_depth"]})
+        draining = self.drain.draining
+        return json_response({"status": "draining" if draining else "ok",
+                              "providers": len(snapshot["providers"]),
+                              "queue_depth": snapshot["queue_depth"]}, 503 if draining else 200)
 
     async def metrics_page(self) -> Response:
         return Response(self.metrics.render(), 200,
@@ -336,11 +345,17 @@ class EdgeGuard:
       keep-alive idle timeout applies only between requests.
     * WebSocket upgrades are refused (403): the API has none; providers use
       their own port.
+    * While the coordinator drains, new requests get 503 with ``Retry-After``
+      (``/healthz`` says "draining", ``/metrics`` still answers), every
+      response closes its connection, and requests in flight are counted so
+      the drain knows when they are all done.
     """
 
-    def __init__(self, app: QuartTrio, connections: ConnectionTable | None = None) -> None:
+    def __init__(self, app: QuartTrio, connections: ConnectionTable | None = None,
+                 drain: Drain | None = None) -> None:
         self.app: Any = app
         self.connections = connections
+        self.drain = drain if drain is not None else Drain()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope.get("type")
@@ -355,9 +370,13 @@ class EdgeGuard:
         scope[CLEANUP_KEY] = cleanups
         if self.connections is not None:
             self.connections.request_started(peer)
-        body = _BodyWatch(receive, send, _has_body(scope))
+        body = _BodyWatch(receive, send, _has_body(scope), self.drain)
         try:
-            await self.app(scope, body.receive, body.send)
+            with self.drain.request():
+                if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
+                    await _refuse_while_draining(scope, body.send)
+                else:
+                    await self.app(scope, body.receive, body.send)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 for cleanup in cleanups:
@@ -376,9 +395,10 @@ class _BodyWatch:
     the listener (``server.GuardedStream``) closes this one once the request ends.
     """
 
-    def __init__(self, receive: Any, send: Any, has_body: bool) -> None:
+    def __init__(self, receive: Any, send: Any, has_body: bool, drain: Drain) -> None:
         self._receive = receive
         self._send = send
+        self._drain = drain
         self.body_read = not has_body
         self.closing = False
 
@@ -389,11 +409,23 @@ class _BodyWatch:
         return message
 
     async def send(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start" and not self.body_read:
+        if message["type"] == "http.response.start" and (
+                not self.body_read or self._drain.draining):
             self.closing = True
             message = {**message, "headers": [*message.get("headers", ()),
                                               (b"connection", b"close")]}
         await self._send(message)
+
+
+_WHILE_DRAINING = frozenset({"/healthz", "/metrics"})
+
+
+async def _refuse_while_draining(scope: dict[str, Any], send: Any) -> None:
+    family = Family.ANTHROPIC if scope.get("path") == Endpoint.MESSAGES.value else Family.OPENAI
+    error = errors.shutting_down()
+    headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error_json(error, family).encode()})
 
 
 def _has_body(scope: dict[str, Any]) -> bool:

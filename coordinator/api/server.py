@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 Peer = tuple[str, int]
 
 
+class ListenError(Exception):
+    """A listener that cannot be opened; the message names it and says why."""
+
+
 @attrs.define(eq=False)
 class ConnectionTable:
     """Open consumer connections by peer address, and their request counts."""
@@ -67,6 +71,13 @@ class ConnectionTable:
         if stream is not None:
             stream.in_flight += 1
             stream.rearm()
+
+    def close_idle(self) -> None:
+        """End every connection with no request in flight (the coordinator is draining)."""
+        for stream in list(self.streams.values()):
+            if stream.in_flight == 0:
+                stream.closing = True
+                stream.rearm()
 
     def request_ended(self, peer: Peer | None, *, close: bool = False) -> None:
         """A request is over; ``close`` ends its connection once nothing else is in flight."""
@@ -193,20 +204,29 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     return hconfig
 
 
+def bind_http(config: Config) -> socket.socket:
+    """The consumer listener's socket; :class:`ListenError` when it cannot be had."""
+    try:
+        return _bind(config.http_host, config.http_port, hypercorn.config.Config().backlog)
+    except OSError as exc:
+        raise ListenError(f"cannot listen for HTTP on {config.http_host}:{config.http_port}: "
+                          f"{exc.strerror or exc}") from None
+
+
 async def serve_http(
     app: Any,
     config: Config,
     table: ConnectionTable,
+    sock: socket.socket,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``config.http_host:http_port`` until cancelled; report the URL."""
+    """Serve ``app`` on ``sock`` (from :func:`bind_http`) until cancelled; report the URL."""
     hconfig = hypercorn_config(config)
     wrapped = wrap_app(app, hconfig.wsgi_max_body_size, "asgi")
     state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, hconfig, state)
     context = WorkerContext(None)
-    sock = _bind(config.http_host, config.http_port, hconfig.backlog)
     listener = GuardedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
                                table, config.max_connections, config.write_timeout)
     host, port = sock.getsockname()[:2]

@@ -35,6 +35,7 @@ import trio
 
 from coordinator import errors
 from coordinator.config import Config
+from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.protocol import (
     DecryptError,
@@ -170,6 +171,7 @@ class Dispatcher:
     config: Config
     registry: RegistryClient
     metrics: Metrics
+    drain: Drain = attrs.field(factory=Drain)
     # Racers whose stream and slot are not yet released (for tests and status).
     active: set[Racer] = attrs.field(factory=set)
     # Pre-content failures that were retried, newest last (for the status page).

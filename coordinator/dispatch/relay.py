@@ -75,14 +75,21 @@ async def relay(
             return
         if committed.chunks:
             yield list(committed.chunks)
+        drain = dispatcher.drain
         while True:
-            with trio.move_on_after(dispatcher.config.idle_timeout) as idle:
+            idle_deadline = trio.current_time() + dispatcher.config.idle_timeout
+            with drain.bounded(idle_deadline) as wait:
                 event = await _next_event(racer.events)
-            if idle.cancelled_caught:
-                ending = _Ending(Outcome.failure(TIMEOUT), cancel_provider=True)
+            if wait.cancelled_caught:
+                if drain.cut_off(trio.current_time()):
+                    ending = _CONSUMER_LEFT  # no verdict on the provider: we are leaving
+                    error = InBandError("shutdown", "the coordinator is shutting down", 503)
+                else:
+                    ending = _Ending(Outcome.failure(TIMEOUT), cancel_provider=True)
+                    error = InBandError("timeout", "no output from the provider for "
+                                        f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)
                 await _finish(dispatcher, committed, ending)
-                yield [InBandError("timeout", "no output from the provider for "
-                                   f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)]
+                yield [error]
                 return
             batch: list[RelayItem] = []
             for ready in _with_buffered(event, racer.events):
@@ -163,6 +170,8 @@ async def collect(dispatcher: Dispatcher, committed: Committed) -> tuple[list[Ev
                         chunks.append(item)
                     case End(usage):
                         return chunks, usage
+                    case InBandError("shutdown", message):
+                        raise errors.shutting_down()
                     case InBandError(reason, message):
                         dispatcher.metrics.inband_errors.labels(reason).inc()
                         code = "timeout" if reason == "timeout" else "provider_error"

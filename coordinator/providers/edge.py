@@ -30,6 +30,7 @@ import trio_websocket
 from coordinator import sizes
 from coordinator.config import Config
 from coordinator.credentials import matches_any
+from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.protocol import (
     AttestationChallenge,
@@ -67,7 +68,9 @@ class ProviderEdge:
     registry: RegistryClient
     metrics: Metrics
     identities: IdentityBook
+    drain: Drain = attrs.field(factory=Drain)
     pending: int = 0  # sockets in admission now
+    live: set[ProviderConnection] = attrs.field(factory=set)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """trio-websocket handler: one call per provider connection. Never raises."""
@@ -80,9 +83,9 @@ class ProviderEdge:
             log.error("provider connection handler failed", exc_info=True)
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        if self.pending >= self.config.max_pending_providers:
+        if self.pending >= self.config.max_pending_providers or self.drain.draining:
             self.metrics.frames_rejected.labels("admission_full").inc()
-            await request.reject(TRY_AGAIN_LATER, body=b"too many providers in admission")
+            await request.reject(TRY_AGAIN_LATER, body=b"not admitting providers now")
             return
         self.pending += 1
         try:
@@ -203,6 +206,7 @@ class ProviderEdge:
                 return
             log.info("provider %s v%s registered (session %d, %d models)", provider_id,
                      register.version, connection.session, len(record.models))
+            self.live.add(connection)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_supersede, connection, nursery.cancel_scope)
                 nursery.start_soon(
@@ -214,12 +218,19 @@ class ProviderEdge:
             # The id is free again before the registry forgets the provider, so
             # whoever sees it gone may at once register under it.
             self.identities.leave(session)
+            self.live.discard(connection)
             connection.close_all()
             with trio.CancelScope(shield=True):
                 await self.registry.unregister(provider_id, connection.session)
                 with trio.move_on_after(1):
                     await ws.aclose()
             log.info("provider %s session %d gone", provider_id, connection.session)
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Close every admitted provider's socket with ``code`` (shutdown: 1001, going away)."""
+        async with trio.open_nursery() as nursery:
+            for connection in list(self.live):
+                nursery.start_soon(_close, connection.ws, code, reason)
 
     async def _watch_supersede(self, connection: ProviderConnection, scope: trio.CancelScope) -> None:
         await connection.superseded.wait()
@@ -308,6 +319,11 @@ class ProviderEdge:
     def _reject(self, connection: ProviderConnection, reason: str, detail: str) -> None:
         self.metrics.frames_rejected.labels(reason).inc()
         log.warning("provider %s: rejected frame (%s)", connection.provider_id, detail[:200])
+
+
+async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    with trio.move_on_after(1):
+        await ws.aclose(code, reason)
 
 
 def _allow_large_frames(ws: trio_websocket.WebSocketConnection, limit: int) -> None:

@@ -288,7 +288,6 @@ class RegistryState:
         ):
             self.metrics.cooldown_entered.inc()
             log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
-        self.metrics.cooldowns_active.set(len(self.breaker.cooldowns(now)))
 
     def _on_register(self, record: ProviderRecord, now: float) -> None:
         old = self.providers.get(record.provider_id)
@@ -312,7 +311,13 @@ class RegistryState:
         record = self.providers.get(provider_id)
         if record is not None and record.session == session:
             self._remove(record, now)
+            # Its cooldowns go with it: a new session starts clean anyway, and the
+            # status page and the cooldown gauge count the same, live, keys.
+            self.breaker.forget_provider(provider_id)
             self._count_versions()
+
+    def cooldowns_active(self, now: float) -> int:
+        return len(self.breaker.cooldowns(now))
 
     def _remove(self, record: ProviderRecord, now: float) -> None:
         del self.providers[record.provider_id]
@@ -375,6 +380,11 @@ class RegistryClient:
     config: Config
     # The actor's state, for tests and introspection to *read*; never mutate it.
     state: RegistryState
+
+    async def wait_for(self, predicate: Callable[[RegistryState], bool]) -> None:
+        """Return once ``predicate(state)`` holds, re-checking after every message handled."""
+        while not predicate(self.state):
+            await self.state.changed.wait()
 
     async def register(self, record: ProviderRecord) -> None:
         """Add a provider; raise :class:`RegisterRefused` when the table will not take it."""
@@ -469,6 +479,8 @@ async def serve_registry(
     """Run the actor until cancelled; report its client through ``task_status``."""
     send, receive = trio.open_memory_channel[_Command](capacity)
     state = RegistryState(config, metrics, random.Random(config.seed))
+    # Read at scrape time from the table itself, so it cannot disagree with /status.
+    metrics.cooldowns_active.set_function(lambda: state.cooldowns_active(trio.current_time()))
     client = RegistryClient(send, config, state)
     task_status.started(client)
     async with receive:
