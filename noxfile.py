@@ -41,6 +41,8 @@ def _install_chromium(session: nox.Session) -> None:
     """Best effort: Debian's chromium for the status-page browser test (skipped without it)."""
     if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
         return
+    session.log("installing Debian's chromium (apt-get, as root) for the status-page "
+                "browser test; it is skipped without it")
     try:
         subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], timeout=600,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
