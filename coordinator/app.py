@@ -20,6 +20,7 @@ from coordinator.config import Config
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
+from coordinator.providers.connection import Directory
 from coordinator.providers.edge import ProviderEdge
 from coordinator.providers.identity import IdentityBook
 from coordinator.registry.actor import RegistryClient, serve_registry
@@ -79,12 +80,13 @@ async def start_coordinator(nursery: trio.Nursery, config: Config) -> Coordinato
     metrics = Metrics()
     drain = Drain(config.drain_timeout)
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
-    dispatcher = Dispatcher(config, registry, metrics, drain)
+    directory = Directory()
+    dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
     app = create_app(Api(config, registry, dispatcher, metrics, identities, drain))
     connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
-                       ProviderEdge(config, registry, metrics, identities, drain),
+                       ProviderEdge(config, registry, metrics, identities, drain, directory),
                        EdgeGuard(app, connections, drain), connections, drain)
 
 

@@ -83,6 +83,9 @@ class Config:
     idle_timeout: float = 600.0
     max_held_chunks: int = 8
     cancel_send_timeout: float = 2.0
+    close_timeout: float = 1.0
+    withdraw_timeout: float = 5.0
+    cleanup_timeout: float = 10.0
     drain_timeout: float = 30.0
     # -- routing health
     breaker_strikes: int = 2

@@ -39,12 +39,6 @@ def too_large(limit: int) -> ApiError:
                     "request_too_large")
 
 
-def too_large_for_providers(request_bytes: int, largest: int, model: str) -> ApiError:
-    return ApiError(413, f"this request needs a {request_bytes}-byte frame; the providers of "
-                    f"model {model} accept at most {largest} bytes", "invalid_request_error",
-                    "request_too_large")
-
-
 def rejected_by_provider(status: int, message: str) -> ApiError:
     """A provider's deterministic answer about the request itself, passed on as is."""
     return ApiError(status, message, "invalid_request_error", "provider_rejected_request")

@@ -25,9 +25,9 @@ from quart_trio import QuartTrio
 
 from coordinator.api.assemble import assemble
 from coordinator.api.sse import SseWriter
-from coordinator.dispatch.chunks import Endpoint
 from coordinator.dispatch.relay import End, InBandError
 from coordinator.protocol import Usage
+from coordinator.protocol.endpoints import Endpoint
 
 from .behaviours import HEALTHY, Behaviour
 from .script import Action, Chunk, Complete, Crash, Error, play

@@ -298,9 +298,7 @@ async def run_embedded(args: argparse.Namespace) -> dict[str, Any]:
         for provider in fleet:
             provider.fault_mix = parse_fault_mix(args.fault_mix)
         nursery.start_soon(run_fleet, fleet, running.provider_url)
-        state = running.registry.state
-        while len(state.providers) < len(fleet):
-            await state.changed.wait()
+        await running.registry.wait_for(lambda state: len(state.providers) >= len(fleet))
         report = await _run(args, running.http_url, "load")
         nursery.cancel_scope.cancel()
     return report

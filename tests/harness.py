@@ -146,17 +146,15 @@ class Harness:
         await self.coordinator.edge.handle(request)
 
     async def wait_registered(self, provider_id: str) -> None:
-        while provider_id not in self.state.providers:
-            await self.state.changed.wait()
+        await self.registry.wait_for(lambda state: provider_id in state.providers)
 
     async def wait_gone(self, provider_id: str) -> None:
-        while provider_id in self.state.providers:
-            await self.state.changed.wait()
+        await self.registry.wait_for(lambda state: provider_id not in state.providers)
 
     async def until(self, predicate: Any) -> None:
         """Wait until ``predicate()`` holds, re-checking whenever the registry or a provider changes."""
         while not predicate():
-            events = [self.state.changed, *(p.activity for p in self._everyone)]
+            events = [self.registry.changed, *(p.activity for p in self._everyone)]
             async with trio.open_nursery() as nursery:
                 for event in events:
                     nursery.start_soon(_cancel_when, event, nursery.cancel_scope)
@@ -182,11 +180,10 @@ class Harness:
     async def assert_quiescent(self) -> None:
         """No lease, queued request or pending provider stream is left behind."""
         snapshot = await self.registry.snapshot()
-        assert snapshot["leases"] == 0, snapshot
-        assert snapshot["queue_depth"] == 0, snapshot
-        for record in self.state.providers.values():
-            assert record.connection.pending == 0, record.provider_id
-        assert len(self.coordinator.dispatcher.active) == 0
+        assert snapshot.leases == 0, snapshot
+        assert snapshot.queue_depth == 0, snapshot
+        for connection in self.coordinator.edge.directory.live():
+            assert connection.pending == 0, connection.provider_id
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

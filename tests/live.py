@@ -24,9 +24,7 @@ async def live_coordinator(
             serve, make_config(http_port=0, provider_port=0, **config))
         fleet = demo_fleet(providers, token=TOKEN)
         nursery.start_soon(run_fleet, fleet, running.provider_url)
-        state = running.registry.state
-        while len(state.providers) < providers:
-            await state.changed.wait()
+        await running.registry.wait_for(lambda state: len(state.providers) >= providers)
         try:
             yield running, fleet
         finally:

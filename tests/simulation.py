@@ -23,9 +23,9 @@ import cattrs
 import trio
 import trio.testing
 
-from coordinator.dispatch.chunks import Endpoint
 from coordinator.protocol import ModelInfo
-from coordinator.registry.actor import OutcomeKind
+from coordinator.protocol.endpoints import Endpoint
+from coordinator.registry.table import OutcomeKind
 from coordinator.registry.versions import meets_floor, parse_version
 from provider_sim.behaviours import Behaviour
 from provider_sim.provider import SimProvider

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from coordinator.dispatch.chunks import ChunkError, ChunkKind, Endpoint, parse_chunk
+from coordinator.dispatch.chunks import ChunkError, ChunkKind, parse_chunk
 from coordinator.protocol import ModelInfo
+from coordinator.protocol.endpoints import Endpoint
 from coordinator.registry import scheduler
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.gates import Gate, fail_fast_message, gate
@@ -116,14 +117,14 @@ def test_scheduler_prefers_least_loaded_and_faster():
     a, b = record("a"), record("b")
     b.decode_tps = 1000  # much faster decode
     assert scheduler.pick([a, b], BASE, random.Random(0)) is b
-    b.leases["x"] = Lease("x", "b", 1, "m", "base", "0.7.0", cost=100.0, connection=None)
+    b.leases["x"] = Lease("x", "b", 1, "m", "base", "0.7.0", cost=100.0)
     assert scheduler.pick([a, b], BASE, random.Random(0)) is a
 
 
 def test_scheduler_skips_full_providers():
     a = record("a")
     a.max_slots = 1
-    a.leases["x"] = Lease("x", "a", 1, "m", "base", "0.7.0", cost=0.0, connection=None)
+    a.leases["x"] = Lease("x", "a", 1, "m", "base", "0.7.0", cost=0.0)
     assert scheduler.pick([a], BASE, random.Random(0)) is None
 
 

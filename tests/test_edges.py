@@ -25,8 +25,7 @@ async def _serve_fleet(nursery: trio.Nursery, providers: int = 1, **config: obje
     running: Running = await nursery.start(
         serve, make_config(http_port=0, provider_port=0, **config))
     nursery.start_soon(run_fleet, demo_fleet(providers, token=TOKEN), running.provider_url)
-    while len(running.registry.state.providers) < providers:
-        await running.registry.state.changed.wait()
+    await running.registry.wait_for(lambda state: len(state.providers) >= providers)
     return running
 
 
@@ -148,8 +147,8 @@ def _chat_of(size: int) -> dict:
 async def test_request_frames_go_only_to_providers_that_accept_them(autojump_clock):
     from coordinator import sizes
     from coordinator.api.requests import parse_body
-    from coordinator.dispatch.attempt import plaintext_body
-    from coordinator.dispatch.chunks import Endpoint
+    from coordinator.protocol.endpoints import Endpoint
+    from coordinator.protocol.endpoints import inner_request as plaintext_body
 
     limit = 64 * 1024
 
@@ -289,7 +288,8 @@ async def test_sse_framed_boilerplate_is_still_held(autojump_clock):
     ('event: x\ndata: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n', "content"),
 ])
 def test_sse_payload_parsing(raw, kind):
-    from coordinator.dispatch.chunks import Endpoint, parse_chunk
+    from coordinator.dispatch.chunks import parse_chunk
+    from coordinator.protocol.endpoints import Endpoint
 
     assert parse_chunk(Endpoint.CHAT, raw).kind.value == kind
 
@@ -297,7 +297,8 @@ def test_sse_payload_parsing(raw, kind):
 @pytest.mark.parametrize("raw", ["data: data: {}\n\n", "data: {}\n\ngarbage", "data: [1]",
                                  "data: {\n\n"])
 def test_malformed_sse_payloads_are_provider_errors(raw):
-    from coordinator.dispatch.chunks import ChunkError, Endpoint, parse_chunk
+    from coordinator.dispatch.chunks import ChunkError, parse_chunk
+    from coordinator.protocol.endpoints import Endpoint
 
     with pytest.raises(ChunkError):
         parse_chunk(Endpoint.CHAT, raw)
@@ -319,7 +320,7 @@ async def test_the_cooldown_gauge_agrees_with_the_status_page(autojump_clock):
             h.kill(name)
             await h.wait_gone(name)
         snapshot = await h.registry.snapshot()
-        assert not any(p["cooldowns"] for p in snapshot["providers"])
+        assert not any(p.cooldowns for p in snapshot.providers)
         assert "coordinator_cooldowns_active 0.0" in h.coordinator.metrics.render().decode()
         await trio.sleep(10_000)  # and cooldowns that expire leave the gauge by themselves
         assert "coordinator_cooldowns_active 0.0" in h.coordinator.metrics.render().decode()

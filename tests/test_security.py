@@ -441,8 +441,7 @@ async def _serve_fleet(nursery: trio.Nursery, providers: int = 1, **config: obje
     running = await nursery.start(serve, make_config(http_port=0, provider_port=0, **config))
     fleet = demo_fleet(providers, token=TOKEN)
     nursery.start_soon(run_fleet, fleet, running.provider_url)
-    while len(running.registry.state.providers) < providers:
-        await running.registry.state.changed.wait()
+    await running.registry.wait_for(lambda state: len(state.providers) >= providers)
     return running
 
 
@@ -508,8 +507,7 @@ async def test_a_consumer_that_stops_reading_is_cut_and_its_slot_released(autoju
         chatty = SimProvider("chatty", (model("sim-chat-small"),), token=TOKEN,
                              behaviour=Behaviour(text=" ".join(["word"] * 20_000)))
         nursery.start_soon(chatty.run, running.provider_url)
-        while not running.registry.state.providers:
-            await running.registry.state.changed.wait()
+        await running.registry.wait_for(lambda state: bool(state.providers))
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await sock.connect(_address(running.http_url))
@@ -519,9 +517,8 @@ async def test_a_consumer_that_stops_reading_is_cut_and_its_slot_released(autoju
         await stream.send_all(_post(body))
         await stream.receive_some(100)  # the headers and first chunk; then stop reading
         registry = running.registry
-        while (await registry.snapshot())["leases"] == 1:
-            await registry.state.changed.wait()
-        assert (await registry.snapshot())["leases"] == 0
+        await registry.wait_for(lambda state: not any(r.leases for r in state.providers.values()))
+        assert (await registry.snapshot()).leases == 0
         assert trio.current_time() >= 30.0
         nursery.cancel_scope.cancel()
 

@@ -22,8 +22,7 @@ async def test_stream_and_non_stream_over_real_sockets():
         for provider in fleet:
             await provider.registered.wait()
         registry = running.registry
-        while len(registry.state.providers) < 2:
-            await registry.state.changed.wait()
+        await registry.wait_for(lambda state: len(state.providers) >= 2)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         body = {"model": "sim-chat-small", "messages": [{"role": "user", "content": "hi"}]}
         async with httpx.AsyncClient(base_url=running.http_url, headers=headers,
@@ -43,5 +42,5 @@ async def test_stream_and_non_stream_over_real_sockets():
             bad = await client.post("/v1/chat/completions", content=b"{nope")
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
         snapshot = await registry.snapshot()
-        assert snapshot["leases"] == 0
+        assert snapshot.leases == 0
         nursery.cancel_scope.cancel()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.dispatch.chunks import Endpoint
 from coordinator.protocol import Usage, boundedjson
+from coordinator.protocol.endpoints import Endpoint
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import attrs
 
-from coordinator.dispatch.chunks import Endpoint
 from coordinator.errors import bad_request
 from coordinator.protocol import boundedjson
+from coordinator.protocol.endpoints import Endpoint
 
 # Request fields the coordinator consumes itself and does not forward.
 ALLOWLIST_FIELD = "provider_ids"

@@ -8,7 +8,6 @@ the handler does not return until then.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import uuid
@@ -24,19 +23,14 @@ from werkzeug.exceptions import HTTPException
 from coordinator import errors, sizes
 from coordinator.config import Config
 from coordinator.credentials import matches_any
-from coordinator.dispatch.attempt import (
-    Committed,
-    Dispatcher,
-    RequestContext,
-    Timing,
-    plaintext_body,
-)
-from coordinator.dispatch.chunks import Endpoint
-from coordinator.dispatch.relay import End, InBandError, collect, relay
+from coordinator.dispatch.attempt import Committed, Dispatcher, NotDispatched, RequestContext
+from coordinator.dispatch.relay import Batch, End, InBandError, relay
+from coordinator.dispatch.timing import Timing
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
+from coordinator.protocol.endpoints import Endpoint, inner_request
 from coordinator.providers.identity import IdentityBook, Unpin
-from coordinator.registry.actor import CANCELLED, RegistryClient, RegistryFault
+from coordinator.registry.actor import RegistryClient, RegistryFault
 from coordinator.registry.table import Job
 from coordinator.registry.traits import estimate_prompt_tokens, traits_of
 from coordinator.toolschema import normalize_tool_schemas
@@ -44,6 +38,7 @@ from coordinator.toolschema import normalize_tool_schemas
 from . import sse
 from .assemble import assemble
 from .errors import Family, error_body, error_headers, error_json
+from .outcomes import collect, refusal_error
 from .requests import parse_body, validate
 from .server import ConnectionTable
 from .status import render_status
@@ -51,8 +46,9 @@ from .status import render_status
 log = logging.getLogger(__name__)
 outcomes = logging.getLogger("coordinator.requests")
 
-CLEANUP_KEY = "coordinator.cleanup"
-Cleanup = Callable[[], Awaitable[None]]
+# The per-request nursery EdgeGuard opens: the relay of a committed winner runs in
+# it, so the request owns its winner however the response ends.
+NURSERY_KEY = "coordinator.request_nursery"
 
 
 @attrs.define(eq=False)
@@ -116,7 +112,7 @@ class Api:
         parsed = validate(endpoint, parse_body(raw, self.config.max_json_depth),
                           max_tokens_limit=self.config.max_tokens_limit)
         record["model"] = parsed.model
-        plaintext = plaintext_body(parsed.body, endpoint)
+        plaintext = inner_request(parsed.body, endpoint)
         job = Job(
             request_id=request_id,
             model=parsed.model,
@@ -128,16 +124,7 @@ class Api:
         )
         ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
-        committed: Committed | None = None
-        try:
-            # Waiting for a provider (queue, attempts) ends with the drain, if one begins.
-            with self.drain.bounded():
-                committed = await self.dispatcher.dispatch(ctx)
-        finally:
-            record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
-        if committed is None:
-            raise errors.shutting_down()
-        self._on_request_end(committed)
+        committed, batches = await self._dispatch(ctx, record)
         record["provider"] = committed.racer.lease.provider_id
         headers = {
             "X-Provider-Id": committed.racer.lease.provider_id,
@@ -147,13 +134,13 @@ class Api:
             "X-Request-Id": request_id,
         }
         if not parsed.stream:
-            chunks, usage = await collect(self.dispatcher, committed)
+            chunks, usage = await collect(batches, self.metrics)
             record.update(result="success", status=200)
             body = assemble(endpoint, chunks, usage, request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")
         record.update(result="streaming", status=200)
         response = Response(
-            self._sse(endpoint, committed, record, timing),
+            self._sse(endpoint, committed, batches, record, timing),
             200,
             {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             content_type="text/event-stream",
@@ -161,22 +148,37 @@ class Api:
         response.timeout = None
         return response
 
-    def _on_request_end(self, committed: Committed) -> None:
-        """Make sure the winner is released even if its body is never iterated."""
-        cleanups: list[Cleanup] | None = request.scope.get(CLEANUP_KEY)  # type: ignore[assignment]
-        if cleanups is not None:
-            cleanups.append(
-                lambda: self.dispatcher.close_winner(committed, CANCELLED, cancel=True))
+    async def _dispatch(
+        self, ctx: RequestContext, record: dict[str, Any]
+    ) -> tuple[Committed, trio.MemoryReceiveChannel[Batch]]:
+        """Dispatch; the winner's relay starts in the request's own nursery at the commit."""
+        owner: trio.Nursery = request.scope[NURSERY_KEY]  # type: ignore[literal-required]
+        send, batches = trio.open_memory_channel[Batch](1)
+        committed: Committed | None = None
+        try:
+            # Waiting for a provider (queue, attempts) ends with the drain, if one begins.
+            with self.drain.bounded():
+                committed = await self.dispatcher.dispatch(
+                    ctx, lambda winner: owner.start_soon(relay, self.dispatcher, winner, send))
+        except NotDispatched as exc:
+            raise refusal_error(exc.refused) from None
+        finally:
+            record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
+            if committed is None:
+                send.close()
+        if committed is None:
+            raise errors.shutting_down()
+        return committed, batches
 
     async def _sse(
-        self, endpoint: Endpoint, committed: Committed, record: dict[str, Any], timing: Timing
+        self, endpoint: Endpoint, committed: Committed,
+        batches: trio.MemoryReceiveChannel[Batch], record: dict[str, Any], timing: Timing
     ) -> AsyncIterator[bytes]:
-        items = relay(self.dispatcher, committed)
         writer = sse.SseWriter(endpoint)
         record["result"] = "client_gone"
         try:
-            async with contextlib.aclosing(items):
-                async for batch in items:
+            async with batches:
+                async for batch in batches:
                     for item in batch:
                         if isinstance(item, InBandError):
                             self.metrics.inband_errors.labels(item.reason).inc()
@@ -196,7 +198,7 @@ class Api:
         if not self._authorized(self.config.api_keys):
             return error_response(errors.unauthorized(), Family.OPENAI)
         snapshot = await self.registry.snapshot()
-        served = sorted({m["id"] for p in snapshot["providers"] for m in p["models"]})
+        served = sorted({m.id for p in snapshot.providers for m in p.models})
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "coordinator"}
                 for m in served]
         return json_response({"object": "list", "data": data})
@@ -205,8 +207,8 @@ class Api:
         snapshot = await self.registry.snapshot()
         draining = self.drain.draining
         return json_response({"status": "draining" if draining else "ok",
-                              "providers": len(snapshot["providers"]),
-                              "queue_depth": snapshot["queue_depth"]}, 503 if draining else 200)
+                              "providers": len(snapshot.providers),
+                              "queue_depth": snapshot.queue_depth}, 503 if draining else 200)
 
     async def metrics_page(self) -> Response:
         return Response(self.metrics.render(), 200,
@@ -226,7 +228,7 @@ class Api:
             {"ago": round(now - at, 1), "request_id": rid, "provider_id": f.provider_id,
              "version": f.version, "status": f.status, "message": f.message}
             for at, rid, f in reversed(self.dispatcher.failovers)][:20]
-        page = render_status(await self.registry.snapshot(), failovers)
+        page = render_status((await self.registry.snapshot()).as_json(), failovers)
         return Response(page, 200, {"Cache-Control": "no-store"},
                         content_type="text/html; charset=utf-8")
 
@@ -234,7 +236,7 @@ class Api:
         refused = self._admin()
         if refused is not None:
             return error_response(refused, Family.OPENAI)
-        return json_response(await self.registry.snapshot())
+        return json_response((await self.registry.snapshot()).as_json())
 
     async def admin_unpin(self, provider_id: str) -> Response:
         """Forget the key an explicit provider id was pinned to (a provider changing keys)."""
@@ -336,11 +338,12 @@ def create_app(api: Api) -> QuartTrio:
 class EdgeGuard:
     """ASGI wrapper around the application: what every request gets, whatever its route.
 
-    * Each request's registered cleanups run once the response is done. Quart
-      sends headers and then iterates the body; a consumer that leaves in
-      between would leave the committed provider's slot held. Cleanups are
-      idempotent, so the normal path (the relay's own ``finally``) and this
-      one can both run.
+    * Each request gets its own nursery, which outlives the handler: the relay
+      of its committed winner runs there, so the request owns the winner
+      however the response ends — read to the end, abandoned between the
+      headers and the body, or cut by the write timeout (the nursery is
+      cancelled once the application is done, and the relay's own cleanup
+      releases the winner).
     * The connection table hears when a request starts and ends, so the
       keep-alive idle timeout applies only between requests.
     * WebSocket upgrades are refused (403): the API has none; providers use
@@ -366,8 +369,6 @@ class EdgeGuard:
             await self.app(scope, receive, send)
             return
         peer = _peer(scope)
-        cleanups: list[Cleanup] = []
-        scope[CLEANUP_KEY] = cleanups
         if self.connections is not None:
             self.connections.request_started(peer)
         body = _BodyWatch(receive, send, _has_body(scope), self.drain)
@@ -376,11 +377,11 @@ class EdgeGuard:
                 if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
                     await _refuse_while_draining(scope, body.send)
                 else:
-                    await self.app(scope, body.receive, body.send)
+                    async with trio.open_nursery() as owned:
+                        scope[NURSERY_KEY] = owned
+                        await self.app(scope, body.receive, body.send)
+                        owned.cancel_scope.cancel()  # a relay nobody reads any more
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                for cleanup in cleanups:
-                    await cleanup()
             if self.connections is not None:
                 self.connections.request_ended(peer, close=body.closing)
 

@@ -19,8 +19,9 @@ from typing import Any, Final
 
 import attrs
 
-from coordinator.dispatch.chunks import Endpoint, Event
+from coordinator.dispatch.chunks import Event
 from coordinator.dispatch.relay import End, InBandError, RelayItem
+from coordinator.protocol.endpoints import Endpoint
 
 DONE = b"data: [DONE]\n\n"
 _FINAL_EVENTS = {

@@ -20,13 +20,7 @@ from typing import Any, Final
 import attrs
 
 from coordinator.protocol import boundedjson
-
-
-class Endpoint(enum.Enum):
-    CHAT = "/v1/chat/completions"
-    COMPLETIONS = "/v1/completions"
-    RESPONSES = "/v1/responses"
-    MESSAGES = "/v1/messages"
+from coordinator.protocol.endpoints import Endpoint
 
 
 class ChunkKind(enum.Enum):

@@ -93,6 +93,35 @@ def ended_stream() -> EventStream:
 
 
 @attrs.define(eq=False)
+class Directory:
+    """Live provider connections by (provider id, session): where sockets are found.
+
+    The provider edge owns it; the registry's table holds only ids, and the
+    dispatcher looks a lease's connection up here. A session that has gone is
+    simply not found.
+    """
+
+    _by_session: dict[tuple[str, int], ProviderConnection] = attrs.field(factory=dict)
+
+    def add(self, connection: ProviderConnection) -> None:
+        self._by_session[(connection.provider_id, connection.session)] = connection
+
+    def remove(self, connection: ProviderConnection) -> None:
+        key = (connection.provider_id, connection.session)
+        if self._by_session.get(key) is connection:
+            del self._by_session[key]
+
+    def get(self, provider_id: str, session: int) -> ProviderConnection | None:
+        return self._by_session.get((provider_id, session))
+
+    def live(self) -> list[ProviderConnection]:
+        return list(self._by_session.values())
+
+    def __len__(self) -> int:
+        return len(self._by_session)
+
+
+@attrs.define(eq=False)
 class ProviderConnection:
     provider_id: str
     session: int

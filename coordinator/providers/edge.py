@@ -49,9 +49,10 @@ from coordinator.protocol import (
 from coordinator.protocol.crypto import load_public_key, load_verify_key
 from coordinator.providers import admission
 from coordinator.providers.admission import AdmissionError
-from coordinator.providers.connection import ProviderConnection
+from coordinator.providers.connection import Directory, ProviderConnection
 from coordinator.providers.identity import IdentityBook, Session
-from coordinator.registry.actor import RegisterRefused, RegistryClient
+from coordinator.registry.actor import RegistryClient
+from coordinator.registry.state import RegisterRefused
 from coordinator.registry.table import ProviderRecord
 from coordinator.registry.versions import parse_version
 
@@ -69,8 +70,8 @@ class ProviderEdge:
     metrics: Metrics
     identities: IdentityBook
     drain: Drain = attrs.field(factory=Drain)
+    directory: Directory = attrs.field(factory=Directory)
     pending: int = 0  # sockets in admission now
-    live: set[ProviderConnection] = attrs.field(factory=set)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """trio-websocket handler: one call per provider connection. Never raises."""
@@ -104,8 +105,7 @@ class ProviderEdge:
         except AdmissionError as exc:
             reason = str(exc)[:120]
             log.warning("provider refused: %s", reason)
-            with trio.move_on_after(1):
-                await ws.aclose(POLICY_VIOLATION, reason)
+            await _close(ws, POLICY_VIOLATION, reason, self.config.close_timeout)
             return None
 
     async def _admit(self, ws: trio_websocket.WebSocketConnection) -> tuple[Register, Session]:
@@ -191,22 +191,24 @@ class ProviderEdge:
             prefill_tps=admission.clamp(register.prefill_tps, admission.MAX_PREFILL_TPS),
             max_slots=admission.slots(register, self.config),
             max_request_bytes=admission.request_limit(register),
-            connection=connection,
             hardware=admission.hardware_label(register),
             signing_key=session.signing_key,
         )
         answers_in, answers = trio.open_memory_channel[AttestationResponse](4)
         try:
+            self.directory.add(connection)
             try:
-                await self.registry.register(record)
+                superseded = await self.registry.register(record)
             except RegisterRefused as exc:
                 log.warning("provider %s refused by the registry: %s", provider_id, exc)
-                with trio.move_on_after(1):
-                    await ws.aclose(POLICY_VIOLATION, str(exc)[:120])
+                await _close(ws, POLICY_VIOLATION, str(exc)[:120], self.config.close_timeout)
                 return
+            if superseded is not None:
+                old = self.directory.get(provider_id, superseded)
+                if old is not None:
+                    old.supersede()
             log.info("provider %s v%s registered (session %d, %d models)", provider_id,
                      register.version, connection.session, len(record.models))
-            self.live.add(connection)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_supersede, connection, nursery.cancel_scope)
                 nursery.start_soon(
@@ -218,19 +220,18 @@ class ProviderEdge:
             # The id is free again before the registry forgets the provider, so
             # whoever sees it gone may at once register under it.
             self.identities.leave(session)
-            self.live.discard(connection)
+            self.directory.remove(connection)
             connection.close_all()
             with trio.CancelScope(shield=True):
                 await self.registry.unregister(provider_id, connection.session)
-                with trio.move_on_after(1):
-                    await ws.aclose()
+                await _close(ws, 1000, "", self.config.close_timeout)
             log.info("provider %s session %d gone", provider_id, connection.session)
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every admitted provider's socket with ``code`` (shutdown: 1001, going away)."""
         async with trio.open_nursery() as nursery:
-            for connection in list(self.live):
-                nursery.start_soon(_close, connection.ws, code, reason)
+            for connection in self.directory.live():
+                nursery.start_soon(_close, connection.ws, code, reason, self.config.close_timeout)
 
     async def _watch_supersede(self, connection: ProviderConnection, scope: trio.CancelScope) -> None:
         await connection.superseded.wait()
@@ -254,8 +255,7 @@ class ProviderEdge:
                 return
             if not ok:
                 log.warning("provider failed a periodic challenge; closing")
-                with trio.move_on_after(1):
-                    await ws.aclose(POLICY_VIOLATION, "challenge failed")
+                await _close(ws, POLICY_VIOLATION, "challenge failed", self.config.close_timeout)
                 scope.cancel()
                 return
 
@@ -321,8 +321,10 @@ class ProviderEdge:
         log.warning("provider %s: rejected frame (%s)", connection.provider_id, detail[:200])
 
 
-async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
-    with trio.move_on_after(1):
+async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str,
+                 wait: float) -> None:
+    """Close with ``code``, waiting at most ``wait`` seconds for the peer's close reply."""
+    with trio.move_on_after(wait):
         await ws.aclose(code, reason)
 
 

@@ -1,10 +1,11 @@
-"""The registry actor: one task owns the provider table, leases, breaker and queue.
+"""The registry actor: one task owns the routing state; everyone else sends it messages.
 
-Everything else sends it a message through a bounded channel and, where it
-needs an answer, waits on a one-slot reply channel. Handlers never await, so
-every routing decision is made against a consistent table and in arrival
-order. Replies use ``send_nowait`` on one-slot channels that nobody else
-writes to, so the actor can never block on a slow caller.
+Each message is one call on :class:`~coordinator.registry.state.RegistryState`,
+made inside its own guard: a message whose handling fails is logged with its
+type and answered with a :class:`RegistryFault`, and the loop goes on. Handlers
+never await, so every routing decision is made against a consistent table and
+in arrival order. Replies use ``send_nowait`` on one-slot channels that
+nobody else writes to, so the actor never blocks on a slow caller.
 
 The queue wait budget is a cancel scope in the *caller* (``acquire``); the
 actor only keeps the FIFO and withdraws entries when asked.
@@ -13,78 +14,50 @@ actor only keeps the FIFO and withdraws entries when asked.
 from __future__ import annotations
 
 import contextlib
-import enum
-import itertools
 import logging
 import random
-from collections import deque
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
-from coordinator import errors
 from coordinator.config import Config
 from coordinator.metrics import Metrics
-from coordinator.registry import scheduler
-from coordinator.registry.breaker import Breaker
-from coordinator.registry.gates import Gate, fail_fast_message, gate
-from coordinator.registry.models import ModelMemory
-from coordinator.registry.table import Job, Lease, ProviderRecord
-from coordinator.registry.versions import Version, parse_version
+from coordinator.registry.state import (
+    AcquireRequest,
+    Decision,
+    Refusal,
+    Refused,
+    RegisterRefused,
+    RegistryState,
+)
+from coordinator.registry.table import (
+    CANCELLED,
+    Grant,
+    Job,
+    Lease,
+    Outcome,
+    ProviderRecord,
+    RegistrySnapshot,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class RegistryFault(Exception):
     """The actor failed to handle one message (a bug); the loop itself lives on."""
 
 
-class RegisterRefused(Exception):
-    """A registration the registry will not accept; the message is the reason."""
-
-
-class Refusal(enum.Enum):
-    UNKNOWN_MODEL = "unknown_model"
-    UNSERVABLE = "unservable"
-    EXHAUSTED = "exhausted"  # every otherwise eligible provider already failed this request
-    QUEUE_FULL = "queue_full"
-
-
-@attrs.frozen
-class Refused:
-    kind: Refusal
-    error: errors.ApiError
-
-
-class OutcomeKind(enum.Enum):
-    SUCCESS = "success"
-    FAILURE = "failure"
-    CANCELLED = "cancelled"  # no verdict on the provider's health
-
-
-@attrs.frozen
-class Outcome:
-    kind: OutcomeKind
-    status: int = 0
-
-    @classmethod
-    def failure(cls, status: int) -> Outcome:
-        return cls(OutcomeKind.FAILURE, status)
-
-
-SUCCESS = Outcome(OutcomeKind.SUCCESS)
-CANCELLED = Outcome(OutcomeKind.CANCELLED)
-
-
-# ---- messages -----------------------------------------------------------------
+Reply = trio.MemorySendChannel[Any]
 
 
 @attrs.frozen
 class _Register:
     record: ProviderRecord
-    reply: trio.MemorySendChannel[RegisterRefused | RegistryFault | None]
+    reply: Reply  # the superseded session's number, None, or RegisterRefused
 
 
 @attrs.frozen
@@ -95,18 +68,24 @@ class _Unregister:
 
 @attrs.frozen
 class _Acquire:
-    job: Job
-    exclude: frozenset[str]
-    avoid_version: str | None
-    queue: bool
-    ticket: object
-    reply: trio.MemorySendChannel[Lease | Refused | RegistryFault | None]
+    """May wait in the queue: answered now, or later by a drain."""
+
+    request: AcquireRequest
+    reply: Reply
+
+
+@attrs.frozen
+class _TryAcquire:
+    """Never queues: a grant now, or None (the speculative backup's path)."""
+
+    request: AcquireRequest
+    reply: Reply
 
 
 @attrs.frozen
 class _Withdraw:
     ticket: object
-    reply: trio.MemorySendChannel[RegistryFault | None]
+    reply: Reply
 
 
 @attrs.frozen
@@ -117,259 +96,58 @@ class _Release:
 
 @attrs.frozen
 class _Snapshot:
-    reply: trio.MemorySendChannel[dict[str, Any] | RegistryFault]
+    reply: Reply
 
 
-_Command = _Register | _Unregister | _Acquire | _Withdraw | _Release | _Snapshot
-
-
-@attrs.define(eq=False)
-class _Waiter:
-    request: _Acquire
-    since: float
-
-
-# ---- the actor's state and decisions (synchronous) ------------------------------
+_Command = _Register | _Unregister | _Acquire | _TryAcquire | _Withdraw | _Release | _Snapshot
 
 
 @attrs.define(eq=False)
-class RegistryState:
-    config: Config
-    metrics: Metrics
-    rng: random.Random
-    providers: dict[str, ProviderRecord] = attrs.field(factory=dict)
-    # model -> provider id -> record: a decision looks only at the model's providers.
-    by_model: dict[str, dict[str, ProviderRecord]] = attrs.field(factory=dict)
-    offline_models: ModelMemory = attrs.field(init=False)
-    queue: deque[_Waiter] = attrs.field(factory=deque)
-    breaker: Breaker = attrs.field(init=False)
-    _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
-    floors: Mapping[str, Version | None] = attrs.field(init=False)
-    # Replaced after every command, so observers can wait for "the table changed".
-    changed: trio.Event = attrs.field(factory=trio.Event)
-    # Optional audit hook: called with (event, now, details) for every grant,
-    # release and registration. Tests check routing against a reference model.
-    observer: Callable[[str, float, dict[str, Any]], None] | None = None
+class _Actor:
+    """The loop's side: the state, and the reply channels of queued requests."""
 
-    def __attrs_post_init__(self) -> None:
-        c = self.config
-        self.breaker = Breaker(c.breaker_strikes, c.breaker_window, c.breaker_cooldown)
-        self.floors = {trait: parse_version(v) for trait, v in c.capability_floors.items()}
-        self.offline_models = ModelMemory(c.model_forget_after, c.max_known_models)
+    state: RegistryState
+    waiting: dict[object, Reply] = attrs.field(factory=dict)
 
-    # -- gating, shared by every path
-    def _reasons(self, job: Job, exclude: Collection[str], now: float) -> dict[str, Gate | None]:
-        return {
-            pid: gate(r, job, floors=self.floors, breaker=self.breaker, now=now, exclude=exclude,
-                      memory_fraction=self.config.model_memory_fraction)
-            for pid, r in self.by_model.get(job.model, {}).items()
-        }
-
-    def decide(self, request: _Acquire, now: float) -> Lease | Refused | None:
-        """Grant a lease, refuse, or return None to mean "wait in the queue"."""
-        job = request.job
-        reasons = self._reasons(job, request.exclude, now)
-        eligible = [self.providers[pid] for pid, why in reasons.items() if why is None]
-        if not reasons:
-            if self.offline_models.remembers(job.model, now):
-                return None  # its providers are momentarily offline
-            return Refused(Refusal.UNKNOWN_MODEL, errors.not_found(
-                f"the model {job.model!r} does not exist or is not served"))
-        if not eligible:
-            why = set(r for r in reasons.values() if r is not None)
-            if Gate.EXCLUDED in why:
-                return Refused(Refusal.EXHAUSTED, errors.unavailable(
-                    "no further provider available for this request"))
-            if why - {Gate.NOT_ALLOWED} == {Gate.REQUEST_TOO_LARGE}:
-                largest = max(r.max_request_bytes for r in self.by_model[job.model].values())
-                return Refused(Refusal.UNSERVABLE, errors.too_large_for_providers(
-                    job.request_bytes, largest, job.model))
-            return Refused(Refusal.UNSERVABLE, errors.unavailable(fail_fast_message(job, why)))
-        chosen = scheduler.pick(eligible, job, self.rng, avoid_version=request.avoid_version)
-        return None if chosen is None else self._lease(chosen, job)
-
-    def _lease(self, record: ProviderRecord, job: Job) -> Lease:
-        lease = Lease(
-            # A wire id per lease: late frames of a cancelled racer can never
-            # leak into a later attempt on the same provider.
-            request_id=f"{job.request_id}.{next(self._serial)}",
-            provider_id=record.provider_id,
-            session=record.session,
-            model=job.model,
-            shape=job.traits.shape,
-            version=record.version_text,
-            cost=scheduler.job_cost(record, job),
-            connection=record.connection,
-        )
-        record.leases[lease.request_id] = lease
-        if self.observer is not None:
-            self.observer("grant", trio.current_time(), {"lease": lease, "job": job})
-        return lease
-
-    # -- handlers
     def handle(self, command: _Command, now: float) -> None:
-        try:
-            self._dispatch(command, now)
-        finally:
-            self.metrics.queue_depth.set(len(self.queue))
-            self.changed.set()
-            self.changed = trio.Event()
-
-    def _dispatch(self, command: _Command, now: float) -> None:
+        state = self.state
         match command:
-            case _Acquire():
-                self._on_acquire(command, now)
+            case _Acquire(request, reply):
+                decision = state.acquire(request, now)
+                if decision is None:
+                    self.waiting[request.ticket] = reply
+                else:
+                    reply.send_nowait(decision)
+            case _TryAcquire(request, reply):
+                reply.send_nowait(state.try_acquire(request, now))
             case _Release(lease, outcome):
-                self._on_release(lease, outcome, now)
-                self._drain(now)
+                state.release(lease, outcome, now)
+                self._answer_drained(now)
             case _Withdraw(ticket, reply):
-                self._withdraw(ticket, now)
+                state.withdraw(ticket, now)
+                self.waiting.pop(ticket, None)
                 reply.send_nowait(None)
             case _Register(record, reply):
                 try:
-                    self._on_register(record, now)
+                    old = state.register(record, now)
                 except RegisterRefused as refused:
                     reply.send_nowait(refused)
                     return
-                reply.send_nowait(None)
-                self._drain(now)
+                reply.send_nowait(old.session if old is not None else None)
+                self._answer_drained(now)
             case _Unregister(provider_id, session):
-                self._on_unregister(provider_id, session, now)
+                state.unregister(provider_id, session, now)
             case _Snapshot(reply):
-                reply.send_nowait(self.snapshot(now))
+                reply.send_nowait(state.snapshot(now))
 
-    def _on_acquire(self, request: _Acquire, now: float) -> None:
-        decision = self.decide(request, now)
-        if decision is not None or not request.queue:
-            request.reply.send_nowait(decision)
-        elif len(self.queue) >= self.config.queue_max:
-            request.reply.send_nowait(Refused(Refusal.QUEUE_FULL, errors.overloaded(
-                "all providers for this model are busy and the queue is full")))
-        else:
-            self.queue.append(_Waiter(request, now))
-
-    def _withdraw(self, ticket: object, now: float) -> None:
-        for waiter in self.queue:
-            if waiter.request.ticket is ticket:
-                self.queue.remove(waiter)
-                self.metrics.queue_wait.observe(now - waiter.since)
-                return
-
-    def _drain(self, now: float) -> None:
-        """Serve queued requests, in order, that can now be granted or refused."""
-        if not self.queue:
-            return
-        still: deque[_Waiter] = deque()
-        for waiter in self.queue:
-            decision = self.decide(waiter.request, now)
-            if decision is None:
-                still.append(waiter)
-                continue
-            self.metrics.queue_wait.observe(now - waiter.since)
-            if isinstance(decision, Lease):
-                decision.queued = now - waiter.since
-            waiter.request.reply.send_nowait(decision)
-        self.queue = still
-
-    def _on_release(self, lease: Lease, outcome: Outcome, now: float) -> None:
-        if self.observer is not None:
-            self.observer("release", now, {"lease": lease, "outcome": outcome})
-        record = self.providers.get(lease.provider_id)
-        if record is not None:
-            if record.session != lease.session:
-                return  # a verdict on an old session says nothing about the new one
-            record.leases.pop(lease.request_id, None)
-            record.served += outcome.kind is OutcomeKind.SUCCESS
-        key = (lease.provider_id, lease.model, lease.shape)
-        if outcome.kind is OutcomeKind.SUCCESS:
-            self.breaker.record_success(key)
-        elif outcome.kind is OutcomeKind.FAILURE and self.breaker.record_failure(
-            key, outcome.status, now
-        ):
-            self.metrics.cooldown_entered.inc()
-            log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
-
-    def _on_register(self, record: ProviderRecord, now: float) -> None:
-        old = self.providers.get(record.provider_id)
-        if old is not None and old.signing_key != record.signing_key:
-            # The edge binds ids to keys; this keeps the rule where the table is.
-            raise RegisterRefused(f"provider id {record.provider_id} is live with another key")
-        if self.observer is not None:
-            self.observer("register", trio.current_time(), {"provider_id": record.provider_id})
-        if old is not None:
-            self._remove(old, now)
-            if old.connection is not None:
-                old.connection.supersede()
-        self.providers[record.provider_id] = record
-        for model in record.models:
-            self.by_model.setdefault(model, {})[record.provider_id] = record
-            self.offline_models.came_online(model)
-        self.breaker.forget_provider(record.provider_id)
-        self._count_versions()
-
-    def _on_unregister(self, provider_id: str, session: int, now: float) -> None:
-        record = self.providers.get(provider_id)
-        if record is not None and record.session == session:
-            self._remove(record, now)
-            # Its cooldowns go with it: a new session starts clean anyway, and the
-            # status page and the cooldown gauge count the same, live, keys.
-            self.breaker.forget_provider(provider_id)
-            self._count_versions()
-
-    def cooldowns_active(self, now: float) -> int:
-        return len(self.breaker.cooldowns(now))
-
-    def _remove(self, record: ProviderRecord, now: float) -> None:
-        del self.providers[record.provider_id]
-        for model in record.models:
-            serving = self.by_model.get(model, {})
-            serving.pop(record.provider_id, None)
-            if not serving:
-                self.by_model.pop(model, None)
-                self.offline_models.went_offline(model, now)
-
-    def _count_versions(self) -> None:
-        self.metrics.providers_online.clear()
-        for record in self.providers.values():
-            self.metrics.providers_online.labels(record.version_text or "unknown").inc()
-
-    def snapshot(self, now: float) -> dict[str, Any]:
-        cooldowns = self.breaker.cooldowns(now)
-        return {
-            "providers": [
-                {
-                    "id": r.provider_id,
-                    "version": r.version_text,
-                    "hardware": r.hardware,
-                    "slots": {"in_use": len(r.leases), "max": r.max_slots},
-                    "served": r.served,
-                    "models": [
-                        {
-                            "id": m.id,
-                            "is_vision": bool(m.is_vision),
-                            "template_render_ok": m.template_render_ok,
-                        }
-                        for m in r.models.values()
-                    ],
-                    "cooldowns": [
-                        {"model": model, "shape": shape, "seconds_left": round(until - now, 3)}
-                        for (pid, model, shape), until in sorted(cooldowns.items())
-                        if pid == r.provider_id
-                    ],
-                }
-                for r in sorted(self.providers.values(), key=lambda r: r.provider_id)
-            ],
-            "queue_depth": len(self.queue),
-            "leases": sum(len(r.leases) for r in self.providers.values()),
-            "models": sorted({*self.by_model, *self._remembered(now)}),
-        }
-
-    def _remembered(self, now: float) -> list[str]:
-        self.offline_models.sweep(now)
-        return self.offline_models.names()
+    def _answer_drained(self, now: float) -> None:
+        for ticket, decision in self.state.drain(now):
+            reply = self.waiting.pop(ticket, None)
+            if reply is not None:
+                reply.send_nowait(decision)
 
 
-# ---- the task and its handle ------------------------------------------------------
+# ---- the handle -------------------------------------------------------------------
 
 
 @attrs.define(eq=False)
@@ -380,93 +158,88 @@ class RegistryClient:
     config: Config
     # The actor's state, for tests and introspection to *read*; never mutate it.
     state: RegistryState
+    # Replaced after every message handled, so observers can wait for "the table changed".
+    changed: trio.Event = attrs.field(factory=trio.Event)
 
     async def wait_for(self, predicate: Callable[[RegistryState], bool]) -> None:
         """Return once ``predicate(state)`` holds, re-checking after every message handled."""
         while not predicate(self.state):
-            await self.state.changed.wait()
+            await self.changed.wait()
 
-    async def register(self, record: ProviderRecord) -> None:
-        """Add a provider; raise :class:`RegisterRefused` when the table will not take it."""
-        reply, answer = trio.open_memory_channel[RegisterRefused | RegistryFault | None](1)
-        await self._send.send(_Register(record, reply))
-        refused = await answer.receive()
-        if refused is not None:
-            raise refused
-
-    async def unregister(self, provider_id: str, session: int) -> None:
-        await self._tell(_Unregister(provider_id, session))
+    async def _ask(self, make: Callable[[Reply], _Command]) -> Any:
+        reply, answer = trio.open_memory_channel[Any](1)
+        await self._send.send(make(reply))
+        result = await answer.receive()
+        if isinstance(result, RegistryFault):
+            raise result
+        return result
 
     async def _tell(self, command: _Command) -> None:
         """Send without expecting an answer; an actor already shut down needs no news."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._send.send(command)
 
-    async def snapshot(self) -> dict[str, Any]:
-        reply, answer = trio.open_memory_channel[dict[str, Any] | RegistryFault](1)
-        await self._send.send(_Snapshot(reply))
-        result = await answer.receive()
-        _raise_fault(result)
-        assert not isinstance(result, RegistryFault)
-        return result
+    async def register(self, record: ProviderRecord) -> int | None:
+        """Add a provider; return the session it supersedes (the edge closes that one).
+
+        Raises :class:`RegisterRefused` when the table will not take it.
+        """
+        result = await self._ask(lambda reply: _Register(record, reply))
+        if isinstance(result, RegisterRefused):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    async def unregister(self, provider_id: str, session: int) -> None:
+        await self._tell(_Unregister(provider_id, session))
+
+    async def snapshot(self) -> RegistrySnapshot:
+        return await self._ask(_Snapshot)  # type: ignore[no-any-return]
 
     async def release(self, lease: Lease, outcome: Outcome) -> None:
-        """Give a slot back with a health verdict. Idempotent; safe in cleanup."""
-        if lease.released:
-            return
-        lease.released = True
+        """Give a slot back with a health verdict. Shielded: safe in cleanup."""
         with trio.CancelScope(shield=True):
             await self._tell(_Release(lease, outcome))
 
-    async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Lease | None:
+    async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Grant | None:
         """A free eligible provider now, or None. Never queues (the backup path)."""
-        reply, answer = trio.open_memory_channel[Lease | Refused | RegistryFault | None](1)
-        await self._send.send(_Acquire(job, exclude, None, False, object(), reply))
-        # The actor answers at once (this never queues). Shielded, so a grant is
-        # never dropped on the floor when the caller is cancelled meanwhile: the
-        # caller records it at once and its cleanup releases it.
+        # Shielded, so a grant is never dropped on the floor when the caller is
+        # cancelled meanwhile: the caller records it at once and its cleanup releases it.
         with trio.CancelScope(shield=True):
-            result = await answer.receive()
-        _raise_fault(result)
-        return result if isinstance(result, Lease) else None
+            result = await self._ask(lambda reply: _TryAcquire(AcquireRequest(job, exclude), reply))
+        return result  # type: ignore[no-any-return]
 
     async def acquire(
         self, job: Job, exclude: frozenset[str] = frozenset(), avoid_version: str | None = None
-    ) -> Lease | Refused:
-        """A lease, waiting in the queue for up to ``queue_timeout`` when all slots are busy."""
-        reply, answer = trio.open_memory_channel[Lease | Refused | RegistryFault | None](1)
-        ticket = object()
-        await self._send.send(_Acquire(job, exclude, avoid_version, True, ticket, reply))
-        result: Lease | Refused | RegistryFault | None = None
+    ) -> Grant | Refused:
+        """A grant, waiting in the queue for up to ``queue_timeout`` when all slots are busy."""
+        request = AcquireRequest(job, exclude, avoid_version)
+        reply, answer = trio.open_memory_channel[Any](1)
+        await self._send.send(_Acquire(request, reply))
+        result: Decision | RegistryFault = None
         try:
             with trio.move_on_after(self.config.queue_timeout):
                 result = await answer.receive()
         finally:
             if result is None:
-                await self._withdraw(ticket, answer)
-        _raise_fault(result)
-        assert not isinstance(result, RegistryFault)
+                await self._withdraw(request.ticket, answer)
+        if isinstance(result, RegistryFault):
+            raise result
         if result is None:
-            return Refused(Refusal.QUEUE_FULL, errors.overloaded(
-                f"no provider slot became free within {self.config.queue_timeout:g}s"))
+            return Refused(Refusal.QUEUE_TIMEOUT, "no provider slot became free within "
+                           f"{self.config.queue_timeout:g}s")
         return result
 
-    async def _withdraw(
-        self, ticket: object,
-        answer: trio.MemoryReceiveChannel[Lease | Refused | RegistryFault | None],
-    ) -> None:
+    async def _withdraw(self, ticket: object, answer: trio.MemoryReceiveChannel[Any]) -> None:
         # The actor handles messages in order, so once the withdrawal is
         # acknowledged any grant it made earlier is already in our channel.
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            reply, ack = trio.open_memory_channel[RegistryFault | None](1)
-            await self._send.send(_Withdraw(ticket, reply))
-            await ack.receive()
+        with trio.CancelScope(shield=True), trio.move_on_after(self.config.withdraw_timeout):
+            await self._ask(lambda reply: _Withdraw(ticket, reply))
             try:
                 late = answer.receive_nowait()
             except trio.WouldBlock:
                 return
-            if isinstance(late, Lease):
-                await self.release(late, CANCELLED)
+            if isinstance(late, Grant):
+                await self.release(late.lease, CANCELLED)
 
 
 async def serve_registry(
@@ -481,17 +254,21 @@ async def serve_registry(
     state = RegistryState(config, metrics, random.Random(config.seed))
     # Read at scrape time from the table itself, so it cannot disagree with /status.
     metrics.cooldowns_active.set_function(lambda: state.cooldowns_active(trio.current_time()))
+    actor = _Actor(state)
     client = RegistryClient(send, config, state)
     task_status.started(client)
     async with receive:
         async for command in receive:
             try:
-                state.handle(command, trio.current_time())
+                actor.handle(command, trio.current_time())
             except Exception as exc:
                 # One message's failure is that message's: the caller gets a
                 # fault, the table and every other caller carry on.
                 log.error("registry: %s message failed", type(command).__name__, exc_info=True)
                 _answer_fault(command, RegistryFault(f"{type(command).__name__}: {exc!r}"[:300]))
+            finally:
+                client.changed.set()
+                client.changed = trio.Event()
 
 
 def _answer_fault(command: _Command, fault: RegistryFault) -> None:
@@ -500,8 +277,3 @@ def _answer_fault(command: _Command, fault: RegistryFault) -> None:
         # The handler may have answered before it failed; then that answer stands.
         with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
             reply.send_nowait(fault)
-
-
-def _raise_fault(result: object) -> None:
-    if isinstance(result, RegistryFault):
-        raise result

@@ -1,20 +1,20 @@
-"""The registry's records: providers, the jobs routed to them and the leases held.
+"""The registry's values: jobs, providers, leases, verdicts and the snapshot it shows.
 
-Plain attrs classes; only the registry actor mutates them.
+The table holds values only — no sockets. A lease names a slot on one session
+of one provider; whoever needs the connection behind it asks the provider
+edge's directory. Only the registry actor mutates a :class:`ProviderRecord`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import enum
+from typing import Any
 
 import attrs
 
 from coordinator.protocol import ModelInfo
 from coordinator.registry.traits import Traits
 from coordinator.registry.versions import Version
-
-if TYPE_CHECKING:
-    from coordinator.providers.connection import ProviderConnection
 
 
 @attrs.frozen
@@ -26,26 +26,51 @@ class Job:
     traits: Traits = attrs.field(factory=Traits)
     prompt_tokens: int = 1
     max_tokens: int = 256
-    # The inference_request frame's size (an upper bound), for providers' limits.
-    request_bytes: int = 0
     # Optional allowlist of provider ids from the request; None = any.
     allowlist: frozenset[str] | None = None
+    # The inference_request frame's size (an upper bound), for providers' limits.
+    request_bytes: int = 0
 
 
-@attrs.define(eq=False)
+@attrs.frozen
 class Lease:
-    """One slot on one provider, held by one racer of one request."""
+    """One slot on one provider session, held by one racer of one request."""
 
-    request_id: str
+    request_id: str  # the wire id, unique per lease
     provider_id: str
     session: int
     model: str
     shape: str
     version: str
-    cost: float
-    connection: ProviderConnection | Any
-    released: bool = False
+    cost: float  # seconds of the provider's time this job is estimated to take
+
+
+@attrs.frozen
+class Grant:
+    lease: Lease
     queued: float = 0.0  # seconds spent in the queue before the grant
+
+
+class OutcomeKind(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    CANCELLED = "cancelled"  # no verdict on the provider's health
+
+
+@attrs.frozen
+class Outcome:
+    """The verdict a lease is released with."""
+
+    kind: OutcomeKind
+    status: int = 0
+
+    @classmethod
+    def failure(cls, status: int) -> Outcome:
+        return cls(OutcomeKind.FAILURE, status)
+
+
+SUCCESS = Outcome(OutcomeKind.SUCCESS)
+CANCELLED = Outcome(OutcomeKind.CANCELLED)
 
 
 @attrs.define(eq=False)
@@ -59,7 +84,6 @@ class ProviderRecord:
     decode_tps: float = 0.0
     prefill_tps: float = 0.0
     max_slots: int = 8
-    connection: ProviderConnection | Any = None
     hardware: str = ""
     signing_key: str = ""
     max_request_bytes: int = 1024 * 1024
@@ -73,3 +97,55 @@ class ProviderRecord:
     @property
     def queued_seconds(self) -> float:
         return sum(lease.cost for lease in self.leases.values())
+
+
+# ---- what the registry shows (the admin endpoint and the status page) -------------
+
+
+@attrs.frozen
+class ModelView:
+    id: str
+    is_vision: bool
+    template_render_ok: bool | None
+
+
+@attrs.frozen
+class CooldownView:
+    model: str
+    shape: str
+    seconds_left: float
+
+
+@attrs.frozen
+class ProviderView:
+    id: str
+    version: str
+    hardware: str
+    in_use: int
+    max_slots: int
+    served: int
+    models: tuple[ModelView, ...]
+    cooldowns: tuple[CooldownView, ...]
+
+
+@attrs.frozen
+class RegistrySnapshot:
+    providers: tuple[ProviderView, ...]
+    queue_depth: int
+    leases: int
+    models: tuple[str, ...]  # served now, or remembered while their providers are away
+
+    def as_json(self) -> dict[str, Any]:
+        """The documented JSON shape (docs/operations.md, ``/v1/admin/providers``)."""
+        return {
+            "providers": [
+                {"id": p.id, "version": p.version, "hardware": p.hardware,
+                 "slots": {"in_use": p.in_use, "max": p.max_slots}, "served": p.served,
+                 "models": [attrs.asdict(m) for m in p.models],
+                 "cooldowns": [attrs.asdict(c) for c in p.cooldowns]}
+                for p in self.providers
+            ],
+            "queue_depth": self.queue_depth,
+            "leases": self.leases,
+            "models": list(self.models),
+        }

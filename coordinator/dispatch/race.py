@@ -1,0 +1,259 @@
+"""The racer's state machine: what one provider's answer so far means. Pure.
+
+A *racer* is one provider working on one request within one attempt. The
+engine turns everything the provider does into an :data:`Observation` and
+asks :func:`step` what it means; the answer is a :data:`Decision`:
+
+* :class:`Hold` — keep racing, and perhaps move the racer's budget (a cold
+  model load earns ``inference_timeout``, boilerplate earns
+  ``preamble_timeout``; budgets only ever grow);
+* :class:`Commit` — real content (or a clean, empty completion): this racer wins;
+* :class:`Fail` — it failed before content, with the failure to retry on and
+  the verdict to release its slot with.
+
+Phases move forward only, along :data:`MOVES` (docs/architecture.md draws
+them); a move off the table raises :class:`IllegalMove`. The rest of the
+module is the vocabulary the engine reports with: the verdict on a loser, the
+metric label of a retry, what an exhausted request becomes.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import attrs
+
+from coordinator import errors
+from coordinator.dispatch.chunks import ChunkKind, Event
+from coordinator.protocol import Usage
+from coordinator.registry.table import CANCELLED, Outcome
+
+DISCONNECTED: Final = 502
+TIMEOUT: Final = 504
+# Provider statuses that say the request itself is wrong (a prompt longer than the
+# model's context, a bad parameter): another provider would answer the same, so
+# the request ends at once with that status (docs/protocol.md has the table).
+DETERMINISTIC: Final = frozenset({400, 404, 413, 422})
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # the racer has a lease; nothing sent yet
+    SENT = "sent"  # the request is on the wire, nothing heard yet
+    ACCEPTED = "accepted"  # the provider is loading the model
+    PREAMBLE = "preamble"  # holding boilerplate, no content yet
+    DONE = "done"  # committed or failed
+
+
+MOVES: Final[dict[Phase, frozenset[Phase]]] = {
+    Phase.STARTING: frozenset({Phase.SENT, Phase.DONE}),
+    Phase.SENT: frozenset({Phase.ACCEPTED, Phase.PREAMBLE, Phase.DONE}),
+    Phase.ACCEPTED: frozenset({Phase.PREAMBLE, Phase.DONE}),
+    Phase.PREAMBLE: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+}
+
+
+class IllegalMove(Exception):
+    pass
+
+
+# ---- what the engine observes -----------------------------------------------------
+
+
+@attrs.frozen
+class Sent:
+    pass
+
+
+@attrs.frozen
+class Accepted:
+    pass
+
+
+@attrs.frozen
+class Events:
+    kind: ChunkKind
+    events: tuple[Event, ...]
+
+
+@attrs.frozen
+class Completed:
+    usage: Usage
+
+
+@attrs.frozen
+class Errored:
+    status: int
+    message: str
+
+
+@attrs.frozen
+class Broken:
+    """A disconnect, or a chunk the requester cannot use: the provider's fault (502)."""
+
+    message: str
+
+
+@attrs.frozen
+class Expired:
+    """The racer's own budget ran out."""
+
+
+Observation = Sent | Accepted | Events | Completed | Errored | Broken | Expired
+
+
+# ---- what it decides ------------------------------------------------------------------
+
+
+@attrs.frozen
+class Failure:
+    provider_id: str
+    version: str
+    status: int
+    message: str
+    timeout: bool = False
+    after_boilerplate: bool = False
+
+
+@attrs.frozen
+class Hold:
+    extend_to: float | None = None  # a new deadline for the racer's budget (only later counts)
+
+
+@attrs.frozen
+class Commit:
+    events: tuple[Event, ...]  # held boilerplate, then the first content
+    usage: Usage | None = None  # set when the provider completed before any content
+
+
+@attrs.frozen
+class Fail:
+    failure: Failure
+    verdict: Outcome
+    cancel_provider: bool  # whether the provider must still be told to stop
+
+
+Decision = Hold | Commit | Fail
+
+
+@attrs.frozen
+class Limits:
+    preamble_timeout: float = 90.0
+    inference_timeout: float = 600.0
+    max_held: int = 8
+
+
+@attrs.define
+class RacerState:
+    provider_id: str
+    version: str
+    ttft_deadline: float
+    phase: Phase = Phase.STARTING
+    sent_at: float = 0.0
+    held: tuple[Event, ...] = ()
+
+    def move(self, to: Phase) -> None:
+        if to is not self.phase and to not in MOVES[self.phase]:
+            raise IllegalMove(f"{self.phase.value} -> {to.value}")
+        self.phase = to
+
+    def failure(self, status: int, message: str, *, timeout: bool = False) -> Failure:
+        return Failure(self.provider_id, self.version, status, message, timeout,
+                       after_boilerplate=bool(self.held))
+
+
+def step(state: RacerState, observation: Observation, now: float, limits: Limits) -> Decision:
+    """What ``observation`` means for this racer; moves ``state`` along :data:`MOVES`."""
+    match observation:
+        case Sent():
+            state.move(Phase.SENT)
+            state.sent_at = now
+            return Hold()
+        case Accepted():
+            if state.phase is not Phase.SENT:
+                return Hold()  # a repeat, or after boilerplate: the budget already moved
+            state.move(Phase.ACCEPTED)
+            return Hold(state.sent_at + limits.inference_timeout)
+        case Events(ChunkKind.TERMINAL, _):
+            return Hold()  # the provider's own end marker; the coordinator writes its own
+        case Events(ChunkKind.BOILERPLATE, events) if (
+                len(state.held) + len(events) <= limits.max_held):
+            state.move(Phase.PREAMBLE)
+            state.held += events
+            return Hold(state.ttft_deadline + limits.preamble_timeout)
+        case Events(_, events):
+            state.move(Phase.DONE)
+            return Commit(state.held + events)
+        case Completed(usage):
+            state.move(Phase.DONE)  # boilerplate then a clean close: a valid empty answer
+            return Commit(state.held, usage)
+        case Errored(status, message):
+            return _fail(state, state.failure(status, message), cancel=False)
+        case Broken(message):
+            return _fail(state, state.failure(DISCONNECTED, message), cancel=True)
+        case Expired():
+            verdict = loser_verdict(state.phase, timed_out=True)
+            failure = state.failure(TIMEOUT, _silence(state, now), timeout=True)
+            state.move(Phase.DONE)
+            return Fail(failure, verdict, cancel_provider=True)
+
+
+def _fail(state: RacerState, failure: Failure, *, cancel: bool) -> Fail:
+    state.move(Phase.DONE)
+    return Fail(failure, Outcome.failure(failure.status), cancel_provider=cancel)
+
+
+def _silence(state: RacerState, now: float) -> str:
+    what = {
+        Phase.ACCEPTED: "accepted the request, then went silent",
+        Phase.PREAMBLE: "sent only boilerplate, then stalled",
+    }.get(state.phase, "produced nothing")
+    return f"provider {what} for {now - state.sent_at:.1f}s"
+
+
+def loser_verdict(phase: Phase, *, timed_out: bool) -> Outcome:
+    """The verdict on a racer that did not win.
+
+    Silence after "accepted" or after boilerplate is sickness (a strike);
+    silence from the start may just be a long prompt, and a racer cancelled
+    because the other won says nothing about its health.
+    """
+    if timed_out and phase in (Phase.ACCEPTED, Phase.PREAMBLE):
+        return Outcome.failure(TIMEOUT)
+    return CANCELLED
+
+
+def deadlines(now: float, prompt_tokens: int, *, ttft_base: float, per_token: float,
+              backup_fraction: float) -> tuple[float, float]:
+    """An attempt's time-to-first-content deadline and when its backup may start."""
+    ttft = ttft_base + per_token * prompt_tokens
+    return now + ttft, now + ttft * backup_fraction
+
+
+def retry_label(failures: list[Failure]) -> str:
+    """The ``coordinator_dispatch_total{result}`` label of an attempt that failed."""
+    if any(f.timeout for f in failures):
+        return "timeout"
+    if any(f.after_boilerplate for f in failures):
+        return "retry_precontent"
+    return "retry"
+
+
+def rejected(failures: list[Failure]) -> Failure | None:
+    """A deterministic answer about the request itself, if a provider gave one."""
+    return next((f for f in failures if f.status in DETERMINISTIC), None)
+
+
+def exhausted(failures: list[Failure]) -> errors.ApiError:
+    """What a request whose attempts all failed before content becomes."""
+    if not failures:
+        return errors.unavailable("no provider could serve this request")
+    last = failures[-1]
+    tried = len({f.provider_id for f in failures})
+    message = f"all {tried} provider(s) tried failed; last error: {last.message}"
+    if last.timeout:
+        return errors.ApiError(504, message, "provider_error", "timeout")
+    if last.status in (429, 503):
+        return errors.ApiError(429, message, "rate_limit_error", "capacity", retry_after=5)
+    return errors.ApiError(503, message, "provider_error", "provider_error", retry_after=5)

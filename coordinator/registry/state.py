@@ -1,0 +1,287 @@
+"""The registry's state and every routing decision, synchronous and clock-free.
+
+:class:`RegistryState` is what the registry actor owns: the provider table
+(indexed by model), the leases, the circuit breaker, the queue and the models
+remembered while offline. Each method is one message's handling; ``now`` is
+always an argument, so the state is tested directly, without an event loop.
+Answers are values: a :class:`~coordinator.registry.table.Grant`, a
+:class:`Refused` (what kind, and a sentence for the consumer — HTTP is the API
+edge's business), or ``None`` for "wait in the queue".
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import attrs
+
+from coordinator.config import Config
+from coordinator.metrics import Metrics
+from coordinator.registry import scheduler
+from coordinator.registry.breaker import Breaker
+from coordinator.registry.gates import Gate, fail_fast_message, gate
+from coordinator.registry.models import ModelMemory
+from coordinator.registry.table import (
+    CooldownView,
+    Grant,
+    Job,
+    Lease,
+    ModelView,
+    Outcome,
+    OutcomeKind,
+    ProviderRecord,
+    ProviderView,
+    RegistrySnapshot,
+)
+from coordinator.registry.versions import Version, parse_version
+
+log = logging.getLogger(__name__)
+
+
+class RegisterRefused(Exception):
+    """A registration the registry will not accept; the message is the reason."""
+
+
+class Refusal(enum.Enum):
+    UNKNOWN_MODEL = "unknown_model"
+    UNSERVABLE = "unservable"  # providers serve the model, none can serve this request
+    TOO_LARGE = "too_large"  # no provider of the model accepts a frame this large
+    EXHAUSTED = "exhausted"  # every otherwise eligible provider already failed this request
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+
+
+@attrs.frozen
+class Refused:
+    kind: Refusal
+    detail: str
+
+
+@attrs.frozen
+class AcquireRequest:
+    job: Job
+    exclude: frozenset[str] = frozenset()
+    avoid_version: str | None = None
+    ticket: object = attrs.field(factory=object)  # identifies a queued request
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    request: AcquireRequest
+    since: float
+
+
+Decision = Grant | Refused | None  # None: wait in the queue
+
+
+@attrs.define(eq=False)
+class RegistryState:
+    config: Config
+    metrics: Metrics = attrs.field(factory=Metrics)
+    rng: random.Random = attrs.field(factory=random.Random)
+    providers: dict[str, ProviderRecord] = attrs.field(factory=dict)
+    # model -> provider id -> record: a decision looks only at the model's providers.
+    by_model: dict[str, dict[str, ProviderRecord]] = attrs.field(factory=dict)
+    queue: deque[_Waiter] = attrs.field(factory=deque)
+    offline_models: ModelMemory = attrs.field(init=False)
+    breaker: Breaker = attrs.field(init=False)
+    floors: Mapping[str, Version | None] = attrs.field(init=False)
+    _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    # Optional audit hook: called with (event, now, details) for every grant,
+    # release and registration. Tests check routing against a reference model.
+    observer: Callable[[str, float, dict[str, Any]], None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        self.breaker = Breaker(c.breaker_strikes, c.breaker_window, c.breaker_cooldown)
+        self.floors = {trait: parse_version(v) for trait, v in c.capability_floors.items()}
+        self.offline_models = ModelMemory(c.model_forget_after, c.max_known_models)
+
+    # -- providers
+    def register(self, record: ProviderRecord, now: float) -> ProviderRecord | None:
+        """Add a provider; return the session it supersedes, if any.
+
+        Raises :class:`RegisterRefused` for a live id registered by another key.
+        """
+        old = self.providers.get(record.provider_id)
+        if old is not None and old.signing_key != record.signing_key:
+            # The edge binds ids to keys; this keeps the rule where the table is.
+            raise RegisterRefused(f"provider id {record.provider_id} is live with another key")
+        self._note("register", now, provider_id=record.provider_id)
+        if old is not None:
+            self._remove(old, now)
+        self.providers[record.provider_id] = record
+        for model in record.models:
+            self.by_model.setdefault(model, {})[record.provider_id] = record
+            self.offline_models.came_online(model)
+        self.breaker.forget_provider(record.provider_id)
+        self._count_versions()
+        return old
+
+    def unregister(self, provider_id: str, session: int, now: float) -> None:
+        record = self.providers.get(provider_id)
+        if record is not None and record.session == session:
+            self._remove(record, now)
+            # Its cooldowns go with it: a new session starts clean anyway, and the
+            # status page and the cooldown gauge count the same, live, keys.
+            self.breaker.forget_provider(provider_id)
+            self._count_versions()
+
+    def _remove(self, record: ProviderRecord, now: float) -> None:
+        del self.providers[record.provider_id]
+        for model in record.models:
+            serving = self.by_model.get(model, {})
+            serving.pop(record.provider_id, None)
+            if not serving:
+                self.by_model.pop(model, None)
+                self.offline_models.went_offline(model, now)
+
+    # -- routing
+    def decide(self, request: AcquireRequest, now: float) -> Decision:
+        """Grant a lease, refuse, or return None to mean "wait in the queue"."""
+        job = request.job
+        reasons = self._reasons(job, request.exclude, now)
+        if not reasons:
+            if self.offline_models.remembers(job.model, now):
+                return None  # its providers are momentarily offline
+            return Refused(Refusal.UNKNOWN_MODEL,
+                           f"the model {job.model!r} does not exist or is not served")
+        eligible = [self.providers[pid] for pid, why in reasons.items() if why is None]
+        if not eligible:
+            return self._refusal(job, {r for r in reasons.values() if r is not None})
+        chosen = scheduler.pick(eligible, job, self.rng, avoid_version=request.avoid_version)
+        return None if chosen is None else Grant(self._lease(chosen, job, now))
+
+    def _reasons(self, job: Job, exclude: Collection[str], now: float) -> dict[str, Gate | None]:
+        return {
+            pid: gate(r, job, floors=self.floors, breaker=self.breaker, now=now, exclude=exclude,
+                      memory_fraction=self.config.model_memory_fraction)
+            for pid, r in self.by_model.get(job.model, {}).items()
+        }
+
+    def _refusal(self, job: Job, why: set[Gate]) -> Refused:
+        if Gate.EXCLUDED in why:
+            return Refused(Refusal.EXHAUSTED, "no further provider available for this request")
+        if why - {Gate.NOT_ALLOWED} == {Gate.REQUEST_TOO_LARGE}:
+            largest = max(r.max_request_bytes for r in self.by_model[job.model].values())
+            return Refused(Refusal.TOO_LARGE,
+                           f"this request needs a {job.request_bytes}-byte frame; the providers "
+                           f"of model {job.model} accept at most {largest} bytes")
+        return Refused(Refusal.UNSERVABLE, fail_fast_message(job, why))
+
+    def _lease(self, record: ProviderRecord, job: Job, now: float) -> Lease:
+        lease = Lease(
+            # A wire id per lease: late frames of a cancelled racer can never
+            # leak into a later attempt on the same provider.
+            request_id=f"{job.request_id}.{next(self._serial)}",
+            provider_id=record.provider_id,
+            session=record.session,
+            model=job.model,
+            shape=job.traits.shape,
+            version=record.version_text,
+            cost=scheduler.job_cost(record, job),
+        )
+        record.leases[lease.request_id] = lease
+        self._note("grant", now, lease=lease, job=job)
+        return lease
+
+    def acquire(self, request: AcquireRequest, now: float) -> Decision:
+        """A grant or a refusal now, or None: the request waits in the queue."""
+        decision = self.decide(request, now)
+        if decision is not None:
+            return decision
+        if len(self.queue) >= self.config.queue_max:
+            return Refused(Refusal.QUEUE_FULL,
+                           "all providers for this model are busy and the queue is full")
+        self.queue.append(_Waiter(request, now))
+        self.metrics.queue_depth.set(len(self.queue))
+        return None
+
+    def try_acquire(self, request: AcquireRequest, now: float) -> Grant | None:
+        """A free eligible provider now, or None. Never queues (the backup path)."""
+        decision = self.decide(request, now)
+        return decision if isinstance(decision, Grant) else None
+
+    def withdraw(self, ticket: object, now: float) -> None:
+        for waiter in self.queue:
+            if waiter.request.ticket is ticket:
+                self.queue.remove(waiter)
+                self.metrics.queue_wait.observe(now - waiter.since)
+                self.metrics.queue_depth.set(len(self.queue))
+                return
+
+    def drain(self, now: float) -> list[tuple[object, Grant | Refused]]:
+        """Answer queued requests, in order, that can now be granted or refused."""
+        answered: list[tuple[object, Grant | Refused]] = []
+        still: deque[_Waiter] = deque()
+        for waiter in self.queue:
+            decision = self.decide(waiter.request, now)
+            if decision is None:
+                still.append(waiter)
+                continue
+            self.metrics.queue_wait.observe(now - waiter.since)
+            if isinstance(decision, Grant):
+                decision = Grant(decision.lease, queued=now - waiter.since)
+            answered.append((waiter.request.ticket, decision))
+        self.queue = still
+        self.metrics.queue_depth.set(len(self.queue))
+        return answered
+
+    # -- verdicts
+    def release(self, lease: Lease, outcome: Outcome, now: float) -> None:
+        self._note("release", now, lease=lease, outcome=outcome)
+        record = self.providers.get(lease.provider_id)
+        if record is not None:
+            if record.session != lease.session:
+                return  # a verdict on an old session says nothing about the new one
+            record.leases.pop(lease.request_id, None)
+            record.served += outcome.kind is OutcomeKind.SUCCESS
+        key = (lease.provider_id, lease.model, lease.shape)
+        if outcome.kind is OutcomeKind.SUCCESS:
+            self.breaker.record_success(key)
+        elif outcome.kind is OutcomeKind.FAILURE and self.breaker.record_failure(
+            key, outcome.status, now
+        ):
+            self.metrics.cooldown_entered.inc()
+            log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
+
+    # -- views
+    def cooldowns_active(self, now: float) -> int:
+        return len(self.breaker.cooldowns(now))
+
+    def snapshot(self, now: float) -> RegistrySnapshot:
+        cooldowns = self.breaker.cooldowns(now)
+        self.offline_models.sweep(now)
+        return RegistrySnapshot(
+            providers=tuple(
+                ProviderView(
+                    id=r.provider_id, version=r.version_text, hardware=r.hardware,
+                    in_use=len(r.leases), max_slots=r.max_slots, served=r.served,
+                    models=tuple(ModelView(m.id, bool(m.is_vision), m.template_render_ok)
+                                 for m in r.models.values()),
+                    cooldowns=tuple(
+                        CooldownView(model, shape, round(until - now, 3))
+                        for (pid, model, shape), until in sorted(cooldowns.items())
+                        if pid == r.provider_id),
+                )
+                for r in sorted(self.providers.values(), key=lambda r: r.provider_id)
+            ),
+            queue_depth=len(self.queue),
+            leases=sum(len(r.leases) for r in self.providers.values()),
+            models=tuple(sorted({*self.by_model, *self.offline_models.names()})),
+        )
+
+    def _count_versions(self) -> None:
+        self.metrics.providers_online.clear()
+        for record in self.providers.values():
+            self.metrics.providers_online.labels(record.version_text or "unknown").inc()
+
+    def _note(self, event: str, now: float, **details: Any) -> None:
+        if self.observer is not None:
+            self.observer(event, now, details)
