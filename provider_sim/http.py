@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 
 from coordinator.api.assemble import assemble
 from coordinator.api.sse import SseWriter
-from coordinator.dispatch.relay import End, InBandError
+from coordinator.dispatch.items import End, InBandError
 from coordinator.protocol import Usage
 from coordinator.protocol.endpoints import Endpoint
 

@@ -6,7 +6,7 @@ import trio
 
 from coordinator import errors
 from coordinator.dispatch.chunks import Event
-from coordinator.dispatch.relay import Batch, End, InBandError
+from coordinator.dispatch.items import Batch, End, InBandError
 from coordinator.metrics import Metrics
 from coordinator.protocol import Usage
 from coordinator.registry.state import Refusal, Refused

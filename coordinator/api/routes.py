@@ -23,8 +23,10 @@ from werkzeug.exceptions import HTTPException
 from coordinator import errors, sizes
 from coordinator.config import Config
 from coordinator.credentials import matches_any
-from coordinator.dispatch.attempt import Committed, Dispatcher, NotDispatched, RequestContext
-from coordinator.dispatch.relay import Batch, End, InBandError, relay
+from coordinator.dispatch.attempt import Dispatcher
+from coordinator.dispatch.items import Batch, End, InBandError
+from coordinator.dispatch.relay import relay
+from coordinator.dispatch.request import Committed, NotDispatched, RequestContext
 from coordinator.dispatch.timing import Timing
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics

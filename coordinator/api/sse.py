@@ -20,7 +20,7 @@ from typing import Any, Final
 import attrs
 
 from coordinator.dispatch.chunks import Event
-from coordinator.dispatch.relay import End, InBandError, RelayItem
+from coordinator.dispatch.items import End, InBandError, RelayItem
 from coordinator.protocol.endpoints import Endpoint
 
 DONE = b"data: [DONE]\n\n"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
 
 import attrs
 import trio
@@ -33,74 +32,17 @@ from coordinator import errors
 from coordinator.config import Config
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
-from coordinator.protocol import InferenceRequest, RequestCipher, Usage
-from coordinator.protocol.endpoints import Endpoint
-from coordinator.providers.connection import (
-    Directory,
-    EventStream,
-    ProviderConnection,
-    ProviderGone,
-    ended_stream,
-)
+from coordinator.protocol import InferenceRequest, RequestCipher
+from coordinator.providers.connection import Directory, ProviderGone, ended_stream
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Refusal, Refused
-from coordinator.registry.table import Job, Lease, Outcome
+from coordinator.registry.table import Lease, Outcome
 
 from . import race
-from .chunks import Event
-from .observe import observe
 from .race import Broken, Commit, Expired, Fail, Failure, Hold, Phase, RacerState, Sent
-from .timing import Timing
+from .request import Committed, Handover, NotDispatched, Racer, RequestContext
 
 log = logging.getLogger(__name__)
-
-
-class NotDispatched(Exception):
-    """The registry refused the request before any attempt (the API maps the kind)."""
-
-    def __init__(self, refused: Refused) -> None:
-        super().__init__(refused.detail)
-        self.refused = refused
-
-
-@attrs.define(eq=False)
-class RequestContext:
-    """One consumer request as the dispatcher sees it."""
-
-    job: Job
-    endpoint: Endpoint
-    plaintext: bytes  # what the provider decrypts (protocol.endpoints.inner_request)
-    stream: bool
-    timing: Timing
-    # Filled as the request walks, for logs and headers.
-    attempts: int = 0
-    providers_tried: list[str] = attrs.field(factory=list)
-
-
-@attrs.define(eq=False)
-class Racer:
-    """One provider working on one request within one attempt."""
-
-    lease: Lease
-    connection: ProviderConnection | None  # None: the session went before the racer began
-    events: EventStream
-    cipher: RequestCipher | None
-    state: RacerState
-    is_backup: bool
-
-
-@attrs.frozen
-class Committed:
-    """The winner of an attempt, as the relay takes it over."""
-
-    racer: Racer
-    events: tuple[Event, ...]  # held boilerplate, then the first content
-    usage: Usage | None  # set when the provider completed before any content
-    attempts: int
-    endpoint: Endpoint
-
-
-Handover = Callable[[Committed], None]
 
 
 @attrs.define(eq=False)
@@ -126,8 +68,7 @@ class Dispatcher:
     limits: race.Limits = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        c = self.config
-        self.limits = race.Limits(c.preamble_timeout, c.inference_timeout, c.max_held_chunks)
+        self.limits = race.Limits.from_config(self.config)
 
     async def dispatch(self, ctx: RequestContext, handover: Handover) -> Committed:
         """Run attempts until one commits and is handed over; raise when none can.
@@ -139,12 +80,14 @@ class Dispatcher:
         for attempt in range(1, self.config.max_attempts + 1):
             ctx.attempts = attempt
             exclude = frozenset(f.provider_id for f in failures)
-            started = trio.current_time()
-            granted = await self.registry.acquire(
-                ctx.job, exclude, failures[-1].version if failures else None)
-            ctx.timing.route += trio.current_time() - started
+            with ctx.timing.measure("route"):
+                granted = await self.registry.acquire(
+                    ctx.job, exclude, failures[-1].version if failures else None)
+            if isinstance(granted, Refused) and (
+                    not failures or granted.kind in (Refusal.QUEUE_FULL, Refusal.QUEUE_TIMEOUT)):
+                raise NotDispatched(granted)
             if isinstance(granted, Refused):
-                raise self._refusal(granted, failures)
+                break  # nobody left to try: the failures say why
             ctx.timing.queue += granted.queued
             outcome = await self._attempt(ctx, granted.lease, exclude, handover)
             if isinstance(outcome, Committed):
@@ -161,23 +104,14 @@ class Dispatcher:
         self.metrics.dispatches.labels("failure").inc()
         raise race.exhausted(failures)
 
-    def _refusal(self, refused: Refused, failures: list[Failure]) -> Exception:
-        if failures and refused.kind not in (Refusal.QUEUE_FULL, Refusal.QUEUE_TIMEOUT):
-            self.metrics.dispatches.labels("failure").inc()
-            return race.exhausted(failures)
-        return NotDispatched(refused)
-
     async def _attempt(self, ctx: RequestContext, primary: Lease, exclude: frozenset[str],
                        handover: Handover) -> Committed | list[Failure]:
-        cfg = self.config
-        ttft_deadline, hedge_at = race.deadlines(
-            trio.current_time(), ctx.job.prompt_tokens, ttft_base=cfg.ttft_base,
-            per_token=cfg.ttft_per_prompt_token, backup_fraction=cfg.backup_fraction)
+        ttft_deadline, hedge_at = self.limits.deadlines(trio.current_time(), ctx.job.prompt_tokens)
         attempt = _Attempt(ctx, ttft_deadline, handover)
         async with trio.open_nursery() as nursery:
             attempt.nursery = nursery
             self._start_racer(attempt, primary, is_backup=False)
-            if cfg.speculative_backup:
+            if self.config.speculative_backup:
                 with trio.move_on_at(hedge_at):
                     await attempt.primary_settled.wait()
                 if not attempt.primary_settled.is_set():
@@ -234,10 +168,8 @@ class Dispatcher:
             sent = await self._send(attempt.ctx, racer)
             if isinstance(sent, Fail):
                 return sent
-            assert racer.cipher is not None and racer.connection is not None
             async for event in racer.events:
-                decision = self._step(racer, observe(
-                    event, attempt.ctx.endpoint, racer.cipher, racer.connection.encrypted_chunks))
+                decision = self._step(racer, racer.observe(event, attempt.ctx.endpoint))
                 match decision:
                     case Hold(extend_to=float() as deadline):
                         budget.deadline = max(budget.deadline, deadline)  # budgets only grow
@@ -253,9 +185,8 @@ class Dispatcher:
     async def _send(self, ctx: RequestContext, racer: Racer) -> Hold | Fail:
         if racer.connection is None or racer.cipher is None:
             return self._gone(racer)
-        before = trio.current_time()
-        sealed = racer.cipher.seal_body(ctx.plaintext)
-        ctx.timing.encrypt += trio.current_time() - before
+        with ctx.timing.measure("encrypt"):
+            sealed = racer.cipher.seal_body(ctx.plaintext)
         decision = self._step(racer, Sent())
         try:
             await racer.connection.send(InferenceRequest(racer.lease.request_id, sealed))
@@ -265,9 +196,7 @@ class Dispatcher:
         return decision
 
     def _gone(self, racer: Racer) -> Fail:
-        reason = (racer.connection.end_reason(racer.lease.request_id)
-                  if racer.connection is not None else "provider disconnected")
-        decision = self._step(racer, Broken(reason))
+        decision = self._step(racer, Broken(racer.end_reason()))
         assert isinstance(decision, Fail)
         return decision
 

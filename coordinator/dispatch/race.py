@@ -25,6 +25,7 @@ from typing import Final
 import attrs
 
 from coordinator import errors
+from coordinator.config import Config
 from coordinator.dispatch.chunks import ChunkKind, Event
 from coordinator.protocol import Usage
 from coordinator.registry.table import CANCELLED, Outcome
@@ -142,6 +143,19 @@ class Limits:
     preamble_timeout: float = 90.0
     inference_timeout: float = 600.0
     max_held: int = 8
+    ttft_base: float = 5.0
+    ttft_per_prompt_token: float = 0.001
+    backup_fraction: float = 0.5
+
+    @classmethod
+    def from_config(cls, c: Config) -> Limits:
+        return cls(c.preamble_timeout, c.inference_timeout, c.max_held_chunks, c.ttft_base,
+                   c.ttft_per_prompt_token, c.backup_fraction)
+
+    def deadlines(self, now: float, prompt_tokens: int) -> tuple[float, float]:
+        """An attempt's time-to-first-content deadline, and when its backup may start."""
+        ttft = self.ttft_base + self.ttft_per_prompt_token * prompt_tokens
+        return now + ttft, now + ttft * self.backup_fraction
 
 
 @attrs.define
@@ -222,13 +236,6 @@ def loser_verdict(phase: Phase, *, timed_out: bool) -> Outcome:
     if timed_out and phase in (Phase.ACCEPTED, Phase.PREAMBLE):
         return Outcome.failure(TIMEOUT)
     return CANCELLED
-
-
-def deadlines(now: float, prompt_tokens: int, *, ttft_base: float, per_token: float,
-              backup_fraction: float) -> tuple[float, float]:
-    """An attempt's time-to-first-content deadline and when its backup may start."""
-    ttft = ttft_base + per_token * prompt_tokens
-    return now + ttft, now + ttft * backup_fraction
 
 
 def retry_label(failures: list[Failure]) -> str:

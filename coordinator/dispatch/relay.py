@@ -18,30 +18,13 @@ import contextlib
 import attrs
 import trio
 
-from coordinator.protocol import Usage
-from coordinator.providers.connection import EventStream, ProviderEvent
+from coordinator.providers.connection import ProviderEvent
 from coordinator.registry.table import CANCELLED, SUCCESS, Outcome
 
-from .attempt import Committed, Dispatcher
-from .chunks import Event
-from .observe import observe
+from .attempt import Dispatcher
+from .items import Batch, End, InBandError, RelayItem
 from .race import DISCONNECTED, TIMEOUT, Broken, Completed, Errored, Events
-
-
-@attrs.frozen
-class End:
-    usage: Usage
-
-
-@attrs.frozen
-class InBandError:
-    reason: str  # provider_error | disconnected | timeout | shutdown
-    message: str
-    status: int
-
-
-RelayItem = Event | End | InBandError
-Batch = list[RelayItem]
+from .request import Committed
 
 
 @attrs.frozen
@@ -71,11 +54,7 @@ async def relay(dispatcher: Dispatcher, committed: Committed,
 
 async def _pump(dispatcher: Dispatcher, committed: Committed,
                 send: trio.MemorySendChannel[Batch]) -> tuple[_Ending, Batch]:
-    """Forward batches until the provider's part ends; return the ending and the last batch.
-
-    Events the provider has already delivered are taken together, so a fast
-    provider's burst becomes one write to the consumer instead of one each.
-    """
+    """Forward batches until the provider's part ends; return the ending and the last batch."""
     if committed.usage is not None:
         return _COMPLETED, [*committed.events, End(committed.usage)]
     events = committed.racer.events
@@ -86,11 +65,11 @@ async def _pump(dispatcher: Dispatcher, committed: Committed,
             event: ProviderEvent | None = None
             with trio.move_on_after(dispatcher.config.idle_timeout) as idle, \
                     dispatcher.drain.bounded() as cut:
-                event = await _next_event(events)
+                event = await events.next()
             if idle.cancelled_caught or cut.cancelled_caught:
                 return _silence(dispatcher, idle.cancelled_caught)
             batch: Batch = []
-            for ready in _with_buffered(event, events):
+            for ready in events.ready(event, _MAX_BATCH):
                 items, end = _translate(committed, ready)
                 batch.extend(items)
                 if end is not None:
@@ -108,31 +87,15 @@ def _silence(dispatcher: Dispatcher, idle: bool) -> tuple[_Ending, Batch]:
                          f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)])
 
 
-def _with_buffered(first: ProviderEvent | None, events: EventStream) -> list[ProviderEvent | None]:
-    batch = [first]
-    while first is not None and len(batch) < _MAX_BATCH:
-        try:
-            batch.append(events.receive_nowait())
-        except trio.WouldBlock:
-            break
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            batch.append(None)
-            break
-    return batch
-
-
 def _translate(
     committed: Committed, event: ProviderEvent | None
 ) -> tuple[tuple[RelayItem, ...], _Ending | None]:
     """One provider event after the commit: items for the consumer, and the end if it is one."""
     racer = committed.racer
     if event is None:
-        reason = (racer.connection.end_reason(racer.lease.request_id)
-                  if racer.connection is not None else "provider disconnected")
-        return ((InBandError("disconnected", reason, DISCONNECTED),),
+        return ((InBandError("disconnected", racer.end_reason(), DISCONNECTED),),
                 _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
-    assert racer.cipher is not None and racer.connection is not None
-    match observe(event, committed.endpoint, racer.cipher, racer.connection.encrypted_chunks):
+    match racer.observe(event, committed.endpoint):
         case Events(_, chunk_events):
             return chunk_events, None
         case Completed(usage):
@@ -146,10 +109,3 @@ def _translate(
         case _:
             return (), None  # a late inference_accepted
 
-
-async def _next_event(events: EventStream) -> ProviderEvent | None:
-    """The next event, or None when the stream has ended."""
-    try:
-        return await events.receive()
-    except (trio.EndOfChannel, trio.ClosedResourceError):
-        return None

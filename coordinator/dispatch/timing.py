@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import attrs
+import trio
 
 
 @attrs.define(eq=False)
@@ -16,6 +20,15 @@ class Timing:
     encrypt: float = 0.0
     dispatch: float = 0.0  # from sending the winner's request to its first content
     first_content: float = 0.0  # from the request's start to the commit
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        """Add the time the block takes to ``stage``."""
+        started = trio.current_time()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + trio.current_time() - started)
 
     def committed(self, now: float, sent_at: float) -> None:
         self.dispatch = now - sent_at

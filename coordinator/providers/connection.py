@@ -75,6 +75,29 @@ class EventStream:
         self._buffer.held -= _weight(event)
         return event
 
+    async def next(self) -> ProviderEvent | None:
+        """The next event, or None when the stream has ended."""
+        try:
+            return await self.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+
+    def ready(self, first: ProviderEvent | None, limit: int) -> list[ProviderEvent | None]:
+        """``first`` and every event already delivered after it (None once the stream ends).
+
+        A fast provider's burst is then one write to the consumer, not one each.
+        """
+        batch = [first]
+        while first is not None and len(batch) < limit:
+            try:
+                batch.append(self.receive_nowait())
+            except trio.WouldBlock:
+                break
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                batch.append(None)
+                break
+        return batch
+
     def __aiter__(self) -> EventStream:
         return self
 
