@@ -303,3 +303,34 @@ async def test_timing_header_present(autojump_clock):
         assert set(fields) == {"parse", "route", "queue", "encrypt", "dispatch", "first_content"}
         assert result.headers["x-provider-version"] == "0.7.0"
         await h.assert_quiescent()
+
+
+async def test_each_racer_keeps_its_own_budget(autojump_clock):
+    """A backup's cold load must not keep a silent primary (and its slot) alive.
+
+    With one shared budget the primary below held its slot, and the consumer
+    waited, 602.5 s: the backup's ``inference_accepted`` moved the deadline for
+    both racers.
+    """
+    async with open_harness(max_attempts=1) as h:
+        silent = await h.add_provider("silent", behaviour=Behaviour(Fault.STALL),
+                                      decode_tps=1000)
+        await h.add_provider("cold", behaviour=Behaviour(Fault.STALL, accepted_delay=0.0),
+                             decode_tps=10)
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def ask() -> None:
+                results.append(await h.chat())
+
+            nursery.start_soon(ask)
+            await h.until(lambda: bool(silent.cancelled))
+            released_at = trio.current_time() - start
+            assert h.state.providers["silent"].free_slots == silent.max_concurrency
+        # The primary is cut at its own TTFT deadline; the backup runs its 600 s.
+        assert 5.0 <= released_at < 5.5
+        [result] = results
+        assert result.status == 504
+        assert 602.5 <= trio.current_time() - start < 603.5
+        await h.assert_quiescent()

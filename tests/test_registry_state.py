@@ -1,0 +1,185 @@
+"""The registry's state, synchronously: no event loop, the clock is an argument."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coordinator.protocol import ModelInfo
+from coordinator.registry.state import (
+    AcquireRequest,
+    RegisterRefused,
+    Refusal,
+    Refused,
+    RegistryState,
+)
+from coordinator.registry.table import CANCELLED, SUCCESS, Grant, Job, Outcome, ProviderRecord
+from coordinator.registry.traits import Traits
+from coordinator.registry.versions import parse_version
+
+from .harness import make_config
+
+
+def record(pid: str, *models: str, session: int = 1, slots: int = 1, version: str = "0.7.0",
+           key: str = "key", **kw: object) -> ProviderRecord:
+    return ProviderRecord(pid, session, version, parse_version(version),
+                          {m: ModelInfo(m) for m in models or ("m",)}, max_slots=slots,
+                          signing_key=key, **kw)  # type: ignore[arg-type]
+
+
+def state(**config: object) -> RegistryState:
+    return RegistryState(make_config(**config), rng=random.Random(1))
+
+
+def ask(model: str = "m", rid: str = "r", **kw: object) -> AcquireRequest:
+    return AcquireRequest(Job(rid, model, **kw))  # type: ignore[arg-type]
+
+
+def test_a_free_slot_is_granted_with_a_unique_wire_id():
+    s = state()
+    s.register(record("a", slots=2), now=0.0)
+    first, second = s.acquire(ask(), 1.0), s.acquire(ask(), 1.0)
+    assert isinstance(first, Grant) and isinstance(second, Grant)
+    assert first.lease.request_id != second.lease.request_id
+    assert first.lease.request_id.startswith("r.") and first.queued == 0.0
+    assert s.providers["a"].free_slots == 0
+
+
+def test_busy_providers_queue_and_a_release_grants_in_order():
+    s = state()
+    s.register(record("a"), now=0.0)
+    held = s.acquire(ask(rid="held"), 0.0)
+    assert isinstance(held, Grant)
+    first, second = ask(rid="first"), ask(rid="second")
+    assert s.acquire(first, 1.0) is None and s.acquire(second, 2.0) is None
+    assert len(s.queue) == 2
+    s.release(held.lease, SUCCESS, 5.0)
+    [(ticket, decision)] = s.drain(5.0)
+    assert ticket is first.ticket and isinstance(decision, Grant)
+    assert decision.queued == 4.0 and decision.lease.request_id.startswith("first.")
+
+
+def test_the_queue_is_bounded():
+    s = state(queue_max=1)
+    s.register(record("a"), now=0.0)
+    s.acquire(ask(), 0.0)
+    assert s.acquire(ask(), 0.0) is None
+    refused = s.acquire(ask(), 0.0)
+    assert isinstance(refused, Refused) and refused.kind is Refusal.QUEUE_FULL
+
+
+def test_a_withdrawn_request_leaves_the_queue():
+    s = state()
+    s.register(record("a"), now=0.0)
+    s.acquire(ask(), 0.0)
+    waiting = ask(rid="w")
+    s.acquire(waiting, 0.0)
+    s.withdraw(waiting.ticket, 3.0)
+    assert not s.queue and s.drain(3.0) == []
+
+
+def test_a_queued_request_that_became_unservable_is_refused_at_the_drain():
+    s = state(breaker_strikes=1)
+    s.register(record("a"), now=0.0)
+    held = s.acquire(ask(), 0.0)
+    assert isinstance(held, Grant)
+    s.acquire(ask(rid="w"), 0.0)
+    s.release(held.lease, Outcome.failure(500), 1.0)  # a strike: "a" cools down
+    [(_, decision)] = s.drain(1.0)
+    assert isinstance(decision, Refused) and decision.kind is Refusal.UNSERVABLE
+    assert "cooling down" in decision.detail
+
+
+def test_refusal_kinds():
+    s = state()
+    unknown = s.acquire(ask("nope"), 0.0)
+    assert isinstance(unknown, Refused) and unknown.kind is Refusal.UNKNOWN_MODEL
+    s.register(record("a", max_request_bytes=1000), now=0.0)
+    big = s.acquire(AcquireRequest(Job("r", "m", request_bytes=5000)), 0.0)
+    assert isinstance(big, Refused) and big.kind is Refusal.TOO_LARGE
+    assert "accept at most 1000 bytes" in big.detail
+    excluded = s.acquire(AcquireRequest(Job("r", "m"), exclude=frozenset({"a"})), 0.0)
+    assert isinstance(excluded, Refused) and excluded.kind is Refusal.EXHAUSTED
+    s.register(record("b", version="0.6.0"), now=0.0)
+    tools = s.acquire(AcquireRequest(Job("r", "m", traits=Traits(has_tools=True)),
+                                     exclude=frozenset({"a"})), 0.0)
+    assert isinstance(tools, Refused) and tools.kind is Refusal.EXHAUSTED
+
+
+def test_a_model_whose_providers_left_queues_until_it_is_forgotten():
+    s = state(model_forget_after=60.0)
+    s.register(record("a", "gone"), now=0.0)
+    s.unregister("a", 1, now=10.0)
+    assert s.acquire(ask("gone"), 20.0) is None  # remembered: wait for its providers
+    s.withdraw(s.queue[0].request.ticket, 20.0)
+    forgotten = s.acquire(ask("gone"), 71.0)
+    assert isinstance(forgotten, Refused) and forgotten.kind is Refusal.UNKNOWN_MODEL
+
+
+def test_try_acquire_never_queues():
+    s = state()
+    s.register(record("a"), now=0.0)
+    assert isinstance(s.try_acquire(ask(), 0.0), Grant)
+    assert s.try_acquire(ask(), 0.0) is None and not s.queue
+
+
+def test_a_new_session_supersedes_the_old_and_starts_clean():
+    s = state(breaker_strikes=1)
+    s.register(record("a", session=1), now=0.0)
+    old = s.acquire(ask(), 0.0)
+    assert isinstance(old, Grant)
+    s.release(old.lease, Outcome.failure(500), 1.0)
+    assert s.breaker.is_cooling(("a", "m", "base"), 1.0)
+    superseded = s.register(record("a", session=2), now=2.0)
+    assert superseded is not None and superseded.session == 1
+    assert not s.breaker.is_cooling(("a", "m", "base"), 2.0)
+    s.unregister("a", 1, now=3.0)  # the old session's late goodbye changes nothing
+    assert s.providers["a"].session == 2
+
+
+def test_a_live_id_is_not_taken_by_another_key():
+    s = state()
+    s.register(record("a", key="k1"), now=0.0)
+    with pytest.raises(RegisterRefused):
+        s.register(record("a", session=2, key="k2"), now=1.0)
+    assert s.providers["a"].session == 1
+
+
+@pytest.mark.parametrize(("outcome", "cooling", "served"), [
+    (SUCCESS, False, 1), (CANCELLED, False, 0), (Outcome.failure(504), True, 0),
+    (Outcome.failure(429), False, 0), (Outcome.failure(400), False, 0),
+])
+def test_release_verdicts(outcome, cooling, served):
+    s = state(breaker_strikes=1)
+    s.register(record("a"), now=0.0)
+    grant = s.acquire(ask(), 0.0)
+    assert isinstance(grant, Grant)
+    s.release(grant.lease, outcome, 1.0)
+    assert s.breaker.is_cooling(("a", "m", "base"), 1.0) is cooling
+    assert s.providers["a"].served == served and s.providers["a"].free_slots == 1
+
+
+def test_a_verdict_on_an_old_session_is_ignored():
+    s = state(breaker_strikes=1)
+    s.register(record("a", session=1), now=0.0)
+    grant = s.acquire(ask(), 0.0)
+    assert isinstance(grant, Grant)
+    s.register(record("a", session=2), now=1.0)
+    s.release(grant.lease, Outcome.failure(500), 2.0)
+    assert not s.breaker.is_cooling(("a", "m", "base"), 2.0)
+
+
+def test_the_snapshot_shows_the_table():
+    s = state(breaker_strikes=1)
+    s.register(record("b", "m", "v"), now=0.0)
+    s.register(record("a"), now=0.0)
+    grant = s.acquire(ask(), 0.0)
+    assert isinstance(grant, Grant)
+    s.release(grant.lease, Outcome.failure(500), 10.0)
+    snapshot = s.snapshot(20.0)
+    assert [p.id for p in snapshot.providers] == ["a", "b"]
+    cooled = next(p for p in snapshot.providers if p.cooldowns)
+    assert cooled.cooldowns[0].seconds_left == 290.0
+    assert snapshot.models == ("m", "v") and snapshot.leases == 0
+    assert snapshot.as_json()["providers"][0]["slots"] == {"in_use": 0, "max": 1}
