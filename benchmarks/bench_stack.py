@@ -1,6 +1,6 @@
 """Stack floor vs direct-to-provider vs coordinator, measured in one run.
 
-Each server runs in its own process; the load generator (provider_sim.load,
+Each server runs in its own process; the load generator (coordinator.loadgen.load,
 an h11 client) runs here. All share this machine's cores, so read the ratios,
 not the absolute numbers. Run: ``python -m benchmarks.bench_stack`` or
 ``nox -s bench``. Writes ``bench-results/stack.json``.
@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from provider_sim.client import HttpConnection
-from provider_sim.load import Mix, percentile, run_load
+from coordinator.loadgen.client import HttpConnection
+from coordinator.loadgen.load import Mix, percentile, run_load
 
 KEY = "bench-key"
 TOKEN = "bench-token"

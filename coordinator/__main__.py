@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="coordinator", description="An inference coordinator: OpenAI- and Anthropic-style "
         "HTTP in front of a fleet of WebSocket providers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,load}")
     for name, text in (("serve", "run the coordinator"),
                        ("demo", "run the coordinator with simulated providers on loopback")):
         p = sub.add_parser(
@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--providers", type=_positive, default=4,
                            help="simulated providers to start (default: 4)")
+    from coordinator.loadgen.load import add_arguments
+
+    add_arguments(sub.add_parser(
+        "load", help="drive an OpenAI-compatible URL with concurrent consumers (loopback only)",
+        description="Concurrent keep-alive consumers against any OpenAI-compatible URL on "
+        "loopback, bounded in count and time; without --url, an embedded coordinator and a "
+        "simulated fleet."))
     return parser
 
 
@@ -189,6 +196,12 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "load":
+        from coordinator.loadgen.load import run_from_args
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        run_from_args(args)
+        return
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for warning in unknown_variables():

@@ -1,18 +1,18 @@
-"""``provider-sim``: simulated providers, an OpenAI-compatible mode and a load generator."""
+"""``provider-sim``: simulated providers, and one simulated provider as an OpenAI-compatible server.
+
+The consumer side (a load generator) is ``coordinator load``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
 from .behaviours import parse_behaviour
 from .fleet import FleetMember, demo_fleet, load_fleet, run_fleet
+from .signals import until_signalled
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,10 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     http.add_argument("--behaviour", default="healthy")
     http.add_argument("--tokens", type=int, default=16)
 
-    load = sub.add_parser("load", help="drive an OpenAI-compatible URL with concurrent consumers")
-    from .load import add_arguments
-
-    add_arguments(load)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command != "load" else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(members)} simulated providers connecting to {args.coordinator} "
               "(Ctrl-C to stop)", flush=True)
         trio.run(until_signalled, run_fleet, members, args.coordinator)
-    elif args.command == "http":
+    else:
         from .http import serve_http
 
         async def serve_and_say() -> None:
@@ -62,28 +58,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"simulated provider (OpenAI-compatible) on {url}", flush=True)
 
         trio.run(until_signalled, serve_and_say)
-    else:
-        from .load import run_from_args
-
-        run_from_args(args)
-
-
-async def until_signalled(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Run ``function`` until it returns or SIGINT/SIGTERM arrives; then stop quietly."""
-    async with trio.open_nursery() as nursery:
-        result: list[Any] = []
-
-        async def run() -> None:
-            result.append(await function(*args))
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(run)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                print(f"\n{signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
-                nursery.cancel_scope.cancel()
-                break
-    return result[0] if result else None
 
 
 if __name__ == "__main__":

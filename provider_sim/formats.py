@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from coordinator.protocol.endpoints import Endpoint
+
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
 
@@ -171,3 +173,44 @@ def _messages(model: str, words: list[str], rid: str, tool: str | None) -> Trans
         _dump({"type": "message_stop"}),
     ]
     return Transcript(preamble, content, closing)
+
+
+def final_body(endpoint: Endpoint, body: dict[str, Any], done: Any, rid: str) -> dict[str, Any]:
+    """The whole (non-streaming) answer in ``endpoint``'s shape; ``done`` is a script Complete."""
+    model = str(body.get("model", ""))
+    tokens = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+              "total_tokens": done.prompt_tokens + done.completion_tokens}
+    tool = _tool_name(body)
+    match endpoint:
+        case Endpoint.COMPLETIONS:
+            return {"id": f"cmpl-{rid}", "object": "text_completion", "created": 0,
+                    "model": model, "usage": tokens, "choices": [
+                        {"index": 0, "text": done.text, "finish_reason": "stop",
+                         "logprobs": None}]}
+        case Endpoint.RESPONSES:
+            return {"id": f"resp_{rid}", "object": "response", "created_at": 0,
+                    "status": "completed", "model": model, "output": [{
+                        "type": "message", "id": f"msg_{rid}", "status": "completed",
+                        "role": "assistant", "content": [
+                            {"type": "output_text", "text": done.text, "annotations": []}]}],
+                    "usage": {"input_tokens": done.prompt_tokens,
+                              "output_tokens": done.completion_tokens,
+                              "total_tokens": tokens["total_tokens"]}}
+        case Endpoint.MESSAGES:
+            blocks: list[dict[str, Any]] = [{"type": "text", "text": done.text}]
+            if tool is not None:
+                blocks.append({"type": "tool_use", "id": f"toolu_{rid}", "name": tool,
+                               "input": {"x": 1}})
+            return {"id": f"msg_{rid}", "type": "message", "role": "assistant", "model": model,
+                    "content": blocks, "stop_reason": "tool_use" if tool else "end_turn",
+                    "stop_sequence": None, "usage": {"input_tokens": done.prompt_tokens,
+                                                     "output_tokens": done.completion_tokens}}
+        case _:
+            message: dict[str, Any] = {"role": "assistant", "content": done.text or None}
+            if tool is not None:
+                message["tool_calls"] = [{"id": f"call_{rid}", "type": "function",
+                                          "function": {"name": tool, "arguments": '{"x": 1}'}}]
+            return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": 0,
+                    "model": model, "usage": tokens, "choices": [{
+                        "index": 0, "message": message, "logprobs": None,
+                        "finish_reason": "tool_calls" if tool else "stop"}]}

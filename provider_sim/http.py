@@ -23,14 +23,14 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from coordinator.api.assemble import assemble
-from coordinator.api.sse import SseWriter
-from coordinator.dispatch.items import End, InBandError
-from coordinator.protocol import Usage
 from coordinator.protocol.endpoints import Endpoint
 
 from .behaviours import HEALTHY, Behaviour
+from .formats import final_body
 from .script import Action, Chunk, Complete, Crash, Error, play
+
+# Families that name each SSE event after its "type" (and end with their own last event).
+_TYPED_EVENTS = (Endpoint.RESPONSES, Endpoint.MESSAGES)
 
 
 def create_http_app(behaviour: Behaviour = HEALTHY, tokens: int = 16,
@@ -59,10 +59,10 @@ def create_http_app(behaviour: Behaviour = HEALTHY, tokens: int = 16,
                                     content_type="text/event-stream")
                 response.timeout = None
                 return response
-            chunks, usage = await _collect(first, actions)
-            if usage is None:
+            completed = await _complete(first, actions)
+            if completed is None:
                 return _error(502, "provider failed mid-answer")
-            return Response(json.dumps(assemble(endpoint, chunks, usage, rid)), 200,
+            return Response(json.dumps(final_body(endpoint, body, completed, rid)), 200,
                             content_type="application/json")
 
         handler.__name__ = f"sim_{endpoint.name.lower()}"
@@ -78,37 +78,49 @@ def _error(status: int, message: str) -> Response:
     return Response(json.dumps(body), status, content_type="application/json")
 
 
-async def _collect(first: Action | None,
-                   actions: AsyncIterator[Action]) -> tuple[list[dict[str, Any]], Usage | None]:
-    chunks: list[dict[str, Any]] = []
+async def _complete(first: Action | None, actions: AsyncIterator[Action]) -> Complete | None:
+    """Play the script to its end: its completion, or None when it fails."""
     async with contextlib.aclosing(actions):  # type: ignore[type-var]
         action = first
         while action is not None:
             match action:
-                case Chunk(text):
-                    chunks.append(json.loads(text))
-                case Complete(p, c):
-                    return chunks, Usage(p, c)
+                case Complete():
+                    return action
                 case Error() | Crash():
-                    return chunks, None
+                    return None
             action = await anext(actions, None)
-    return chunks, None
+    return None
+
+
+def _event(endpoint: Endpoint, payload: str) -> bytes:
+    if endpoint not in _TYPED_EVENTS:
+        return f"data: {payload}\n\n".encode()
+    name = json.loads(payload).get("type", "message")
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+def _stream_error(endpoint: Endpoint, message: str) -> bytes:
+    if endpoint in _TYPED_EVENTS:
+        return _event(endpoint, json.dumps({"type": "error", "error": {
+            "type": "api_error", "message": message}}))
+    return _event(endpoint, json.dumps({"error": {"message": message,
+                                                  "type": "provider_error"}}))
 
 
 async def _stream(endpoint: Endpoint, first: Action | None,
                   actions: AsyncIterator[Action]) -> AsyncIterator[bytes]:
-    writer = SseWriter(endpoint)
     async with contextlib.aclosing(actions):  # type: ignore[type-var]
         action = first
         while action is not None:
             match action:
                 case Chunk(text):
-                    yield writer.frame(json.loads(text))
-                case Complete(p, c):
-                    yield writer.frame(End(Usage(p, c)))
+                    yield _event(endpoint, text)
+                case Complete():
+                    if endpoint not in _TYPED_EVENTS:
+                        yield b"data: [DONE]\n\n"
                     return
-                case Error(status, message):
-                    yield writer.frame(InBandError("provider_error", message, status))
+                case Error(_, message):
+                    yield _stream_error(endpoint, message)
                     return
                 case Crash():
                     return

@@ -283,7 +283,7 @@ class SimProvider:
                     case Crash():
                         self._note("closed", rid)
                         await ws.aclose(1011, "simulated crash")
-                    case Complete(prompt_tokens, completion_tokens):
+                    case Complete(prompt_tokens, completion_tokens, _):
                         self._note("complete", rid)
                         await self._send(ws, InferenceComplete(
                             rid, Usage(prompt_tokens, completion_tokens)))

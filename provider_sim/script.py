@@ -52,6 +52,7 @@ class Crash:
 class Complete:
     prompt_tokens: int
     completion_tokens: int
+    text: str = ""  # everything said, for a whole (non-streaming) answer
 
 
 Action = Accepted | Chunk | Error | Crash | Complete
@@ -166,4 +167,4 @@ async def play(
         yield chunk(text)
     for text in script.closing:
         yield chunk(text)
-    yield Complete(10, len(script.content))
+    yield Complete(10, len(script.content), "".join(words))

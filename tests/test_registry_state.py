@@ -9,9 +9,9 @@ import pytest
 from coordinator.protocol import ModelInfo
 from coordinator.registry.state import (
     AcquireRequest,
-    RegisterRefused,
     Refusal,
     Refused,
+    RegisterRefused,
     RegistryState,
 )
 from coordinator.registry.table import CANCELLED, SUCCESS, Grant, Job, Outcome, ProviderRecord

@@ -12,10 +12,10 @@ import httpx
 import pytest
 import trio
 
+from coordinator.loadgen.load import Mix, run_load, summary
 from provider_sim.behaviours import Behaviour, Fault, parse_behaviour
 from provider_sim.fleet import load_fleet
 from provider_sim.http import serve_http
-from provider_sim.load import Mix, run_load, summary
 from provider_sim.script import Accepted, Chunk, Error, Pace, play
 from provider_sim.template_check import check_snapshot, collect_templates
 

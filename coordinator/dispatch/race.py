@@ -179,13 +179,16 @@ class RacerState:
 
 def step(state: RacerState, observation: Observation, now: float, limits: Limits) -> Decision:
     """What ``observation`` means for this racer; moves ``state`` along :data:`MOVES`."""
+    if state.phase is Phase.DONE or (
+            state.phase is Phase.STARTING and not isinstance(observation, Sent | Broken | Expired)):
+        raise IllegalMove(f"{type(observation).__name__} for a racer that is {state.phase.value}")
     match observation:
         case Sent():
             state.move(Phase.SENT)
             state.sent_at = now
             return Hold()
         case Accepted():
-            if state.phase is not Phase.SENT:
+            if state.phase in (Phase.ACCEPTED, Phase.PREAMBLE):
                 return Hold()  # a repeat, or after boilerplate: the budget already moved
             state.move(Phase.ACCEPTED)
             return Hold(state.sent_at + limits.inference_timeout)

@@ -1,4 +1,4 @@
-"""``provider-sim load``: concurrent consumers against any OpenAI-compatible URL.
+"""``coordinator load``: concurrent consumers against any OpenAI-compatible URL.
 
 Bounded in count and time, loopback only. Reports the success rate, every
 client-visible error by kind, p50/p90/p99 time to first byte and total latency,
@@ -274,7 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_fault_mix(text: str) -> tuple[tuple[float, Any], ...]:
-    from .behaviours import parse_behaviour
+    from provider_sim.behaviours import parse_behaviour
 
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -286,9 +286,8 @@ def parse_fault_mix(text: str) -> tuple[tuple[float, Any], ...]:
 async def run_embedded(args: argparse.Namespace) -> dict[str, Any]:
     from coordinator.app import serve
     from coordinator.config import Config
-
-    from .behaviours import Behaviour
-    from .fleet import demo_fleet, run_fleet
+    from provider_sim.behaviours import Behaviour
+    from provider_sim.fleet import demo_fleet, run_fleet
 
     config = Config(http_port=0, provider_port=0, api_keys=("load",),
                     provider_tokens=("demo-provider-token",), seed=args.seed)
@@ -313,7 +312,7 @@ async def _run(args: argparse.Namespace, url: str, key: str) -> dict[str, Any]:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from .__main__ import until_signalled
+    from provider_sim.signals import until_signalled
 
     embedded = args.url is None
     report = (trio.run(until_signalled, run_embedded, args) if embedded

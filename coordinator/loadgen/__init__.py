@@ -1,0 +1,1 @@
+"""``coordinator load``: a consumer-side load generator for any OpenAI-compatible URL."""
