@@ -82,6 +82,8 @@ def bench(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("python", "-m", "benchmarks.bench_toolschema")
     session.run("python", "-m", "benchmarks.bench_stack")
+    session.run("python", "-m", "benchmarks.bench_exhaustion")
+    session.run("python", "-m", "benchmarks.bench_drain")
 
 
 @nox.session(python="3.11")
@@ -90,3 +92,19 @@ def soak(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("pytest", "tests/test_simulation.py", "-q", "-p", "no:cacheprovider",
                 env={"SIMULATION_EXAMPLES": session.posargs[0] if session.posargs else "10000"})
+
+
+@nox.session(python="3.11")
+def fuzz(session: nox.Session) -> None:
+    """The hostile-input fuzz campaign (tests/test_fuzz.py), 100,000 examples per target.
+
+    ``nox -s fuzz -- 5000`` runs another count (further arguments go to pytest).
+    Prints each target's examples, statuses and wall time, Hypothesis' statistics
+    and durations; a failure prints its shrunk example. ``FUZZ_SURVEY=1`` keeps
+    going after violations and lists one example per distinct origin at the end.
+    """
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    examples = session.posargs[0] if session.posargs else "100000"
+    session.run("pytest", "tests/test_fuzz.py", "-q", "-s", "-p", "no:cacheprovider",
+                "--hypothesis-show-statistics", "--durations=0", *session.posargs[1:],
+                env={"FUZZ_EXAMPLES": examples})

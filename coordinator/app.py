@@ -44,11 +44,22 @@ class Coordinator:
     drain: Drain
 
     async def shutdown(self) -> None:
-        """Drain (docs/operations.md, shutdown): returns once every request has ended."""
+        """Drain (docs/operations.md, shutdown): returns once every request has ended.
+
+        In order: no new connections (the kernel refuses them: never accepted,
+        never lost); requests in flight run on for up to ``drain_timeout`` while
+        requests arriving on open connections get 503 and ``Connection: close``;
+        then connections close once idle for ``close_timeout`` (a client reusing
+        one at once still gets its 503), each within ``request_head_timeout``;
+        then providers go.
+        """
         log.info("draining: no new work; in-flight requests have %gs", self.drain.timeout)
         self.drain.begin(trio.current_time())
-        self.connections.close_idle()
+        self.connections.stop_accepting()
         await self.drain.wait_done()
+        self.connections.close_idle(after=self.config.close_timeout)
+        with trio.move_on_after(self.config.request_head_timeout):
+            await self.connections.wait_all_closed()
         await self.edge.close_all(GOING_AWAY, "coordinator shutting down")
 
 

@@ -65,6 +65,31 @@ class ConnectionTable:
     keep_alive_timeout: float
     request_head_timeout: float = 10.0
     streams: dict[Peer, GuardedStream] = attrs.field(factory=dict)
+    # The accept loop runs in this scope: cancelling it stops taking connections.
+    accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def add(self, stream: GuardedStream) -> None:
+        if stream.peer is not None:
+            self.streams[stream.peer] = stream
+            self._touch()
+
+    def remove(self, stream: GuardedStream) -> None:
+        if stream.peer is not None and self.streams.get(stream.peer) is stream:
+            del self.streams[stream.peer]
+            self._touch()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def stop_accepting(self) -> None:
+        """Close the door: new connections are refused by the kernel, open ones carry on."""
+        self.accepting.cancel()
+
+    async def wait_all_closed(self) -> None:
+        while self.streams:
+            await self._changed.wait()
 
     def request_started(self, peer: Peer | None) -> None:
         stream = self.streams.get(peer) if peer is not None else None
@@ -72,12 +97,15 @@ class ConnectionTable:
             stream.in_flight += 1
             stream.rearm()
 
-    def close_idle(self) -> None:
-        """End every connection with no request in flight (the coordinator is draining)."""
+    def close_idle(self, after: float) -> None:
+        """Close connections once idle for ``after`` seconds (the coordinator is draining).
+
+        Not at once: a client that reuses its connection right after a response
+        still gets an answer (503, ``Connection: close``) instead of a reset.
+        """
+        self.keep_alive_timeout = min(self.keep_alive_timeout, after)
         for stream in list(self.streams.values()):
-            if stream.in_flight == 0:
-                stream.closing = True
-                stream.rearm()
+            stream.move_deadline()
 
     def request_ended(self, peer: Peer | None, *, close: bool = False) -> None:
         """A request is over; ``close`` ends its connection once nothing else is in flight."""
@@ -106,8 +134,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._broken = False
         self._closed = False
         self.peer: Peer | None = _peer(inner.socket)
-        if self.peer is not None:
-            table.streams[self.peer] = self
+        table.add(self)
 
     def _deadline(self) -> float:
         if self.in_flight > 0:
@@ -123,6 +150,9 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._head_since = None
         if self.in_flight == 0:
             self._idle_since = trio.current_time()
+        self.move_deadline()
+
+    def move_deadline(self) -> None:
         if self._reading is not None:
             self._reading.deadline = self._deadline()
 
@@ -159,8 +189,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            if self.peer is not None and self._table.streams.get(self.peer) is self:
-                del self._table.streams[self.peer]
+            self._table.remove(self)
             self._on_close.release()
         await self.inner.aclose()
 
@@ -234,10 +263,14 @@ async def serve_http(
         await nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         task_status.started(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
-        await trio.serve_listeners(
-            partial(TCPServer, wrapped, hconfig, context, ConnectionState(state)),
-            [listener],
-        )
+        # Connections live in the outer nursery, so they outlast the accept loop.
+        with table.accepting:
+            await trio.serve_listeners(
+                partial(TCPServer, wrapped, hconfig, context, ConnectionState(state)),
+                [listener], handler_nursery=nursery)
+        await listener.aclose()
+        log.info("HTTP listener closed; %d connection(s) still open", len(table.streams))
+        await trio.sleep_forever()  # until the coordinator stops: its connections finish
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
