@@ -133,7 +133,7 @@ async def _until_signalled(running: Running, signals: Any) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_second_signal, signals, running)
         await running.shutdown()
-        nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel(reason="drained")
     print("coordinator stopped", flush=True)
 
 
@@ -166,7 +166,7 @@ async def _demo(config: Config, providers: int) -> None:
             await running.registry.wait_for(lambda state: len(state.providers) >= providers)
             print(_demo_banner(running, config, providers), flush=True)
             await _until_signalled(running, signals)
-            nursery.cancel_scope.cancel()  # the simulated fleet
+            nursery.cancel_scope.cancel(reason="the demo is over")  # the simulated fleet
 
 
 def _demo_banner(running: Running, config: Config, providers: int) -> str:

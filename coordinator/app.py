@@ -79,11 +79,11 @@ class Running:
     async def shutdown(self) -> None:
         """Drain, close provider sessions with 1001, then stop serving."""
         await self.coordinator.shutdown()
-        self._scope.cancel()
+        self._scope.cancel(reason="shut down")
 
     def stop(self) -> None:
         """Stop at once, without draining."""
-        self._scope.cancel()
+        self._scope.cancel(reason="stopped at once")
 
 
 async def start_coordinator(nursery: trio.Nursery, config: Config) -> Coordinator:

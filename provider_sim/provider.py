@@ -194,7 +194,7 @@ class SimProvider:
                         log.warning("%s: bad frame from coordinator: %s", self.provider_id, exc)
                         continue
                     self._on_message(ws, nursery, message)
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel(reason="connection closed")
         finally:
             self._active.clear()
 
@@ -219,7 +219,7 @@ class SimProvider:
                 self._note("cancel", request_id)
                 running = self._active.get(request_id)
                 if running is not None and request_id not in self._ignoring:
-                    running.cancel()
+                    running.cancel(reason="cancelled by the coordinator")
 
     async def _send(self, ws: trio_websocket.WebSocketConnection, message: Message) -> None:
         with contextlib.suppress(trio_websocket.ConnectionClosed):

@@ -17,12 +17,12 @@ async def until_signalled(function: Callable[..., Awaitable[Any]], *args: Any) -
 
         async def run() -> None:
             result.append(await function(*args))
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel(reason="done")
 
         nursery.start_soon(run)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 print(f"\n{signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel(reason="signalled")
                 break
     return result[0] if result else None

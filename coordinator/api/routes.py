@@ -382,7 +382,7 @@ class EdgeGuard:
                     async with trio.open_nursery() as owned:
                         scope[NURSERY_KEY] = owned
                         await self.app(scope, body.receive, body.send)
-                        owned.cancel_scope.cancel()  # a relay nobody reads any more
+                        owned.cancel_scope.cancel(reason="the response is over")  # a relay nobody reads
         finally:
             if self.connections is not None:
                 self.connections.request_ended(peer, close=body.closing)

@@ -85,7 +85,7 @@ class ConnectionTable:
 
     def stop_accepting(self) -> None:
         """Close the door: new connections are refused by the kernel, open ones carry on."""
-        self.accepting.cancel()
+        self.accepting.cancel(reason="draining")
 
     async def wait_all_closed(self) -> None:
         while self.streams:

@@ -158,7 +158,7 @@ class Dispatcher:
             attempt.failures.append(decision.failure)
             if decision.failure.status in race.DETERMINISTIC:
                 assert attempt.nursery is not None
-                attempt.nursery.cancel_scope.cancel()  # the answer is in: stop the other racer
+                attempt.nursery.cancel_scope.cancel(reason="a provider rejected the request")
         if not racer.is_backup:
             attempt.primary_settled.set()
 
@@ -215,7 +215,7 @@ class Dispatcher:
             self.metrics.speculative_wins.inc()
         attempt.handover(attempt.winner)  # the relay owns the winner from here
         assert attempt.nursery is not None
-        attempt.nursery.cancel_scope.cancel()
+        attempt.nursery.cancel_scope.cancel(reason="the race is decided")
         return commit
 
     async def close(self, racer: Racer, outcome: Outcome, *, cancel: bool) -> None:

@@ -184,7 +184,7 @@ async def run_load(url: str, *, key: str, model: str, concurrency: int, duration
                     consumers.start_soon(consumer, host, port, path, key, model, mix, tokens,
                                          random.Random(seed * 10_000 + i), stats, deadline,
                                          budget, extra)
-        nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel(reason="load run over")
     cut_off = stats.started_requests - stats.done
     if cut_off:
         stats.errors["cut_off_at_deadline"] = cut_off
@@ -299,7 +299,7 @@ async def run_embedded(args: argparse.Namespace) -> dict[str, Any]:
         nursery.start_soon(run_fleet, fleet, running.provider_url)
         await running.registry.wait_for(lambda state: len(state.providers) >= len(fleet))
         report = await _run(args, running.http_url, "load")
-        nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel(reason="load run over")
     return report
 
 

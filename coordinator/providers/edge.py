@@ -215,7 +215,7 @@ class ProviderEdge:
                     self._rechallenge, ws, session.signing_key, register.public_key, answers,
                     nursery.cancel_scope)
                 await self.read_frames(connection, answers_in)
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel(reason="the provider left")
         finally:
             # The id is free again before the registry forgets the provider, so
             # whoever sees it gone may at once register under it.
@@ -237,7 +237,7 @@ class ProviderEdge:
         await connection.superseded.wait()
         log.info("provider %s session %d superseded by a newer one", connection.provider_id,
                  connection.session)
-        scope.cancel()
+        scope.cancel(reason="superseded by a newer session")
 
     async def _rechallenge(
         self,
@@ -256,7 +256,7 @@ class ProviderEdge:
             if not ok:
                 log.warning("provider failed a periodic challenge; closing")
                 await _close(ws, POLICY_VIOLATION, "challenge failed", self.config.close_timeout)
-                scope.cancel()
+                scope.cancel(reason="failed a periodic challenge")
                 return
 
     async def read_frames(
