@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     fleet.add_argument("--behaviour", default="healthy",
                        help="fault[:key=value,...], e.g. role_then_error:status=500")
     fleet.add_argument("--seed", type=int, default=0)
+    fleet.add_argument("--sse-chunks", action="store_true",
+                       help="frame chunk payloads as SSE events, as some backends do")
+    fleet.add_argument("--max-request-bytes", type=int, default=None,
+                       help="the largest request frame to accept and declare (1 MiB)")
 
     http = sub.add_parser("http", help="one simulated provider as an OpenAI-compatible server")
     http.add_argument("--host", default="127.0.0.1")
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
             members = [FleetMember(p) for p in demo_fleet(
                 args.n, args.token or "demo-provider-token",
                 parse_behaviour(args.behaviour), args.seed)]
+        for member in members:
+            member.provider.sse_chunks = member.provider.sse_chunks or args.sse_chunks
+            if args.max_request_bytes is not None:
+                member.provider.max_request_bytes = args.max_request_bytes
         print(f"{len(members)} simulated providers connecting to {args.coordinator} "
               "(Ctrl-C to stop)", flush=True)
         trio.run(until_signalled, run_fleet, members, args.coordinator)

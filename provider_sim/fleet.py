@@ -12,6 +12,8 @@ A fleet file::
     decode_tps = 40.0
     prefill_tps = 800.0
     pace = true               # delays follow the rates
+    sse_chunks = false        # frame chunk payloads as SSE ("data: {...}\\n\\n")
+    max_request_bytes = 1048576  # the largest request frame accepted (declared in register)
     behaviour = "healthy"     # fault[:key=value,...]
     script = ["role_then_error:status=500"]   # consumed one per request first
     churn = { every = 60.0, down_for = 5.0 }  # drop the socket and come back
@@ -138,6 +140,8 @@ def load_fleet(path: Path | str, *, token: str | None = None) -> tuple[list[Flee
                 prefill_tps=float(spec.get("prefill_tps", 2000.0)),
                 memory_gb=float(spec.get("memory_gb", 64.0)),
                 max_concurrency=int(spec.get("max_concurrency", 8)),
+                max_request_bytes=int(spec.get("max_request_bytes", 1024 * 1024)),
+                sse_chunks=bool(spec.get("sse_chunks", False)),
                 pace=bool(spec.get("pace", False)),
                 fault_mix=tuple((float(p), parse_behaviour(b))
                                 for b, p in spec.get("fault_mix", {}).items()),

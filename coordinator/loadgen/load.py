@@ -253,24 +253,36 @@ DEFAULT_FAULT_MIX = "role_then_error=0.05,role_then_disconnect=0.02"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help="target (loopback only); default: embedded")
-    parser.add_argument("--key", default="", help="API key")
-    parser.add_argument("--model", default="sim-chat-small")
-    parser.add_argument("--path", default="/v1/chat/completions")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds, at most 600")
-    parser.add_argument("--requests", type=int, default=None, help="stop after this many")
-    parser.add_argument("--stream", type=float, default=0.8, help="fraction streaming")
-    parser.add_argument("--tools", type=float, default=0.1, help="fraction with tools")
-    parser.add_argument("--images", type=float, default=0.0, help="fraction with an image")
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--embedded", type=int, default=4, help="providers of the embedded fleet")
+    parser.add_argument("--url", default=None,
+                        help="target, loopback only (default: an embedded coordinator and fleet)")
+    parser.add_argument("--key", default="", help="API key for --url (default: none)")
+    parser.add_argument("--model", default="sim-chat-small", help="model (default: %(default)s)")
+    parser.add_argument("--path", default="/v1/chat/completions",
+                        help="endpoint (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="concurrent consumers (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds, at most 600 (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="stop after this many (default: no limit)")
+    parser.add_argument("--stream", type=float, default=0.8,
+                        help="fraction streaming (default: %(default)s)")
+    parser.add_argument("--tools", type=float, default=0.1,
+                        help="fraction with tools (default: %(default)s)")
+    parser.add_argument("--images", type=float, default=0.0,
+                        help="fraction with an image (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=16,
+                        help="max_tokens per request (default: %(default)s)")
+    parser.add_argument("--embedded", type=int, default=4,
+                        help="providers of the embedded fleet (default: %(default)s)")
     parser.add_argument("--fault-mix", default=DEFAULT_FAULT_MIX,
                         help="embedded fleet faults per request, e.g. "
-                        "role_then_error=0.05,stall=0.01; '' for a healthy fleet")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the report here")
-    parser.add_argument("--cdf", default=None, help="write a latency CDF PNG here")
+                        "role_then_error=0.05,stall=0.01; '' for a healthy fleet "
+                        "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--json", default=None, help="write the report here (default: no)")
+    parser.add_argument("--cdf", default=None,
+                        help="write a latency CDF PNG here; needs matplotlib (default: no)")
 
 
 def parse_fault_mix(text: str) -> tuple[tuple[float, Any], ...]:
