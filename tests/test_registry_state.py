@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.protocol import ModelInfo
+from coordinator.registry.index import reference_key
 from coordinator.registry.state import (
     AcquireRequest,
     Refusal,
@@ -183,3 +186,65 @@ def test_the_snapshot_shows_the_table():
     assert cooled.cooldowns[0].seconds_left == 290.0
     assert snapshot.models == ("m", "v") and snapshot.leases == 0
     assert snapshot.as_json()["providers"][0]["slots"] == {"in_use": 0, "max": 1}
+
+
+# ---- the index never disagrees with a full scan -----------------------------------------
+
+MODELS = ("m", "n", "v")
+operations = st.lists(st.one_of(
+    st.tuples(st.just("register"), st.sampled_from("abcdefgh"), st.sets(st.sampled_from(MODELS),
+              min_size=1), st.integers(1, 3), st.sampled_from(["0.6.0", "0.7.0", "x"]),
+              st.floats(10, 2000)),
+    st.tuples(st.just("unregister"), st.sampled_from("abcdefgh")),
+    st.tuples(st.just("acquire"), st.sampled_from(MODELS), st.booleans(), st.booleans()),
+    st.tuples(st.just("release"), st.integers(0, 50), st.sampled_from([0, 500, 504, 429])),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations, st.sampled_from(MODELS), st.booleans(), st.booleans(),
+       st.sets(st.sampled_from("abcdefgh")))
+def test_the_index_returns_what_a_full_scan_would(ops, model, tools, vision, exclude):
+    s = state(breaker_strikes=1, queue_max=1000)
+    sessions = iter(range(1, 10_000))
+    leases = []
+    now = 0.0
+    for op in ops:
+        now += 1.0
+        match op:
+            case ("register", pid, models, slots, version, tps):
+                s.register(ProviderRecord(pid, next(sessions), version, parse_version(version),
+                                          {m: ModelInfo(m, is_vision=m == "v") for m in models},
+                                          max_slots=slots, decode_tps=tps, signing_key="k"),
+                           now)
+            case ("unregister", pid):
+                if pid in s.providers:
+                    s.unregister(pid, s.providers[pid].session, now)
+            case ("acquire", m, t, v):
+                decision = s.acquire(AcquireRequest(Job(f"r{now}", m, traits=Traits(t, v))), now)
+                if isinstance(decision, Grant):
+                    leases.append(decision.lease)
+            case ("release", i, status):
+                if leases:
+                    lease = leases.pop(i % len(leases))
+                    s.release(lease, SUCCESS if not status else Outcome.failure(status), now)
+        for answered_ticket, decision in s.drain(now):
+            if isinstance(decision, Grant):
+                leases.append(decision.lease)
+        # 1. Each index holds exactly the model's providers with a free slot, keyed afresh.
+        for m, serving in s.by_model.items():
+            assert s.free[m].contents() == {
+                pid: reference_key(r, m) for pid, r in serving.items() if r.free_slots > 0}
+        assert set(s.free) == set(s.by_model)
+    # 2. A decision from the index agrees with the full scan.
+    if model not in s.by_model:
+        return
+    request = AcquireRequest(Job("probe", model, traits=Traits(tools, vision)),
+                             exclude=frozenset(exclude))
+    reasons = s._reasons(request.job, request.exclude, now)
+    eligible = {pid for pid, why in reasons.items() if why is None}
+    free = {pid for pid in eligible if s.providers[pid].free_slots > 0}
+    chosen = s._pick(request, now)
+    assert (chosen is None) == (not free)
+    assert chosen is None or chosen.provider_id in free
+    assert s._servable(request, now) == bool(eligible)

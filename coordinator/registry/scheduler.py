@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from coordinator.registry.table import Job, ProviderRecord
 
 _FALLBACK_TPS = 50.0
+TIE_TOLERANCE = 0.1  # within 10 % of the best estimate is a near-tie
 
 
 def job_cost(record: ProviderRecord, job: Job) -> float:
@@ -34,7 +35,7 @@ def pick(
     rng: random.Random,
     *,
     avoid_version: str | None = None,
-    tie_tolerance: float = 0.1,
+    tie_tolerance: float = TIE_TOLERANCE,
 ) -> ProviderRecord | None:
     """Best candidate with a free slot, preferring a version other than ``avoid_version``."""
     free = [c for c in candidates if c.free_slots > 0]

@@ -26,6 +26,7 @@ from coordinator.metrics import Metrics
 from coordinator.registry import scheduler
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.gates import Gate, fail_fast_message, gate
+from coordinator.registry.index import ModelIndex, reference_key
 from coordinator.registry.models import ModelMemory
 from coordinator.registry.table import (
     CooldownView,
@@ -75,6 +76,13 @@ class AcquireRequest:
 class _Waiter:
     request: AcquireRequest
     since: float
+    order: int  # arrival order, across models
+
+
+# A decision weighs at most this many eligible providers from the front of the
+# model's index (and a few more, on a retry, to find another version).
+PICK_WIDTH = 8
+DIVERSITY_WINDOW = 32
 
 
 Decision = Grant | Refused | None  # None: wait in the queue
@@ -88,7 +96,13 @@ class RegistryState:
     providers: dict[str, ProviderRecord] = attrs.field(factory=dict)
     # model -> provider id -> record: a decision looks only at the model's providers.
     by_model: dict[str, dict[str, ProviderRecord]] = attrs.field(factory=dict)
-    queue: deque[_Waiter] = attrs.field(factory=deque)
+    # model -> its providers with a free slot, best first (registry/index.py).
+    free: dict[str, ModelIndex] = attrs.field(factory=dict)
+    # model -> its queued requests, in arrival order.
+    queues: dict[str, deque[_Waiter]] = attrs.field(factory=dict)
+    _queued: dict[object, str] = attrs.field(factory=dict)  # ticket -> model
+    _dirty: set[str] = attrs.field(factory=set)  # models whose waiters may now be answered
+    _arrivals: itertools.count[int] = attrs.field(factory=itertools.count)
     offline_models: ModelMemory = attrs.field(init=False)
     breaker: Breaker = attrs.field(init=False)
     floors: Mapping[str, Version | None] = attrs.field(init=False)
@@ -120,6 +134,8 @@ class RegistryState:
         for model in record.models:
             self.by_model.setdefault(model, {})[record.provider_id] = record
             self.offline_models.came_online(model)
+        self._reindex(record)
+        self._dirty.update(record.models)
         self.breaker.forget_provider(record.provider_id)
         self._count_versions()
         return old
@@ -138,27 +154,69 @@ class RegistryState:
         for model in record.models:
             serving = self.by_model.get(model, {})
             serving.pop(record.provider_id, None)
+            self.free[model].discard(record.provider_id)
             if not serving:
-                self.by_model.pop(model, None)
+                del self.by_model[model], self.free[model]
                 self.offline_models.went_offline(model, now)
+        self._dirty.update(record.models)
+
+    def _reindex(self, record: ProviderRecord) -> None:
+        """Keep ``record`` in its models' indexes, keyed afresh, while it has a free slot."""
+        for model in record.models:
+            index = self.free.setdefault(model, ModelIndex())
+            if record.free_slots > 0:
+                index.put(record.provider_id, reference_key(record, model))
+            else:
+                index.discard(record.provider_id)
 
     # -- routing
     def decide(self, request: AcquireRequest, now: float) -> Decision:
         """Grant a lease, refuse, or return None to mean "wait in the queue"."""
         job = request.job
-        reasons = self._reasons(job, request.exclude, now)
-        if not reasons:
+        if job.model not in self.by_model:
             if self.offline_models.remembers(job.model, now):
                 return None  # its providers are momentarily offline
             return Refused(Refusal.UNKNOWN_MODEL,
                            f"the model {job.model!r} does not exist or is not served")
-        eligible = [self.providers[pid] for pid, why in reasons.items() if why is None]
-        if not eligible:
-            return self._refusal(job, {r for r in reasons.values() if r is not None})
-        chosen = scheduler.pick(eligible, job, self.rng, avoid_version=request.avoid_version)
-        return None if chosen is None else Grant(self._lease(chosen, job, now))
+        chosen = self._pick(request, now)
+        if chosen is not None:
+            return Grant(self._lease(chosen, job, now))
+        if self._servable(request, now):
+            return None  # eligible providers exist; every one of them is busy
+        reasons = self._reasons(job, request.exclude, now)
+        return self._refusal(job, {r for r in reasons.values() if r is not None})
+
+    def _pick(self, request: AcquireRequest, now: float) -> ProviderRecord | None:
+        """The best eligible free provider, from the front of the model's index."""
+        avoid = request.avoid_version
+        candidates: list[ProviderRecord] = []
+        cutoff, extra = 0.0, 0
+        for key, pid in self.free[request.job.model].best_first():
+            if candidates and (len(candidates) >= PICK_WIDTH or key > cutoff):
+                # Enough near the best; on a retry, look a little further for another version.
+                if avoid is None or any(c.version_text != avoid for c in candidates) \
+                        or extra >= DIVERSITY_WINDOW:
+                    break
+                extra += 1
+            record = self.providers[pid]
+            if self._gate(record, request, now) is not None:
+                continue
+            if not candidates:
+                cutoff = key * (1 + scheduler.TIE_TOLERANCE) + 1e-9
+            candidates.append(record)
+        return scheduler.pick(candidates, request.job, self.rng, avoid_version=avoid)
+
+    def _servable(self, request: AcquireRequest, now: float) -> bool:
+        """Whether some provider could serve the request once it has a free slot."""
+        return any(self._gate(r, request, now) is None
+                   for r in self.by_model[request.job.model].values())
+
+    def _gate(self, record: ProviderRecord, request: AcquireRequest, now: float) -> Gate | None:
+        return gate(record, request.job, floors=self.floors, breaker=self.breaker, now=now,
+                    exclude=request.exclude, memory_fraction=self.config.model_memory_fraction)
 
     def _reasons(self, job: Job, exclude: Collection[str], now: float) -> dict[str, Gate | None]:
+        """Every provider's answer from the gate: the full scan, for refusals (and tests)."""
         return {
             pid: gate(r, job, floors=self.floors, breaker=self.breaker, now=now, exclude=exclude,
                       memory_fraction=self.config.model_memory_fraction)
@@ -188,19 +246,28 @@ class RegistryState:
             cost=scheduler.job_cost(record, job),
         )
         record.leases[lease.request_id] = lease
+        self._reindex(record)
         self._note("grant", now, lease=lease, job=job)
         return lease
+
+    @property
+    def queue(self) -> list[_Waiter]:
+        """Every queued request, in arrival order."""
+        return sorted((w for q in self.queues.values() for w in q), key=lambda w: w.order)
 
     def acquire(self, request: AcquireRequest, now: float) -> Decision:
         """A grant or a refusal now, or None: the request waits in the queue."""
         decision = self.decide(request, now)
         if decision is not None:
             return decision
-        if len(self.queue) >= self.config.queue_max:
+        if len(self._queued) >= self.config.queue_max:
             return Refused(Refusal.QUEUE_FULL,
                            "all providers for this model are busy and the queue is full")
-        self.queue.append(_Waiter(request, now))
-        self.metrics.queue_depth.set(len(self.queue))
+        model = request.job.model
+        self.queues.setdefault(model, deque()).append(
+            _Waiter(request, now, next(self._arrivals)))
+        self._queued[request.ticket] = model
+        self.metrics.queue_depth.set(len(self._queued))
         return None
 
     def try_acquire(self, request: AcquireRequest, now: float) -> Grant | None:
@@ -209,28 +276,33 @@ class RegistryState:
         return decision if isinstance(decision, Grant) else None
 
     def withdraw(self, ticket: object, now: float) -> None:
-        for waiter in self.queue:
-            if waiter.request.ticket is ticket:
-                self.queue.remove(waiter)
-                self.metrics.queue_wait.observe(now - waiter.since)
-                self.metrics.queue_depth.set(len(self.queue))
-                return
+        model = self._queued.pop(ticket, None)
+        if model is None:
+            return
+        queue = self.queues[model]
+        waiter = next(w for w in queue if w.request.ticket is ticket)
+        queue.remove(waiter)
+        self.metrics.queue_wait.observe(now - waiter.since)
+        self.metrics.queue_depth.set(len(self._queued))
 
     def drain(self, now: float) -> list[tuple[object, Grant | Refused]]:
-        """Answer queued requests, in order, that can now be granted or refused."""
+        """Answer, in arrival order, queued requests that can now be granted or refused.
+
+        Only the models touched since the last drain are looked at: a released
+        slot, a registration or a departure changes nothing for the others.
+        """
+        waiters = sorted((w for m in self._dirty for w in self.queues.get(m, ())),
+                         key=lambda w: w.order)
+        self._dirty.clear()
         answered: list[tuple[object, Grant | Refused]] = []
-        still: deque[_Waiter] = deque()
-        for waiter in self.queue:
+        for waiter in waiters:
             decision = self.decide(waiter.request, now)
             if decision is None:
-                still.append(waiter)
                 continue
-            self.metrics.queue_wait.observe(now - waiter.since)
+            self.withdraw(waiter.request.ticket, now)
             if isinstance(decision, Grant):
                 decision = Grant(decision.lease, queued=now - waiter.since)
             answered.append((waiter.request.ticket, decision))
-        self.queue = still
-        self.metrics.queue_depth.set(len(self.queue))
         return answered
 
     # -- verdicts
@@ -242,6 +314,8 @@ class RegistryState:
                 return  # a verdict on an old session says nothing about the new one
             record.leases.pop(lease.request_id, None)
             record.served += outcome.kind is OutcomeKind.SUCCESS
+            self._reindex(record)
+            self._dirty.update(record.models)
         key = (lease.provider_id, lease.model, lease.shape)
         if outcome.kind is OutcomeKind.SUCCESS:
             self.breaker.record_success(key)
@@ -272,7 +346,7 @@ class RegistryState:
                 )
                 for r in sorted(self.providers.values(), key=lambda r: r.provider_id)
             ),
-            queue_depth=len(self.queue),
+            queue_depth=len(self._queued),
             leases=sum(len(r.leases) for r in self.providers.values()),
             models=tuple(sorted({*self.by_model, *self.offline_models.names()})),
         )
