@@ -228,7 +228,7 @@ def test_the_index_returns_what_a_full_scan_would(ops, model, tools, vision, exc
                 if leases:
                     lease = leases.pop(i % len(leases))
                     s.release(lease, SUCCESS if not status else Outcome.failure(status), now)
-        for answered_ticket, decision in s.drain(now):
+        for _, decision in s.drain(now):
             if isinstance(decision, Grant):
                 leases.append(decision.lease)
         # 1. Each index holds exactly the model's providers with a free slot, keyed afresh.
