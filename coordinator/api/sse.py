@@ -13,11 +13,11 @@ an event or a terminator of its own.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Final
 
 import attrs
+import orjson
 
 from coordinator.dispatch.chunks import Event
 from coordinator.dispatch.items import End, InBandError, RelayItem
@@ -33,13 +33,14 @@ _FINAL_EVENTS = {
 _EVENT_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
-def _json(body: Any) -> str:
-    # ensure_ascii: a lone surrogate from a provider's JSON cannot break the UTF-8 stream.
-    return json.dumps(body, separators=(",", ":"))
+def _data(body: Any) -> bytes:
+    # orjson: events were parsed by orjson (no lone surrogates, integers within 64 bits),
+    # so they always re-encode, as valid UTF-8, several times faster than json.dumps.
+    return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 def _event(name: str, body: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {_json(body)}\n\n".encode()
+    return b"event: " + name.encode() + b"\n" + _data(body)
 
 
 @attrs.define
@@ -63,7 +64,7 @@ class SseWriter:
 
     def _chunk(self, event: Event) -> bytes:
         if self.endpoint not in _FINAL_EVENTS:
-            return f"data: {_json(event)}\n\n".encode()
+            return _data(event)
         name = event.get("type")
         if not isinstance(name, str) or not _EVENT_NAME.fullmatch(name):
             name = "message"
@@ -98,4 +99,4 @@ class SseWriter:
                                     "message": error.message, "param": None})
         body = {"error": {"message": error.message, "type": "provider_error", "code": error.reason,
                           "param": None}}
-        return f"data: {json.dumps(body)}\n\n".encode() + DONE
+        return _data(body) + DONE

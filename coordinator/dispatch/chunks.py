@@ -85,7 +85,7 @@ def _sse_data(text: str) -> list[str]:
 
 def _event(data: str, max_depth: int) -> Event:
     try:
-        event = boundedjson.loads(data, max_depth=max_depth)
+        event = boundedjson.loads_fast(data, max_depth=max_depth)
     except boundedjson.JsonLimitError as exc:
         raise ChunkError(f"chunk is not a JSON event: {str(exc)[:200]}") from None
     if not isinstance(event, dict):

@@ -259,9 +259,9 @@ def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Mes
     try:
         # No depth limit here: the converter reads only known, shallow fields,
         # and the parser itself stops at its recursion limit.
-        raw = boundedjson.loads(frame, clamp_ints=True)
+        raw = boundedjson.loads_fast(frame)
     except boundedjson.JsonLimitError as exc:
-        raise FrameError(f"malformed JSON: {_short(str(exc))}") from None
+        raise FrameError(f"malformed JSON: {_short(str(exc))}", _leading_request_id(frame)) from None
     if not isinstance(raw, dict):
         raise FrameError("frame is not a JSON object")
     kind = raw.pop("type", None)
@@ -286,10 +286,11 @@ _LEADING_ID: Final = re.compile(r'^\{"type":"[a-z_]{1,40}","request_id":"([A-Za-
 
 
 def _leading_request_id(frame: str | bytes) -> str | None:
-    """The request id of an oversized frame, if it leads with one as this codec writes it.
+    """The request id a frame that cannot be parsed leads with, if it does as this codec writes it.
 
-    Parsing a frame over the limit is what the limit avoids, but the request it
-    belongs to should fail at once rather than wait for its budget to expire.
+    Parsing a frame over the limit is what the limit avoids (and a malformed one
+    cannot be parsed), but the request it belongs to should fail at once rather
+    than wait for its budget to expire.
     """
     head = frame[:256]
     if isinstance(head, bytes):
