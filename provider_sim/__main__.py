@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     fleet.add_argument("--seed", type=int, default=0)
     fleet.add_argument("--sse-chunks", action="store_true",
                        help="frame chunk payloads as SSE events, as some backends do")
+    fleet.add_argument("--events-per-frame", type=int, default=1,
+                       help="put up to this many ready events in one frame (SSE-framed)")
     fleet.add_argument("--max-request-bytes", type=int, default=None,
                        help="the largest request frame to accept and declare (1 MiB)")
 
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
                 parse_behaviour(args.behaviour), args.seed)]
         for member in members:
             member.provider.sse_chunks = member.provider.sse_chunks or args.sse_chunks
+            member.provider.events_per_frame = max(member.provider.events_per_frame,
+                                                   args.events_per_frame)
             if args.max_request_bytes is not None:
                 member.provider.max_request_bytes = args.max_request_bytes
         print(f"{len(members)} simulated providers connecting to {args.coordinator} "

@@ -142,6 +142,7 @@ def load_fleet(path: Path | str, *, token: str | None = None) -> tuple[list[Flee
                 max_concurrency=int(spec.get("max_concurrency", 8)),
                 max_request_bytes=int(spec.get("max_request_bytes", 1024 * 1024)),
                 sse_chunks=bool(spec.get("sse_chunks", False)),
+                events_per_frame=int(spec.get("events_per_frame", 1)),
                 pace=bool(spec.get("pace", False)),
                 fault_mix=tuple((float(p), parse_behaviour(b))
                                 for b, p in spec.get("fault_mix", {}).items()),

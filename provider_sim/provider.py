@@ -80,6 +80,9 @@ class SimProvider:
     encrypt: bool = True
     # Frame each chunk's payload as an SSE event ("data: {...}\n\n"), as some backends do.
     sse_chunks: bool = False
+    # Put up to this many events that are ready together in one frame (SSE-framed);
+    # only when the behaviour sends without pauses, so timing is unchanged.
+    events_per_frame: int = 1
     seed: int = 0
     # Per-model default behaviour, overriding ``behaviour`` for that model.
     model_behaviours: dict[str, Behaviour] = attrs.field(factory=dict)
@@ -98,6 +101,7 @@ class SimProvider:
     log: list[tuple[float, str, str]] = attrs.field(factory=list)
     # Replaced whenever something above is recorded, so tests can wait on it.
     activity: trio.Event = attrs.field(factory=trio.Event)
+    frames_sent: int = 0
     closed_with: int | None = None
     closed_reason: str = ""
     current_ws: trio_websocket.WebSocketConnection | None = None
@@ -222,6 +226,7 @@ class SimProvider:
                     running.cancel(reason="cancelled by the coordinator")
 
     async def _send(self, ws: trio_websocket.WebSocketConnection, message: Message) -> None:
+        self.frames_sent += 1
         with contextlib.suppress(trio_websocket.ConnectionClosed):
             await ws.send_message(encode_frame(message))
 
@@ -270,11 +275,18 @@ class SimProvider:
             body, behaviour, provider_id=self.provider_id, request_id=rid, rng=self._rng,
             pace=Pace(self.decode_tps, self.prefill_tps) if self.pace else Pace(),
             template=self.templates.get(model), version=self.version)
+        batch = self.events_per_frame if not (self.pace or behaviour.token_interval) else 1
+        held: list[str] = []
         async with contextlib.aclosing(actions):
             async for action in actions:
+                if held and (not isinstance(action, Chunk) or len(held) >= batch):
+                    await self._send(ws, self._batch_frame(rid, held, sealer))
+                    held = []
                 match action:
                     case Accepted():
                         await self._send(ws, InferenceAccepted(rid))
+                    case Chunk(text, None) if batch > 1:
+                        held.append(text)
                     case Chunk(text, corrupt):
                         await self._send(ws, self._chunk_frame(rid, text, corrupt, sealer))
                     case Error(status, message):
@@ -287,6 +299,14 @@ class SimProvider:
                         self._note("complete", rid)
                         await self._send(ws, InferenceComplete(
                             rid, Usage(prompt_tokens, completion_tokens)))
+
+    def _batch_frame(self, rid: str, texts: list[str],
+                     sealer: ResponseSealer) -> InferenceResponseChunk:
+        """Several events in one frame: SSE framing, one encryption."""
+        payload = "".join(f"data: {text}\n\n" for text in texts)
+        if not self.encrypt:
+            return InferenceResponseChunk(rid, data=payload)
+        return InferenceResponseChunk(rid, encrypted_data=sealer.seal(payload))
 
     def _chunk_frame(
         self, rid: str, text: str, corrupt: str | None, sealer: ResponseSealer

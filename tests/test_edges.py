@@ -439,3 +439,23 @@ def test_an_unknown_variable_gets_a_warning_naming_the_closest():
     _, err = process.communicate(timeout=60)
     assert "COORDINATOR_QUEUE_MAXX is not a coordinator setting; did you mean " \
            "COORDINATOR_QUEUE_MAX?" in err
+
+
+async def test_several_events_in_one_frame_are_relayed_as_sent(autojump_clock):
+    async with open_harness() as h:
+        batched = await h.add_provider("batched", events_per_frame=8)
+        for path, body in [("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                   "content": "x"}]}),
+                           ("/v1/responses", {"input": "x"})]:
+            streamed = await h.request(path, {"model": MODEL, "stream": True, **body})
+            assert _text(path, streamed, True).startswith("Hello from m1 on batched")
+            assert _terminators(path, streamed) == 1
+            whole = await h.request(path, {"model": MODEL, "stream": False, **body})
+            assert _text(path, whole, False).startswith("Hello from m1 on batched")
+        single = await h.add_provider("single")
+        before = (batched.frames_sent, single.frames_sent)
+        for name in ("batched", "single"):
+            assert (await h.chat(provider_ids=[name])).status == 200
+        sent_batched = batched.frames_sent - before[0]
+        sent_single = single.frames_sent - before[1]
+        assert sent_batched <= 3 < 8 <= sent_single  # 11 events: 2 frames (+ complete) vs 12
