@@ -82,6 +82,11 @@ class Config:
     inference_timeout: float = 600.0
     idle_timeout: float = 600.0
     max_held_chunks: int = 8
+    adaptive_hedging: bool = True
+    hedge_floor: float = 0.1
+    hedge_budget: float = 0.05
+    hedge_window: float = 60.0
+    image_prompt_tokens: int = 765
     cancel_send_timeout: float = 2.0
     close_timeout: float = 1.0
     withdraw_timeout: float = 5.0
@@ -91,6 +96,7 @@ class Config:
     breaker_strikes: int = 2
     breaker_window: float = 60.0
     breaker_cooldown: float = 300.0
+    outpaced_strikes: int = 3
     capability_floors: Mapping[str, str] = attrs.field(
         factory=lambda: {"tools": "0.6.3"}, converter=_floors
     )
@@ -171,12 +177,12 @@ class ConfigError(ValueError):
 
 
 _PORTS = frozenset({"http_port", "provider_port"})
-_FRACTIONS = frozenset({"backup_fraction", "model_memory_fraction"})
+_FRACTIONS = frozenset({"backup_fraction", "model_memory_fraction", "hedge_budget"})
 _AT_LEAST_ONE = frozenset({
     "max_body_bytes", "max_frame_bytes", "max_json_depth", "max_tokens_limit",
     "request_buffer_chunks", "max_connections", "max_attempts", "breaker_strikes",
     "default_provider_slots", "max_provider_slots", "max_pending_providers",
-    "max_models_per_provider", "max_identity_pins",
+    "max_models_per_provider", "max_identity_pins", "outpaced_strikes",
 })
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

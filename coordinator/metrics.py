@@ -27,6 +27,12 @@ class Metrics:
             "coordinator_cooldowns_active", "Breaker keys cooling now", registry=r)
         self.speculative = Counter(
             "coordinator_speculative_dispatch", "Speculative backups dispatched", registry=r)
+        self.hedge_budget_exhausted = Counter(
+            "coordinator_hedge_budget_exhausted", "Backups not started: the hedge budget "
+            "was spent", registry=r)
+        self.outpaced = Counter(
+            "coordinator_outpaced", "Racers that lost to content from the other racer",
+            registry=r)
         self.speculative_wins = Counter(
             "coordinator_speculative_win", "Races won by the backup", registry=r)
         self.queue_depth = Gauge("coordinator_queue_depth", "Requests waiting", registry=r)

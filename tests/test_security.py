@@ -145,12 +145,12 @@ async def test_a_failing_registry_message_gets_an_error_and_the_actor_lives(
         real = scheduler.job_cost
         calls = 0
 
-        def broken_once(record, job):  # type: ignore[no-untyped-def]
+        def broken_once(record, job, now=None):  # type: ignore[no-untyped-def]
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise OverflowError("simulated bug")
-            return real(record, job)
+            return real(record, job, now)
 
         monkeypatch.setattr(scheduler, "job_cost", broken_once)
         failed = await h.chat(stream=False)

@@ -36,7 +36,7 @@ from coordinator.protocol import InferenceRequest, RequestCipher
 from coordinator.providers.connection import Directory, ProviderGone, ended_stream
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Refusal, Refused
-from coordinator.registry.table import Lease, Outcome
+from coordinator.registry.table import Evidence, Grant, Lease, Outcome
 
 from . import race
 from .race import Broken, Commit, Expired, Fail, Failure, Hold, Phase, RacerState, Sent
@@ -65,10 +65,8 @@ class Dispatcher:
     drain: Drain = attrs.field(factory=Drain)
     # Pre-content failures that were retried, newest last (for the status page).
     failovers: deque[tuple[float, str, Failure]] = attrs.field(factory=lambda: deque(maxlen=50))
-    limits: race.Limits = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.limits = race.Limits.from_config(self.config)
+    limits: race.Limits = attrs.field(
+        default=attrs.Factory(lambda self: race.Limits.from_config(self.config), takes_self=True))
 
     async def dispatch(self, ctx: RequestContext, handover: Handover) -> Committed:
         """Run attempts until one commits and is handed over; raise when none can.
@@ -83,13 +81,12 @@ class Dispatcher:
             with ctx.timing.measure("route"):
                 granted = await self.registry.acquire(
                     ctx.job, exclude, failures[-1].version if failures else None)
-            if isinstance(granted, Refused) and (
-                    not failures or granted.kind in (Refusal.QUEUE_FULL, Refusal.QUEUE_TIMEOUT)):
+            if isinstance(granted, Refused):  # with failures: nobody left to try, they say why
+                if failures and granted.kind not in (Refusal.QUEUE_FULL, Refusal.QUEUE_TIMEOUT):
+                    break
                 raise NotDispatched(granted)
-            if isinstance(granted, Refused):
-                break  # nobody left to try: the failures say why
             ctx.timing.queue += granted.queued
-            outcome = await self._attempt(ctx, granted.lease, exclude, handover)
+            outcome = await self._attempt(ctx, granted, exclude, handover)
             if isinstance(outcome, Committed):
                 self.metrics.dispatches.labels("success").inc()
                 return outcome
@@ -104,9 +101,11 @@ class Dispatcher:
         self.metrics.dispatches.labels("failure").inc()
         raise race.exhausted(failures)
 
-    async def _attempt(self, ctx: RequestContext, primary: Lease, exclude: frozenset[str],
+    async def _attempt(self, ctx: RequestContext, grant: Grant, exclude: frozenset[str],
                        handover: Handover) -> Committed | list[Failure]:
-        ttft_deadline, hedge_at = self.limits.deadlines(trio.current_time(), ctx.job.prompt_tokens)
+        primary = grant.lease
+        ttft_deadline, hedge_at = self.limits.deadlines(
+            trio.current_time(), ctx.job.prompt_tokens, grant.hedge_after)
         attempt = _Attempt(ctx, ttft_deadline, handover)
         async with trio.open_nursery() as nursery:
             attempt.nursery = nursery
@@ -148,10 +147,10 @@ class Dispatcher:
         try:
             decision = await self._race(attempt, racer)
         finally:
-            if decision is None:  # lost the race, or the request was cancelled
-                cancel = racer.state.phase is not Phase.STARTING
+            if decision is None:  # lost the race (evidence of slowness), or was cancelled
+                lost = race.outpaced(racer.state, trio.current_time(), lost=bool(attempt.winner))
                 await self.close(racer, race.loser_verdict(racer.state.phase, timed_out=False),
-                                 cancel=cancel)
+                                 cancel=racer.state.phase is not Phase.STARTING, evidence=lost)
             elif isinstance(decision, Fail):
                 await self.close(racer, decision.verdict, cancel=decision.cancel_provider)
         if isinstance(decision, Fail):
@@ -209,7 +208,7 @@ class Dispatcher:
         ctx = attempt.ctx
         ctx.timing.committed(trio.current_time(), racer.state.sent_at)
         attempt.winner = Committed(racer, commit.events, commit.usage, ctx.attempts,
-                                   ctx.endpoint)
+                                   ctx.endpoint, trio.current_time(), ctx.job.prompt_tokens)
         self.metrics.time_to_first_content.observe(ctx.timing.first_content)
         if racer.is_backup:
             self.metrics.speculative_wins.inc()
@@ -218,7 +217,8 @@ class Dispatcher:
         attempt.nursery.cancel_scope.cancel(reason="the race is decided")
         return commit
 
-    async def close(self, racer: Racer, outcome: Outcome, *, cancel: bool) -> None:
+    async def close(self, racer: Racer, outcome: Outcome, *, cancel: bool,
+                    evidence: Evidence | None = None) -> None:
         """Release a racer's stream and slot, telling the provider to stop if ``cancel``."""
         request_id = racer.lease.request_id
         with trio.CancelScope(shield=True):
@@ -227,4 +227,4 @@ class Dispatcher:
                 if cancel:
                     with trio.move_on_after(self.config.cancel_send_timeout):
                         await racer.connection.send_cancel(request_id)
-            await self.registry.release(racer.lease, outcome)
+            await self.registry.release(racer.lease, outcome, evidence)

@@ -28,7 +28,7 @@ from coordinator import errors
 from coordinator.config import Config
 from coordinator.dispatch.chunks import ChunkKind, Event
 from coordinator.protocol import Usage
-from coordinator.registry.table import CANCELLED, Outcome
+from coordinator.registry.table import CANCELLED, Observed, Outcome, Outpaced
 
 DISCONNECTED: Final = 502
 TIMEOUT: Final = 504
@@ -152,10 +152,16 @@ class Limits:
         return cls(c.preamble_timeout, c.inference_timeout, c.max_held_chunks, c.ttft_base,
                    c.ttft_per_prompt_token, c.backup_fraction)
 
-    def deadlines(self, now: float, prompt_tokens: int) -> tuple[float, float]:
-        """An attempt's time-to-first-content deadline, and when its backup may start."""
+    def deadlines(self, now: float, prompt_tokens: int,
+                  hedge_after: float | None = None) -> tuple[float, float]:
+        """An attempt's time-to-first-content deadline, and when its backup may start.
+
+        ``hedge_after`` is the registry's adaptive delay (registry/hedging.py);
+        without one, the fixed ``backup_fraction`` of the budget.
+        """
         ttft = self.ttft_base + self.ttft_per_prompt_token * prompt_tokens
-        return now + ttft, now + ttft * self.backup_fraction
+        hedge = ttft * self.backup_fraction if hedge_after is None else hedge_after
+        return now + ttft, now + hedge
 
 
 @attrs.define
@@ -239,6 +245,22 @@ def loser_verdict(phase: Phase, *, timed_out: bool) -> Outcome:
     if timed_out and phase in (Phase.ACCEPTED, Phase.PREAMBLE):
         return Outcome.failure(TIMEOUT)
     return CANCELLED
+
+
+def outpaced(state: RacerState, now: float, *, lost: bool) -> Outpaced | None:
+    """What losing to the other racer says of this one: slowness, if it had sent no content."""
+    if not lost or state.phase not in (Phase.SENT, Phase.PREAMBLE):
+        return None  # never sent, or loading a cold model: no evidence of slowness
+    return Outpaced(now - state.sent_at, boilerplate_only=state.phase is Phase.PREAMBLE)
+
+
+def observed(sent_at: float, committed_at: float, ended_at: float, usage: Usage | None,
+             prompt_tokens: int) -> Observed:
+    """What a completed winner showed of its provider's speed."""
+    decoding = ended_at - committed_at
+    tokens = usage.completion_tokens if usage is not None else 0
+    rate = tokens / decoding if decoding > 0 and tokens > 1 else None
+    return Observed(committed_at - sent_at, rate, prompt_tokens)
 
 
 def retry_label(failures: list[Failure]) -> str:

@@ -18,6 +18,7 @@ import contextlib
 import attrs
 import trio
 
+from coordinator.protocol import Usage
 from coordinator.providers.connection import ProviderEvent
 from coordinator.registry.table import CANCELLED, SUCCESS, Outcome
 
@@ -31,10 +32,14 @@ from .request import Committed
 class _Ending:
     outcome: Outcome
     cancel_provider: bool
+    usage: Usage | None = None  # for a completion: what the provider's speed was
 
 
 _CONSUMER_LEFT = _Ending(CANCELLED, cancel_provider=True)
-_COMPLETED = _Ending(SUCCESS, cancel_provider=False)
+
+
+def _completed(usage: Usage) -> _Ending:
+    return _Ending(SUCCESS, cancel_provider=False, usage=usage)
 _MAX_BATCH = 64
 
 
@@ -47,7 +52,9 @@ async def relay(dispatcher: Dispatcher, committed: Committed,
         try:
             ending, last = await _pump(dispatcher, committed, send)
         finally:
-            await dispatcher.close(committed.racer, ending.outcome, cancel=ending.cancel_provider)
+            evidence = ending.usage and committed.observed(trio.current_time(), ending.usage)
+            await dispatcher.close(committed.racer, ending.outcome, cancel=ending.cancel_provider,
+                                   evidence=evidence or None)
         with contextlib.suppress(trio.BrokenResourceError):
             await send.send(last)
 
@@ -56,7 +63,7 @@ async def _pump(dispatcher: Dispatcher, committed: Committed,
                 send: trio.MemorySendChannel[Batch]) -> tuple[_Ending, Batch]:
     """Forward batches until the provider's part ends; return the ending and the last batch."""
     if committed.usage is not None:
-        return _COMPLETED, [*committed.events, End(committed.usage)]
+        return _completed(committed.usage), [*committed.events, End(committed.usage)]
     events = committed.racer.events
     try:
         if committed.events:
@@ -99,7 +106,7 @@ def _translate(
         case Events(_, chunk_events):
             return chunk_events, None
         case Completed(usage):
-            return (End(usage),), _COMPLETED
+            return (End(usage),), _completed(usage)
         case Errored(status, message):
             return ((InBandError("provider_error", message, status),),
                     _Ending(Outcome.failure(status), cancel_provider=False))

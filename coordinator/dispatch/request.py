@@ -10,11 +10,11 @@ from coordinator.protocol import RequestCipher, Usage
 from coordinator.protocol.endpoints import Endpoint
 from coordinator.providers.connection import EventStream, ProviderConnection, ProviderEvent
 from coordinator.registry.state import Refused
-from coordinator.registry.table import Job, Lease
+from coordinator.registry.table import Job, Lease, Observed
 
 from .chunks import Event
 from .observe import observe
-from .race import Observation, RacerState
+from .race import Observation, RacerState, observed
 from .timing import Timing
 
 
@@ -71,6 +71,13 @@ class Committed:
     usage: Usage | None  # set when the provider completed before any content
     attempts: int
     endpoint: Endpoint
+    committed_at: float
+    prompt_tokens: int
+
+    def observed(self, ended_at: float, usage: Usage) -> Observed:
+        """What this winner showed of its provider's speed, once it completed."""
+        return observed(self.racer.state.sent_at, self.committed_at, ended_at, usage,
+                        self.prompt_tokens)
 
 
 # Called once, synchronously, at the commit: from then on the winner belongs to

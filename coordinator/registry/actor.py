@@ -34,6 +34,7 @@ from coordinator.registry.state import (
 )
 from coordinator.registry.table import (
     CANCELLED,
+    Evidence,
     Grant,
     Job,
     Lease,
@@ -92,6 +93,7 @@ class _Withdraw:
 class _Release:
     lease: Lease
     outcome: Outcome
+    evidence: Evidence | None = None
 
 
 @attrs.frozen
@@ -120,8 +122,8 @@ class _Actor:
                     reply.send_nowait(decision)
             case _TryAcquire(request, reply):
                 reply.send_nowait(state.try_acquire(request, now))
-            case _Release(lease, outcome):
-                state.release(lease, outcome, now)
+            case _Release(lease, outcome, evidence):
+                state.release(lease, outcome, now, evidence)
                 self._answer_drained(now)
             case _Withdraw(ticket, reply):
                 state.withdraw(ticket, now)
@@ -195,10 +197,11 @@ class RegistryClient:
     async def snapshot(self) -> RegistrySnapshot:
         return await self._ask(_Snapshot)  # type: ignore[no-any-return]
 
-    async def release(self, lease: Lease, outcome: Outcome) -> None:
-        """Give a slot back with a health verdict. Shielded: safe in cleanup."""
+    async def release(self, lease: Lease, outcome: Outcome,
+                      evidence: Evidence | None = None) -> None:
+        """Give a slot back with a health verdict (and what was learned). Shielded."""
         with trio.CancelScope(shield=True):
-            await self._tell(_Release(lease, outcome))
+            await self._tell(_Release(lease, outcome, evidence))
 
     async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Grant | None:
         """A free eligible provider now, or None. Never queues (the backup path)."""

@@ -25,10 +25,10 @@ REFERENCE_PROMPT: Final = 1000
 REFERENCE_MAX: Final = 256
 
 
-def reference_key(record: ProviderRecord, model: str) -> float:
+def reference_key(record: ProviderRecord, model: str, now: float | None = None) -> float:
     """The index key: estimated seconds for a typical job of ``model`` on ``record``."""
     return scheduler.estimated_seconds(
-        record, Job("", model, prompt_tokens=REFERENCE_PROMPT, max_tokens=REFERENCE_MAX))
+        record, Job("", model, prompt_tokens=REFERENCE_PROMPT, max_tokens=REFERENCE_MAX), now)
 
 
 @attrs.define(eq=False)

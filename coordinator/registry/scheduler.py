@@ -18,15 +18,27 @@ _FALLBACK_TPS = 50.0
 TIE_TOLERANCE = 0.1  # within 10 % of the best estimate is a near-tie
 
 
-def job_cost(record: ProviderRecord, job: Job) -> float:
-    """Seconds this job would keep ``record`` busy."""
-    prefill = record.prefill_tps if record.prefill_tps > 0 else _FALLBACK_TPS * 10
+def job_cost(record: ProviderRecord, job: Job, now: float | None = None) -> float:
+    """Seconds this job would keep ``record`` busy.
+
+    From the provider's observed time to first content and decode rate once
+    they are trusted, from its declared rates before; plus its decaying
+    penalty for having been outpaced (registry/speed.py).
+    """
+    speed = record.speeds.get(job.model)
     decode = record.decode_tps if record.decode_tps > 0 else _FALLBACK_TPS
-    return job.prompt_tokens / prefill + job.max_tokens / decode
+    if speed is not None and speed.trusted and speed.ttfc is not None:
+        cost = speed.ttfc + job.max_tokens / (speed.decode_tps or decode)
+    else:
+        prefill = record.prefill_tps if record.prefill_tps > 0 else _FALLBACK_TPS * 10
+        cost = job.prompt_tokens / prefill + job.max_tokens / decode
+    if speed is not None and now is not None:
+        cost += speed.penalty_now(now)
+    return cost
 
 
-def estimated_seconds(record: ProviderRecord, job: Job) -> float:
-    return record.queued_seconds + job_cost(record, job)
+def estimated_seconds(record: ProviderRecord, job: Job, now: float | None = None) -> float:
+    return record.queued_seconds + job_cost(record, job, now)
 
 
 def pick(
@@ -36,6 +48,7 @@ def pick(
     *,
     avoid_version: str | None = None,
     tie_tolerance: float = TIE_TOLERANCE,
+    now: float | None = None,
 ) -> ProviderRecord | None:
     """Best candidate with a free slot, preferring a version other than ``avoid_version``."""
     free = [c for c in candidates if c.free_slots > 0]
@@ -45,7 +58,7 @@ def pick(
         free = diverse or free
     if not free:
         return None
-    scored = sorted((estimated_seconds(c, job), i, c) for i, c in enumerate(free))
+    scored = sorted((estimated_seconds(c, job, now), i, c) for i, c in enumerate(free))
     best = scored[0][0]
     ties = [c for score, _, c in scored if score <= best * (1 + tie_tolerance) + 1e-9]
     return ties[0] if len(ties) == 1 else rng.choice(ties)

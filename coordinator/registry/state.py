@@ -23,22 +23,27 @@ import attrs
 
 from coordinator.config import Config
 from coordinator.metrics import Metrics
-from coordinator.registry import scheduler
+from coordinator.registry import hedging, scheduler, speed
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.gates import Gate, fail_fast_message, gate
+from coordinator.registry.hedging import HedgeBudget
 from coordinator.registry.index import ModelIndex, reference_key
 from coordinator.registry.models import ModelMemory
 from coordinator.registry.table import (
     CooldownView,
+    Evidence,
     Grant,
     Job,
     Lease,
     ModelView,
+    Observed,
     Outcome,
     OutcomeKind,
+    Outpaced,
     ProviderRecord,
     ProviderView,
     RegistrySnapshot,
+    SpeedView,
 )
 from coordinator.registry.versions import Version, parse_version
 
@@ -103,6 +108,11 @@ class RegistryState:
     _queued: dict[object, str] = attrs.field(factory=dict)  # ticket -> model
     _dirty: set[str] = attrs.field(factory=set)  # models whose waiters may now be answered
     _arrivals: itertools.count[int] = attrs.field(factory=itertools.count)
+    # Recent times to first content per (model, prompt-size class): the hedge timer.
+    recent_ttfc: dict[tuple[str, int], speed.RecentTimes] = attrs.field(factory=dict)
+    hedge_budget: HedgeBudget = attrs.field(init=False)
+    # Boilerplate-then-silence losses per breaker key (speed.outpaced_strike).
+    _outpaced: dict[tuple[str, str, str], deque[float]] = attrs.field(factory=dict)
     offline_models: ModelMemory = attrs.field(init=False)
     breaker: Breaker = attrs.field(init=False)
     floors: Mapping[str, Version | None] = attrs.field(init=False)
@@ -116,6 +126,7 @@ class RegistryState:
         self.breaker = Breaker(c.breaker_strikes, c.breaker_window, c.breaker_cooldown)
         self.floors = {trait: parse_version(v) for trait, v in c.capability_floors.items()}
         self.offline_models = ModelMemory(c.model_forget_after, c.max_known_models)
+        self.hedge_budget = HedgeBudget(c.hedge_budget, c.hedge_window)
 
     # -- providers
     def register(self, record: ProviderRecord, now: float) -> ProviderRecord | None:
@@ -134,7 +145,7 @@ class RegistryState:
         for model in record.models:
             self.by_model.setdefault(model, {})[record.provider_id] = record
             self.offline_models.came_online(model)
-        self._reindex(record)
+        self._reindex(record, now)
         self._dirty.update(record.models)
         self.breaker.forget_provider(record.provider_id)
         self._count_versions()
@@ -160,12 +171,12 @@ class RegistryState:
                 self.offline_models.went_offline(model, now)
         self._dirty.update(record.models)
 
-    def _reindex(self, record: ProviderRecord) -> None:
+    def _reindex(self, record: ProviderRecord, now: float) -> None:
         """Keep ``record`` in its models' indexes, keyed afresh, while it has a free slot."""
         for model in record.models:
             index = self.free.setdefault(model, ModelIndex())
             if record.free_slots > 0:
-                index.put(record.provider_id, reference_key(record, model))
+                index.put(record.provider_id, reference_key(record, model, now))
             else:
                 index.discard(record.provider_id)
 
@@ -204,7 +215,7 @@ class RegistryState:
             if not candidates:
                 cutoff = key * (1 + scheduler.TIE_TOLERANCE) + 1e-9
             candidates.append(record)
-        return scheduler.pick(candidates, request.job, self.rng, avoid_version=avoid)
+        return scheduler.pick(candidates, request.job, self.rng, avoid_version=avoid, now=now)
 
     def _servable(self, request: AcquireRequest, now: float) -> bool:
         """Whether some provider could serve the request once it has a free slot."""
@@ -246,7 +257,7 @@ class RegistryState:
             cost=scheduler.job_cost(record, job),
         )
         record.leases[lease.request_id] = lease
-        self._reindex(record)
+        self._reindex(record, now)
         self._note("grant", now, lease=lease, job=job)
         return lease
 
@@ -257,7 +268,7 @@ class RegistryState:
 
     def acquire(self, request: AcquireRequest, now: float) -> Decision:
         """A grant or a refusal now, or None: the request waits in the queue."""
-        decision = self.decide(request, now)
+        decision = self._primary(self.decide(request, now), request.job, now)
         if decision is not None:
             return decision
         if len(self._queued) >= self.config.queue_max:
@@ -270,10 +281,34 @@ class RegistryState:
         self.metrics.queue_depth.set(len(self._queued))
         return None
 
+    def _primary(self, decision: Decision, job: Job, now: float) -> Decision:
+        """A primary's grant counts toward the hedge budget and carries its hedge delay."""
+        if not isinstance(decision, Grant):
+            return decision
+        self.hedge_budget.primary(now)
+        return attrs.evolve(decision, hedge_after=self.hedge_delay(job))
+
+    def hedge_delay(self, job: Job) -> float:
+        c = self.config
+        fixed = (c.ttft_base + c.ttft_per_prompt_token * job.prompt_tokens) * c.backup_fraction
+        if not c.adaptive_hedging:
+            return fixed
+        recent = self.recent_ttfc.get((job.model, speed.size_class(job.prompt_tokens)))
+        return hedging.hedge_delay(recent, fixed=fixed, floor=c.hedge_floor)
+
     def try_acquire(self, request: AcquireRequest, now: float) -> Grant | None:
-        """A free eligible provider now, or None. Never queues (the backup path)."""
+        """A free eligible provider now, or None. Never queues (the backup path).
+
+        A backup also needs room in the hedge budget; without it, none is started.
+        """
+        if not self.hedge_budget.allows(now):
+            self.metrics.hedge_budget_exhausted.inc()
+            return None
         decision = self.decide(request, now)
-        return decision if isinstance(decision, Grant) else None
+        if not isinstance(decision, Grant):
+            return None
+        self.hedge_budget.spend(now)
+        return decision
 
     def withdraw(self, ticket: object, now: float) -> None:
         model = self._queued.pop(ticket, None)
@@ -301,20 +336,25 @@ class RegistryState:
                 continue
             self.withdraw(waiter.request.ticket, now)
             if isinstance(decision, Grant):
-                decision = Grant(decision.lease, queued=now - waiter.since)
+                granted = self._primary(decision, waiter.request.job, now)
+                assert isinstance(granted, Grant)
+                decision = attrs.evolve(granted, queued=now - waiter.since)
             answered.append((waiter.request.ticket, decision))
         return answered
 
     # -- verdicts
-    def release(self, lease: Lease, outcome: Outcome, now: float) -> None:
-        self._note("release", now, lease=lease, outcome=outcome)
+    def release(self, lease: Lease, outcome: Outcome, now: float,
+                evidence: Evidence | None = None) -> None:
+        self._note("release", now, lease=lease, outcome=outcome, evidence=evidence)
         record = self.providers.get(lease.provider_id)
         if record is not None:
             if record.session != lease.session:
                 return  # a verdict on an old session says nothing about the new one
             record.leases.pop(lease.request_id, None)
             record.served += outcome.kind is OutcomeKind.SUCCESS
-            self._reindex(record)
+            if evidence is not None:
+                outcome = self._learn(record, lease, evidence, outcome, now)
+            self._reindex(record, now)
             self._dirty.update(record.models)
         key = (lease.provider_id, lease.model, lease.shape)
         if outcome.kind is OutcomeKind.SUCCESS:
@@ -324,6 +364,29 @@ class RegistryState:
         ):
             self.metrics.cooldown_entered.inc()
             log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
+
+    def _learn(self, record: ProviderRecord, lease: Lease, evidence: Evidence,
+               outcome: Outcome, now: float) -> Outcome:
+        """Take in what a request showed of the provider; return the verdict to record."""
+        known = record.speeds.setdefault(lease.model, speed.ProviderSpeed())
+        match evidence:
+            case Observed(ttfc, decode_tps, prompt_tokens):
+                known.observe(ttfc, decode_tps)
+                klass = (lease.model, speed.size_class(prompt_tokens))
+                self.recent_ttfc.setdefault(klass, speed.RecentTimes()).add(ttfc)
+            case Outpaced(silent_for, boilerplate_only):
+                known.outpaced(silent_for, now)
+                self.metrics.outpaced.inc()
+                times = self._outpaced.setdefault(
+                    (lease.provider_id, lease.model, lease.shape), deque())
+                if boilerplate_only and speed.outpaced_strike(
+                        times, now, window=self.config.breaker_window,
+                        threshold=self.config.outpaced_strikes):
+                    log.warning("%s/%s/%s outpaced with only boilerplate %d times: a strike",
+                                lease.provider_id, lease.model, lease.shape,
+                                self.config.outpaced_strikes)
+                    return Outcome.failure(504)
+        return outcome
 
     # -- views
     def cooldowns_active(self, now: float) -> int:
@@ -337,7 +400,8 @@ class RegistryState:
                 ProviderView(
                     id=r.provider_id, version=r.version_text, hardware=r.hardware,
                     in_use=len(r.leases), max_slots=r.max_slots, served=r.served,
-                    models=tuple(ModelView(m.id, bool(m.is_vision), m.template_render_ok)
+                    models=tuple(ModelView(m.id, bool(m.is_vision), m.template_render_ok,
+                                           self._speed_view(r, m.id, now))
                                  for m in r.models.values()),
                     cooldowns=tuple(
                         CooldownView(model, shape, round(until - now, 3))
@@ -350,6 +414,16 @@ class RegistryState:
             leases=sum(len(r.leases) for r in self.providers.values()),
             models=tuple(sorted({*self.by_model, *self.offline_models.names()})),
         )
+
+    def _speed_view(self, record: ProviderRecord, model: str, now: float) -> SpeedView:
+        known = record.speeds.get(model) or speed.ProviderSpeed()
+        observed = known.trusted
+        return SpeedView(
+            source="observed" if observed else "declared",
+            ttfc_s=round(known.ttfc, 4) if observed and known.ttfc is not None else None,
+            decode_tps=round(known.decode_tps if observed and known.decode_tps
+                             else record.decode_tps, 1),
+            samples=known.samples, outpaced_penalty_s=round(known.penalty_now(now), 3))
 
     def _count_versions(self) -> None:
         self.metrics.providers_online.clear()

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from coordinator.protocol import ModelInfo
+from coordinator.registry.speed import ProviderSpeed
 from coordinator.registry.traits import Traits
 from coordinator.registry.versions import Version
 
@@ -49,7 +50,28 @@ class Lease:
 class Grant:
     lease: Lease
     queued: float = 0.0  # seconds spent in the queue before the grant
+    # Seconds after dispatch to start a speculative backup (registry/hedging.py).
+    hedge_after: float | None = None
 
+
+@attrs.frozen
+class Observed:
+    """What a committed request showed of its provider's speed."""
+
+    ttfc: float  # seconds from the send to the first content
+    decode_tps: float | None  # output tokens per second after it, when known
+    prompt_tokens: int
+
+
+@attrs.frozen
+class Outpaced:
+    """A racer that lost because the other one committed content first."""
+
+    silent_for: float  # seconds since its send, with nothing (or only boilerplate) to show
+    boilerplate_only: bool
+
+
+Evidence = Observed | Outpaced
 
 class OutcomeKind(enum.Enum):
     SUCCESS = "success"
@@ -89,6 +111,8 @@ class ProviderRecord:
     max_request_bytes: int = 1024 * 1024
     leases: dict[str, Lease] = attrs.field(factory=dict)
     served: int = 0
+    # What routing has learned of its speed, per model (registry/speed.py).
+    speeds: dict[str, ProviderSpeed] = attrs.field(factory=dict)
 
     @property
     def free_slots(self) -> int:
@@ -103,10 +127,20 @@ class ProviderRecord:
 
 
 @attrs.frozen
+class SpeedView:
+    source: str  # "observed" once trusted, else "declared"
+    ttfc_s: float | None
+    decode_tps: float
+    samples: int
+    outpaced_penalty_s: float
+
+
+@attrs.frozen
 class ModelView:
     id: str
     is_vision: bool
     template_render_ok: bool | None
+    speed: SpeedView | None = None
 
 
 @attrs.frozen
