@@ -119,7 +119,7 @@ class Api:
             request_id=request_id,
             model=parsed.model,
             traits=traits_of(parsed.body),
-            prompt_tokens=estimate_prompt_tokens(len(raw)),
+            prompt_tokens=estimate_prompt_tokens(parsed.body, self.config.image_prompt_tokens),
             max_tokens=parsed.max_tokens,
             allowlist=parsed.allowlist,
             request_bytes=sizes.request_frame_bound(len(plaintext)),

@@ -30,12 +30,25 @@ def _render_ok(value: bool | None) -> str:
     return '<span class="ok">ok</span>' if value else '<span class="cool">FAILED</span>'
 
 
+def _speed(speed: dict[str, Any] | None) -> str:
+    """Where the scheduler's speed figures come from: observed, or still declared."""
+    if not speed:
+        return ""
+    text = f"{speed['decode_tps']:g} tok/s {escape(str(speed['source']))}"
+    if speed["ttfc_s"] is not None:
+        text += f", first content {speed['ttfc_s'] * 1000:.0f} ms"
+    if speed["outpaced_penalty_s"]:
+        text += f' <span class="cool">outpaced +{speed["outpaced_penalty_s"]:.1f}s</span>'
+    return text
+
+
 def render_status(snapshot: dict[str, Any], failovers: list[dict[str, Any]]) -> str:
     rows = []
     for p in snapshot["providers"]:
         models = "<br>".join(
             f"{escape(m['id'])}{' (vision)' if m['is_vision'] else ''}: "
-            f"template {_render_ok(m['template_render_ok'])}" for m in p["models"])
+            f"template {_render_ok(m['template_render_ok'])}; {_speed(m.get('speed'))}"
+            for m in p["models"])
         cooldowns = "<br>".join(
             f'<span class="cool">{escape(c["model"])}/{escape(c["shape"])}: '
             f'{c["seconds_left"]:.0f}s left</span>' for c in p["cooldowns"]) or "none"

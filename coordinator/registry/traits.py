@@ -58,6 +58,40 @@ def traits_of(body: dict[str, Any]) -> Traits:
     )
 
 
-def estimate_prompt_tokens(body_bytes: int) -> int:
-    """A cheap prompt-size estimate: about four bytes of JSON per token."""
-    return max(1, body_bytes // 4)
+LOW_DETAIL_IMAGE_TOKENS: Final = 85
+_TOKEN_SCAN_DEPTH: Final = 32
+
+
+def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 765) -> int:
+    """A cheap prompt-size estimate for the TTFT budget and the scheduler.
+
+    Text counts about four characters per token; each image or video part
+    counts ``image_tokens`` (``LOW_DETAIL_IMAGE_TOKENS`` at ``"detail": "low"``),
+    never its bytes: a 300 KB data URL is one image, not 75,000 tokens of text,
+    and an image given by URL is not free.
+    """
+    chars, media = 0, 0
+    stack: list[tuple[Any, int]] = [(body, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            chars += len(node)
+        elif depth >= _TOKEN_SCAN_DEPTH:
+            continue
+        elif isinstance(node, dict):
+            if node.get("type") in MEDIA_PART_TYPES:
+                media += _media_tokens(node, image_tokens)
+                continue
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return max(1, chars // 4 + media)
+
+
+def _media_tokens(part: dict[str, Any], image_tokens: int) -> int:
+    details = [part.get("detail")]
+    for key in ("image_url", "video_url"):
+        inner = part.get(key)
+        if isinstance(inner, dict):
+            details.append(inner.get("detail"))
+    return LOW_DETAIL_IMAGE_TOKENS if "low" in details else image_tokens

@@ -1,0 +1,223 @@
+"""Routing that learns: observed speed, outpaced losers, adaptive hedging, the hedge budget."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator.dispatch import race
+from coordinator.dispatch.race import Phase, RacerState
+from coordinator.protocol import ModelInfo, Usage
+from coordinator.registry import scheduler
+from coordinator.registry.hedging import MIN_SAMPLES, HedgeBudget, hedge_delay
+from coordinator.registry.speed import (
+    MIN_SAMPLES as TRUST_AFTER,
+)
+from coordinator.registry.speed import (
+    PENALTY_HALF_LIFE,
+    ProviderSpeed,
+    RecentTimes,
+    ewma,
+    outpaced_strike,
+    size_class,
+)
+from coordinator.registry.state import AcquireRequest, RegistryState
+from coordinator.registry.table import SUCCESS, Grant, Job, Observed, Outpaced, ProviderRecord
+from coordinator.registry.traits import LOW_DETAIL_IMAGE_TOKENS, estimate_prompt_tokens
+from coordinator.registry.versions import parse_version
+from provider_sim.behaviours import Behaviour, Fault
+
+from .harness import make_config, open_harness
+
+# ---- the pure rules -----------------------------------------------------------------
+
+
+def test_ewma_moves_a_fifth_of_the_way():
+    assert ewma(None, 3.0) == 3.0
+    assert ewma(1.0, 2.0) == pytest.approx(1.2)
+
+
+def test_observed_speed_is_trusted_after_enough_samples():
+    known = ProviderSpeed()
+    for _ in range(TRUST_AFTER - 1):
+        known.observe(0.5, 40.0)
+    assert not known.trusted
+    known.observe(0.5, 40.0)
+    assert known.trusted and known.ttfc == pytest.approx(0.5)
+    assert known.decode_tps == pytest.approx(40.0)
+
+
+def test_the_outpaced_penalty_adds_up_and_halves_with_time():
+    known = ProviderSpeed()
+    known.outpaced(2.0, now=0.0)
+    known.outpaced(2.0, now=0.0)
+    assert known.penalty_now(0.0) == 4.0
+    assert known.penalty_now(PENALTY_HALF_LIFE) == pytest.approx(2.0)
+    assert known.penalty_now(10 * PENALTY_HALF_LIFE) < 0.01
+
+
+@given(st.lists(st.floats(0, 100), min_size=1, max_size=200), st.floats(0.01, 1.0))
+def test_recent_quantiles_are_exact_over_the_window(samples, q):
+    recent = RecentTimes()
+    for sample in samples:
+        recent.add(sample)
+    window = sorted(samples[-RecentTimes.SIZE:])
+    value = recent.quantile(q)
+    assert value in window
+    assert sum(s <= value for s in window) >= q * len(window)  # nearest rank
+    assert recent.quantile(0.01) <= value <= recent.quantile(1.0) == window[-1]
+
+
+def test_an_empty_window_has_no_quantile():
+    assert math.isnan(RecentTimes().quantile(0.95))
+
+
+@pytest.mark.parametrize(("tokens", "klass"), [(1, 0), (256, 0), (257, 1), (1024, 1),
+                                               (5000, 3), (10**9, 8)])
+def test_prompt_size_classes(tokens, klass):
+    assert size_class(tokens) == klass
+
+
+def test_boilerplate_then_silence_three_times_in_the_window_is_a_strike():
+    times: deque[float] = deque()
+    assert not outpaced_strike(times, 0.0, window=60.0, threshold=3)
+    assert not outpaced_strike(times, 10.0, window=60.0, threshold=3)
+    assert outpaced_strike(times, 20.0, window=60.0, threshold=3)
+    assert not times  # the count restarts
+    for at in (100.0, 200.0, 300.0):  # spread out: never three within a minute
+        assert not outpaced_strike(times, at, window=60.0, threshold=3)
+
+
+def test_the_hedge_waits_for_evidence_then_follows_the_p95():
+    recent = RecentTimes()
+    assert hedge_delay(None, fixed=2.5, floor=0.1) == 2.5
+    for i in range(MIN_SAMPLES - 1):
+        recent.add(0.05 + i * 0.001)
+    assert hedge_delay(recent, fixed=2.5, floor=0.1) == 2.5  # too few samples yet
+    recent.add(0.07)
+    assert hedge_delay(recent, fixed=2.5, floor=0.01) == pytest.approx(recent.quantile(0.95))
+    assert hedge_delay(recent, fixed=2.5, floor=0.1) == 0.1  # clamped up to the floor
+    for _ in range(64):
+        recent.add(9.0)
+    assert hedge_delay(recent, fixed=2.5, floor=0.1) == 2.5  # and down to the fixed fraction
+
+
+@given(st.lists(st.tuples(st.sampled_from(["primary", "backup"]), st.floats(0, 5)),
+                max_size=300))
+def test_the_hedge_budget_is_never_exceeded(events):
+    budget = HedgeBudget(fraction=0.05, window=60.0, burst=2)
+    now = 0.0
+    for kind, gap in events:
+        now += gap
+        if kind == "primary":
+            budget.primary(now)
+        elif budget.allows(now):
+            budget.spend(now)
+        primaries, backups = budget.counts(now)
+        assert backups <= 0.05 * primaries + 2
+
+
+def test_image_parts_count_as_images_not_bytes():
+    data_url = "data:image/png;base64," + "A" * 300_000
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x" * 400},
+        {"type": "image_url", "image_url": {"url": data_url}},
+        {"type": "image_url", "image_url": {"url": "https://example/i.png", "detail": "low"}},
+    ]}]}
+    text = len("x" * 400 + "user" + "text") // 4  # every string but the media parts counts
+    assert estimate_prompt_tokens(body, image_tokens=765) == text + 765 + LOW_DETAIL_IMAGE_TOKENS
+    anthropic = {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "data": "B" * 100_000}}]}]}
+    assert estimate_prompt_tokens(anthropic, image_tokens=500) == 500 + len("user") // 4
+
+
+def test_outpaced_and_observed_evidence_from_the_racer():
+    state = RacerState("p", "1", ttft_deadline=5.0, phase=Phase.PREAMBLE, sent_at=1.0)
+    assert race.outpaced(state, 4.0, lost=True) == Outpaced(3.0, boilerplate_only=True)
+    assert race.outpaced(state, 4.0, lost=False) is None  # cancelled, not outpaced
+    state.phase = Phase.ACCEPTED
+    assert race.outpaced(state, 4.0, lost=True) is None  # a cold load says nothing
+    seen = race.observed(1.0, 1.5, 3.5, Usage(10, 41), prompt_tokens=300)
+    assert seen == Observed(0.5, 20.5, 300)
+
+
+# ---- the registry learning ------------------------------------------------------------
+
+
+def _record(pid: str, decode_tps: float) -> ProviderRecord:
+    return ProviderRecord(pid, 1, "0.7.0", parse_version("0.7.0"), {"m": ModelInfo("m")},
+                          max_slots=4, decode_tps=decode_tps, prefill_tps=2000.0,
+                          signing_key="k")
+
+
+def test_observed_speed_overrides_what_was_declared():
+    s = RegistryState(make_config(), rng=random.Random(1))
+    s.register(_record("boaster", decode_tps=5000.0), 0.0)  # declares it is fast
+    s.register(_record("honest", decode_tps=100.0), 0.0)
+    for i in range(TRUST_AFTER):
+        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m"), exclude=frozenset({"honest"})), 1.0)
+        assert isinstance(grant, Grant) and grant.lease.provider_id == "boaster"
+        s.release(grant.lease, SUCCESS, 2.0, Observed(ttfc=4.0, decode_tps=5.0,
+                                                       prompt_tokens=10))
+    view = next(p for p in s.snapshot(3.0).providers if p.id == "boaster").models[0].speed
+    assert view is not None and view.source == "observed" and view.decode_tps == 5.0
+    chosen = s.acquire(AcquireRequest(Job("next", "m")), 3.0)
+    assert isinstance(chosen, Grant) and chosen.lease.provider_id == "honest"
+
+
+def test_a_provider_outpaced_again_and_again_stops_being_first_and_gets_a_strike():
+    s = RegistryState(make_config(outpaced_strikes=3), rng=random.Random(1))
+    s.register(_record("zombie", decode_tps=500.0), 0.0)
+    s.register(_record("steady", decode_tps=400.0), 0.0)
+    first = s.acquire(AcquireRequest(Job("r0", "m")), 0.0)
+    assert isinstance(first, Grant) and first.lease.provider_id == "zombie"
+    for i in range(3):
+        grant = s.acquire(AcquireRequest(Job(f"z{i}", "m"), exclude=frozenset({"steady"})), 1.0)
+        assert isinstance(grant, Grant)
+        s.release(grant.lease, race.loser_verdict(Phase.PREAMBLE, timed_out=False), 2.0 + i,
+                  Outpaced(silent_for=2.5, boilerplate_only=True))
+    assert s.breaker.cooldowns(5.0) == {}  # a single strike does not cool (2 needed)
+    assert s.breaker._recent  # but it was counted
+    chosen = s.acquire(AcquireRequest(Job("after", "m")), 5.0)
+    assert isinstance(chosen, Grant) and chosen.lease.provider_id == "steady"
+
+
+def test_a_grant_carries_the_adaptive_hedge_delay():
+    s = RegistryState(make_config(hedge_floor=0.01), rng=random.Random(1))
+    s.register(_record("a", decode_tps=100.0), 0.0)
+    job = Job("r", "m", prompt_tokens=100)
+    fixed = (5.0 + 0.001 * 100) * 0.5
+    grant = s.acquire(AcquireRequest(job), 0.0)
+    assert isinstance(grant, Grant) and grant.hedge_after == pytest.approx(fixed)
+    for i in range(MIN_SAMPLES):
+        s.release(grant.lease, SUCCESS, 1.0, Observed(0.2 + i / 1000, 50.0, 100))
+        grant = s.acquire(AcquireRequest(job), 1.0)
+        assert isinstance(grant, Grant)
+    assert grant.hedge_after == pytest.approx(0.2 + 18 / 1000)  # nearest rank: 19th of 20
+    assert scheduler.estimated_seconds(s.providers["a"], job, 1.0) > 0
+
+
+# ---- end to end: the zombie ---------------------------------------------------------------
+
+
+async def test_a_zombie_is_learned_and_no_longer_chosen_first(autojump_clock):
+    """Role, then silence: once outpaced a few times it stops being the primary."""
+    async with open_harness(hedge_floor=0.05) as h:
+        zombie = await h.add_provider("zombie", behaviour=Behaviour(Fault.STALL_AFTER_ROLE),
+                                      decode_tps=1000)
+        await h.add_provider("good", decode_tps=400)
+        for _ in range(30):
+            result = await h.chat(stream=False)
+            assert result.status == 200 and result.headers["x-provider-id"] == "good"
+        sent_to_zombie = [rid for _, event, rid in zombie.log if event == "received"]
+        assert len(sent_to_zombie) <= 3  # chosen first only while it was being learned
+        snapshot = await h.registry.snapshot()
+        zombie_view = next(p for p in snapshot.providers if p.id == "zombie")
+        assert zombie_view.models[0].speed is not None
+        assert zombie_view.models[0].speed.outpaced_penalty_s > 0
+        await h.assert_quiescent()
