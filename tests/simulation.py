@@ -330,7 +330,18 @@ def _check_routing(world: World) -> None:
     floor = parse_version(world.config.capability_floors.get("tools"))
     strikes: dict[tuple[str, str, str], list[float]] = {}
     cooling: dict[tuple[str, str, str], float] = {}
+    primaries: list[float] = []
+    backups: list[float] = []
     for event, now, details in sorted(world.audit, key=lambda e: e[1]):
+        if event in ("primary", "backup"):
+            (primaries if event == "primary" else backups).append(now)
+            if event == "backup":
+                window = world.config.hedge_window
+                recent = [t for t in primaries if now - t <= window]
+                spent = [t for t in backups if now - t <= window]
+                assert len(spent) <= world.config.hedge_budget * len(recent) + 2, \
+                    f"hedge budget exceeded at {now}: {len(spent)} backups, {len(recent)} primaries"
+            continue
         if event == "register":
             # A fresh session of a provider starts with a clean slate.
             for table in (strikes, cooling):

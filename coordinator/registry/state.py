@@ -286,6 +286,7 @@ class RegistryState:
         if not isinstance(decision, Grant):
             return decision
         self.hedge_budget.primary(now)
+        self._note("primary", now, lease=decision.lease)
         return attrs.evolve(decision, hedge_after=self.hedge_delay(job))
 
     def hedge_delay(self, job: Job) -> float:
@@ -308,6 +309,7 @@ class RegistryState:
         if not isinstance(decision, Grant):
             return None
         self.hedge_budget.spend(now)
+        self._note("backup", now, lease=decision.lease)
         return decision
 
     def withdraw(self, ticket: object, now: float) -> None:
@@ -345,15 +347,15 @@ class RegistryState:
     # -- verdicts
     def release(self, lease: Lease, outcome: Outcome, now: float,
                 evidence: Evidence | None = None) -> None:
-        self._note("release", now, lease=lease, outcome=outcome, evidence=evidence)
         record = self.providers.get(lease.provider_id)
+        if record is not None and record.session == lease.session and evidence is not None:
+            outcome = self._learn(record, lease, evidence, outcome, now)
+        self._note("release", now, lease=lease, outcome=outcome, evidence=evidence)
         if record is not None:
             if record.session != lease.session:
                 return  # a verdict on an old session says nothing about the new one
             record.leases.pop(lease.request_id, None)
             record.served += outcome.kind is OutcomeKind.SUCCESS
-            if evidence is not None:
-                outcome = self._learn(record, lease, evidence, outcome, now)
             self._reindex(record, now)
             self._dirty.update(record.models)
         key = (lease.provider_id, lease.model, lease.shape)
