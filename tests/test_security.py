@@ -646,3 +646,41 @@ def test_identity_book_binds_ids_to_keys():
     book.admit("prov-C", 8, b, "pk-d=")
     with pytest.raises(AdmissionError, match="no room"):
         book.admit("prov-D", 9, b, "pk-e=")
+
+
+# ---- found by the fuzz campaign (tests/test_fuzz.py) ----------------------------------
+
+
+async def test_pipelined_http10_garbage_then_reset_does_not_end_the_listener(errors):
+    """hypercorn answered the garbage and closed the connection from two tasks at once."""
+    pieces = (b"GET /healthz HTTP/1.0\r\nHost: fuzz\r\n\r\nGET /healthz HTTP/1.1\r\nHos",
+              b"t: fuzz\r\n\r\nGET /healthz HTTP/1.0\r\nHost: fuzz\r\n\r\nGET /healthz HTTP/1.0"
+              b"\r\nHost: fuzz\r\n\r\nGET /healthz HTTP/1.1\r\nHost: fuzz\r\n\r\n\x04U:")
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        for _ in range(10):
+            sock = trio.socket.socket()
+            await sock.connect(_address(running.http_url))
+            for piece in pieces:
+                await sock.send(piece)
+            with trio.move_on_after(1):
+                await sock.recv(65536)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(_post())
+        assert (await _read_response(stream)).startswith(b"HTTP/1.1 200")
+        nursery.cancel_scope.cancel()
+    assert not errors.records
+
+
+async def test_a_host_header_that_does_not_encode_is_a_400(autojump_clock, errors):
+    from .harness import asgi_call
+
+    async with open_harness() as h:
+        await h.add_provider("p")
+        result = await asgi_call(h.coordinator.asgi, "GET", "/v1/models",
+                                 {"authorization": f"Bearer {API_KEY}", "host": "a" * 64}, b"")
+        assert result.status == 400 and result.json()["error"]["code"] == "bad_request"
+        await _still_serves(h)
+    assert not errors.records

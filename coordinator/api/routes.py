@@ -377,15 +377,36 @@ class EdgeGuard:
         try:
             with self.drain.request():
                 if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
-                    await _refuse_while_draining(scope, body.send)
+                    await body.error(errors.shutting_down(), scope)
                 else:
                     async with trio.open_nursery() as owned:
                         scope[NURSERY_KEY] = owned
-                        await self.app(scope, body.receive, body.send)
+                        await _isolated(self.app, scope, body)
                         owned.cancel_scope.cancel(reason="the response is over")  # a relay nobody reads
         finally:
             if self.connections is not None:
                 self.connections.request_ended(peer, close=body.closing)
+
+
+async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
+    """Run the application; what escapes it becomes an error response, not a crash.
+
+    Quart raises some HTTP errors outside its handlers (werkzeug's ``BadHost``
+    for a Host header that does not encode); they get their own status. Anything
+    else is a bug: logged, and a 500 in the family's shape.
+    """
+    try:
+        await app(scope, body.receive, body.send)
+    except* HTTPException as group:
+        exc = group.exceptions[0]
+        assert isinstance(exc, HTTPException)
+        log.warning("request refused outside the routes: %s", exc.description)
+        await body.error(errors.ApiError(exc.code or 400, exc.description or exc.name,
+                                         "invalid_request_error", "bad_request"), scope)
+    except* Exception:
+        log.error("unhandled error in the application", exc_info=True)
+        await body.error(errors.ApiError(500, "internal error", "server_error",
+                                         "internal_error"), scope)
 
 
 class _BodyWatch:
@@ -404,6 +425,7 @@ class _BodyWatch:
         self._drain = drain
         self.body_read = not has_body
         self.closing = False
+        self.started = False
 
     async def receive(self) -> dict[str, Any]:
         message: dict[str, Any] = await self._receive()
@@ -411,7 +433,20 @@ class _BodyWatch:
             self.body_read = True
         return message
 
+    async def error(self, error: errors.ApiError, scope: dict[str, Any]) -> None:
+        """Answer with ``error``, unless the response has already begun."""
+        if self.started:
+            return
+        family = Family.ANTHROPIC if scope.get("path") == Endpoint.MESSAGES.value \
+            else Family.OPENAI
+        headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
+        await self.send({"type": "http.response.start", "status": error.status,
+                         "headers": headers})
+        await self.send({"type": "http.response.body", "body": error_json(error, family).encode()})
+
     async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
         if message["type"] == "http.response.start" and (
                 not self.body_read or self._drain.draining):
             self.closing = True
@@ -421,14 +456,6 @@ class _BodyWatch:
 
 
 _WHILE_DRAINING = frozenset({"/healthz", "/metrics"})
-
-
-async def _refuse_while_draining(scope: dict[str, Any], send: Any) -> None:
-    family = Family.ANTHROPIC if scope.get("path") == Endpoint.MESSAGES.value else Family.OPENAI
-    error = errors.shutting_down()
-    headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error_json(error, family).encode()})
 
 
 def _has_body(scope: dict[str, Any]) -> bool:

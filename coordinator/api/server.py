@@ -131,6 +131,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._idle_since = trio.current_time()
         self._head_since: float | None = None  # when the next request's first byte came
         self._reading: trio.CancelScope | None = None
+        # hypercorn locks its sends but not its send_eof: one stream, one writer at a time.
+        self._writing = trio.Lock()
         self._broken = False
         self._closed = False
         self.peer: Peer | None = _peer(inner.socket)
@@ -172,7 +174,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self._broken:
             raise trio.BrokenResourceError("consumer stopped reading")
         with trio.move_on_after(self._write_timeout) as scope:
-            await self.inner.send_all(data)
+            async with self._writing:
+                await self.inner.send_all(data)
         if scope.cancelled_caught:
             self._broken = True
             log.info("consumer %s stopped reading for %gs; closing", self.peer,
@@ -184,7 +187,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self.inner.send_eof()
+        async with self._writing:
+            await self.inner.send_eof()
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -266,11 +270,26 @@ async def serve_http(
         # Connections live in the outer nursery, so they outlast the accept loop.
         with table.accepting:
             await trio.serve_listeners(
-                partial(TCPServer, wrapped, hconfig, context, ConnectionState(state)),
+                partial(_connection, partial(TCPServer, wrapped, hconfig, context,
+                                             ConnectionState(state))),
                 [listener], handler_nursery=nursery)
         await listener.aclose()
         log.info("HTTP listener closed; %d connection(s) still open", len(table.streams))
         await trio.sleep_forever()  # until the coordinator stops: its connections finish
+
+
+async def _connection(server: Any, stream: GuardedStream) -> None:
+    """One consumer connection, isolated: whatever ends it ends only it."""
+    try:
+        await server(stream)
+    except Exception as exc:
+        # Hostile bytes can trip the HTTP layer itself (hypercorn 0.18 raises on some
+        # pipelined HTTP/1.0 input); the connection is gone, the listener carries on.
+        log.warning("consumer connection %s ended by %s: %s", stream.peer,
+                    type(exc).__name__, str(exc)[:200])
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
