@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fleet = sub.add_parser("fleet", help="run simulated providers against a coordinator")
-    fleet.add_argument("--coordinator", default="ws://127.0.0.1:8001/")
+    fleet.add_argument("--coordinator", default="ws://127.0.0.1:8001/",
+                       help="provider URL of the coordinator; several, comma-separated, for "
+                       "several instances (providers spread over them and move on failure)")
     fleet.add_argument("--file", help="a TOML fleet file (see provider_sim/fleet.py)")
     fleet.add_argument("--n", type=int, default=4, help="providers, without --file")
     fleet.add_argument("--token", default=None, help="provider token (demo-provider-token)")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                 member.provider.max_request_bytes = args.max_request_bytes
         print(f"{len(members)} simulated providers connecting to {args.coordinator} "
               "(Ctrl-C to stop)", flush=True)
-        trio.run(until_signalled, run_fleet, members, args.coordinator)
+        trio.run(until_signalled, run_fleet, members, args.coordinator.split(","))
     else:
         from .http import serve_http
 

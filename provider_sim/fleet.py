@@ -32,7 +32,9 @@ A fleet file::
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import tomllib
 from collections import deque
 from pathlib import Path
@@ -154,21 +156,33 @@ def load_fleet(path: Path | str, *, token: str | None = None) -> tuple[list[Flee
     return members, {k: v for k, v in doc.items() if k != "provider"}
 
 
-async def run_fleet(providers: list[SimProvider] | list[FleetMember], url: str, *,
+MAX_BACKOFF = 30.0
+
+
+async def run_fleet(providers: list[SimProvider] | list[FleetMember], url: str | list[str], *,
                     reconnect: bool = True) -> None:
-    """Run every provider against ``url`` until cancelled, reconnecting after drops."""
+    """Run every provider against ``url`` until cancelled, reconnecting after drops.
+
+    With several URLs (coordinator instances), each provider starts at a
+    different one and moves to the next when its connection fails or drops.
+    """
+    urls = [url] if isinstance(url, str) else list(url)
     members = [m if isinstance(m, FleetMember) else FleetMember(m) for m in providers]
     async with trio.open_nursery() as nursery:
-        for member in members:
-            nursery.start_soon(_keep_connected, member, url, reconnect)
+        for i, member in enumerate(members):
+            nursery.start_soon(_keep_connected, member, urls[i % len(urls):] + urls[:i % len(urls)],
+                               reconnect)
 
 
-async def _keep_connected(member: FleetMember, url: str, reconnect: bool) -> None:
+async def _keep_connected(member: FleetMember, urls: list[str], reconnect: bool) -> None:
     provider = member.provider
-    while True:
+    failures = 0
+    jitter = random.Random(provider.seed)  # reproducible, like everything a fleet draws
+    for url in itertools.cycle(urls):
         # Churn is a budget on the connection: a cancel scope, then a pause.
         with trio.move_on_after(member.churn.every if member.churn else float("inf")):
             provider.closed_with = None
+            admitted_before = provider.admissions
             try:
                 await provider.run(url)
             except (OSError, trio.BrokenResourceError) as exc:
@@ -184,4 +198,9 @@ async def _keep_connected(member: FleetMember, url: str, reconnect: bool) -> Non
                                 provider.closed_reason or "(no reason given)")
         if not reconnect:
             return
-        await trio.sleep(member.churn.down_for if member.churn else 1.0)
+        failures = 0 if provider.admissions > admitted_before else failures + 1
+        if member.churn and not failures:
+            await trio.sleep(member.churn.down_for)
+        else:
+            # Back off, with jitter, so a fleet refused together does not return together.
+            await trio.sleep(min(MAX_BACKOFF, 2.0 ** failures) * jitter.uniform(0.5, 1.0))

@@ -102,6 +102,8 @@ class SimProvider:
     # Replaced whenever something above is recorded, so tests can wait on it.
     activity: trio.Event = attrs.field(factory=trio.Event)
     frames_sent: int = 0
+    admissions: int = 0  # connections on which it answered the coordinator's challenge
+    _answered: bool = False  # on the current connection
     closed_with: int | None = None
     closed_reason: str = ""
     current_ws: trio_websocket.WebSocketConnection | None = None
@@ -180,6 +182,7 @@ class SimProvider:
     async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:
         """Serve one connection; returns when it closes."""
         self.current_ws = ws
+        self._answered = False
         await ws.send_message(encode_frame(self.register_message()))
         try:
             async with trio.open_nursery() as nursery:
@@ -210,7 +213,9 @@ class SimProvider:
                 key = self.sign_with or self._signing
                 signature = sign_challenge(key, nonce, timestamp, self.public_key)
                 nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature))
-                if not self.registered.is_set():
+                if not self._answered:
+                    self._answered = True
+                    self.admissions += 1
                     log.info("%s: registered, answering the coordinator's challenge",
                              self.provider_id)
                 self.registered.set()

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 
+import attrs
 import nacl.signing
 import pytest
 import trio
@@ -682,5 +683,23 @@ async def test_a_host_header_that_does_not_encode_is_a_400(autojump_clock, error
         result = await asgi_call(h.coordinator.asgi, "GET", "/v1/models",
                                  {"authorization": f"Bearer {API_KEY}", "host": "a" * 64}, b"")
         assert result.status == 400 and result.json()["error"]["code"] == "bad_request"
+        await _still_serves(h)
+    assert not errors.records
+
+
+async def test_an_unusable_encryption_key_is_refused_at_admission(autojump_clock, errors):
+    import base64
+
+    class ZeroKey(SimProvider):
+        def register_message(self):  # type: ignore[no-untyped-def]
+            return attrs.evolve(super().register_message(),
+                                public_key=base64.b64encode(b"\0" * 32).decode())
+
+    async with open_harness() as h:
+        zero = ZeroKey("zero", (model(),), token=TOKEN)
+        await h.connect(zero, wait=False)
+        await h.until(lambda: zero.closed_with is not None)
+        assert zero.closed_with == 1008 and "zero" not in h.state.providers
+        await h.add_provider("p")
         await _still_serves(h)
     assert not errors.records

@@ -199,18 +199,19 @@ class Api:
     async def models(self) -> Response:
         if not self._authorized(self.config.api_keys):
             return error_response(errors.unauthorized(), Family.OPENAI)
-        snapshot = await self.registry.snapshot()
-        served = sorted({m.id for p in snapshot.providers for m in p.models})
+        # Read, not asked: a health check or a model list must not cost a full snapshot
+        # of a 10,000-provider table (the actor is the only writer; reading is safe).
+        served = self.registry.state.models_served()
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "coordinator"}
                 for m in served]
         return json_response({"object": "list", "data": data})
 
     async def healthz(self) -> Response:
-        snapshot = await self.registry.snapshot()
+        providers, queued = self.registry.state.counts()
         draining = self.drain.draining
         return json_response({"status": "draining" if draining else "ok",
-                              "providers": len(snapshot.providers),
-                              "queue_depth": snapshot.queue_depth}, 503 if draining else 200)
+                              "providers": providers, "queue_depth": queued},
+                             503 if draining else 200)
 
     async def metrics_page(self) -> Response:
         return Response(self.metrics.render(), 200,

@@ -37,11 +37,24 @@ def _b64(data: bytes) -> str:
 
 
 def load_public_key(text: str) -> nacl.public.PublicKey:
-    """Parse a base64 X25519 public key, raising ``ValueError`` when it is not one."""
+    """Parse a base64 X25519 public key, raising ``ValueError`` when it is not one.
+
+    A key of the right length can still be unusable (all zeros, or another
+    point of low order): libsodium then refuses every box to it, so it is
+    refused here, once, rather than in every request routed to it.
+    """
     raw = _b64decode(text)
     if len(raw) != nacl.public.PublicKey.SIZE:
         raise ValueError(f"public key must be {nacl.public.PublicKey.SIZE} bytes")
-    return nacl.public.PublicKey(raw)
+    key = nacl.public.PublicKey(raw)
+    try:
+        nacl.public.Box(_PROBE, key)
+    except nacl.exceptions.CryptoError:
+        raise ValueError("public key is not a usable X25519 key") from None
+    return key
+
+
+_PROBE = nacl.public.PrivateKey.generate()
 
 
 # A box adds a 24-byte nonce and a 16-byte MAC; the ephemeral key is 32 bytes.

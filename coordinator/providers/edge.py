@@ -123,8 +123,9 @@ class ProviderEdge:
             raise AdmissionError(f"bad public_key or signing_public_key: {exc}") from None
         admission.check_register(message, self.config)
         signing_key = message.signing_public_key or ""
-        if not await self._challenge(ws, signing_key, message.public_key, None):
-            raise AdmissionError("challenge not answered with a valid signature")
+        problem = await self._challenge(ws, signing_key, message.public_key, None)
+        if problem is not None:
+            raise AdmissionError(problem)
         session = self.identities.admit(message.provider_id, next(_sessions), signing_key,
                                         message.public_key)
         _allow_large_frames(ws, sizes.provider_socket_limit(self.config.max_frame_bytes))
@@ -148,8 +149,8 @@ class ProviderEdge:
         signing_key: str,
         public_key: str,
         answers: trio.MemoryReceiveChannel[AttestationResponse] | None,
-    ) -> bool:
-        """Send a fresh nonce; True when the answer is signed by ``signing_key``."""
+    ) -> str | None:
+        """Send a fresh nonce; None when the answer is signed by ``signing_key``, else why not."""
         nonce = secrets.token_hex(16)
         timestamp = round(trio.current_time() * 1000)
         await ws.send_message(
@@ -163,9 +164,11 @@ class ProviderEdge:
                 else:
                     frame = await answers.receive()
                 if isinstance(frame, AttestationResponse) and frame.nonce == nonce:
-                    return verify_challenge(signing_key, nonce, timestamp, public_key,
-                                            frame.signature)
-        return False
+                    if verify_challenge(signing_key, nonce, timestamp, public_key,
+                                        frame.signature):
+                        return None
+                    return "challenge answered with an invalid signature"
+        return f"challenge not answered within {self.config.challenge_timeout:g}s"
 
     async def _serve_admitted(
         self, ws: trio_websocket.WebSocketConnection, register: Register, session: Session
@@ -250,12 +253,12 @@ class ProviderEdge:
         while True:
             await trio.sleep(self.config.challenge_interval)
             try:
-                ok = await self._challenge(ws, signing_key, public_key, answers)
+                problem = await self._challenge(ws, signing_key, public_key, answers)
             except trio_websocket.ConnectionClosed:
                 return
-            if not ok:
-                log.warning("provider failed a periodic challenge; closing")
-                await _close(ws, POLICY_VIOLATION, "challenge failed", self.config.close_timeout)
+            if problem is not None:
+                log.warning("provider failed a periodic challenge (%s); closing", problem)
+                await _close(ws, POLICY_VIOLATION, problem, self.config.close_timeout)
                 scope.cancel(reason="failed a periodic challenge")
                 return
 

@@ -15,7 +15,7 @@ import enum
 import itertools
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -108,6 +108,7 @@ class RegistryState:
     _queued: dict[object, str] = attrs.field(factory=dict)  # ticket -> model
     _dirty: set[str] = attrs.field(factory=set)  # models whose waiters may now be answered
     _arrivals: itertools.count[int] = attrs.field(factory=itertools.count)
+    _versions: Counter[str] = attrs.field(factory=Counter)
     # Recent times to first content per (model, prompt-size class): the hedge timer.
     recent_ttfc: dict[tuple[str, int], speed.RecentTimes] = attrs.field(factory=dict)
     hedge_budget: HedgeBudget = attrs.field(init=False)
@@ -148,7 +149,7 @@ class RegistryState:
         self._reindex(record, now)
         self._dirty.update(record.models)
         self.breaker.forget_provider(record.provider_id)
-        self._count_versions()
+        self._count_version(record, +1)
         return old
 
     def unregister(self, provider_id: str, session: int, now: float) -> None:
@@ -158,10 +159,10 @@ class RegistryState:
             # Its cooldowns go with it: a new session starts clean anyway, and the
             # status page and the cooldown gauge count the same, live, keys.
             self.breaker.forget_provider(provider_id)
-            self._count_versions()
 
     def _remove(self, record: ProviderRecord, now: float) -> None:
         del self.providers[record.provider_id]
+        self._count_version(record, -1)
         for model in record.models:
             serving = self.by_model.get(model, {})
             serving.pop(record.provider_id, None)
@@ -391,6 +392,13 @@ class RegistryState:
         return outcome
 
     # -- views
+    def counts(self) -> tuple[int, int]:
+        """Providers online and requests queued: cheap, for health checks."""
+        return len(self.providers), len(self._queued)
+
+    def models_served(self) -> list[str]:
+        return sorted(self.by_model)
+
     def cooldowns_active(self, now: float) -> int:
         return len(self.breaker.cooldowns(now))
 
@@ -427,10 +435,15 @@ class RegistryState:
                              else record.decode_tps, 1),
             samples=known.samples, outpaced_penalty_s=round(known.penalty_now(now), 3))
 
-    def _count_versions(self) -> None:
-        self.metrics.providers_online.clear()
-        for record in self.providers.values():
-            self.metrics.providers_online.labels(record.version_text or "unknown").inc()
+    def _count_version(self, record: ProviderRecord, change: int) -> None:
+        """Keep ``coordinator_providers_online{version}`` in step, one provider at a time."""
+        version = record.version_text or "unknown"
+        self._versions[version] += change
+        if self._versions[version]:
+            self.metrics.providers_online.labels(version).set(self._versions[version])
+        else:
+            del self._versions[version]
+            self.metrics.providers_online.remove(version)
 
     def _note(self, event: str, now: float, **details: Any) -> None:
         if self.observer is not None:
