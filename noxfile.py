@@ -37,27 +37,29 @@ def _expose_pyenv_interpreters() -> None:
 _expose_pyenv_interpreters()
 
 
-def _install_chromium(session: nox.Session) -> None:
-    """Best effort: Debian's chromium for the status-page browser test (skipped without it)."""
-    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+def _install_debian(session: nox.Session, package: str, command: str, why: str) -> None:
+    """Best effort: a Debian package some tests need (they are skipped, with the reason,
+    without it). Only as root with apt-get; said in the log either way."""
+    if shutil.which(command) or not shutil.which("apt-get") or os.geteuid() != 0:
         return
-    session.log("installing Debian's chromium (apt-get, as root) for the status-page "
-                "browser test; it is skipped without it")
+    session.log(f"installing Debian's {package} (apt-get, as root) for {why}; "
+                "those tests are skipped without it")
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], timeout=600,
+        subprocess.run(["apt-get", "install", "-y", "-q", package], timeout=600,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        if not shutil.which("chromium"):
+        if not shutil.which(command):
             subprocess.run(["apt-get", "update", "-q"], timeout=300, check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], timeout=600,
+            subprocess.run(["apt-get", "install", "-y", "-q", package], timeout=600,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        session.log(f"could not install chromium ({exc}); the browser test will be skipped")
+        session.log(f"could not install {package} ({exc}); those tests will be skipped")
 
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    _install_chromium(session)
+    _install_debian(session, "chromium", "chromium", "the status-page browser test")
+    _install_debian(session, "redis-server", "redis-server", "the scale-out tests")
     session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("pytest", *session.posargs)
 

@@ -82,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
                        "COORDINATOR_PROVIDER_PORT)")
         p.add_argument("--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS,
                        help="log level (default: INFO)")
+        if name == "serve":
+            p.add_argument("--redis-url", default=None, metavar="URL",
+                           help="share state with other instances through this Redis "
+                           "(docs/scale-out.md; default: none, one instance alone; "
+                           "COORDINATOR_REDIS_URL)")
+            p.add_argument("--instance-id", default=None, metavar="NAME",
+                           help="this instance's name in the cluster (default: "
+                           "hostname-pid, COORDINATOR_INSTANCE_ID)")
+            p.add_argument("--cluster-port", type=_port, default=None,
+                           help="port for other instances' links (default: 8002, "
+                           "COORDINATOR_CLUSTER_PORT)")
         if name == "demo":
             p.add_argument("--providers", type=_positive, default=4,
                            help="simulated providers to start (default: 4)")
@@ -101,6 +112,9 @@ def _config_from(args: argparse.Namespace, **extra: Any) -> Config:
         http_port=args.port,
         provider_host=args.provider_host,
         provider_port=args.provider_port,
+        redis_url=getattr(args, "redis_url", None),
+        instance_id=getattr(args, "instance_id", None),
+        cluster_port=getattr(args, "cluster_port", None),
         **extra,
     )
 

@@ -8,6 +8,8 @@ adds the two listeners.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 import attrs
@@ -16,6 +18,8 @@ import trio_websocket
 
 from coordinator.api.routes import Api, EdgeGuard, create_app
 from coordinator.api.server import ConnectionTable, ListenError, bind_http, serve_http
+from coordinator.cluster.peer import PeerServer
+from coordinator.cluster.shared import RedisShared, Shared, Solo
 from coordinator.config import Config
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.lifecycle import Drain
@@ -42,6 +46,7 @@ class Coordinator:
     asgi: Any  # the ASGI application, edge guard included
     connections: ConnectionTable
     drain: Drain
+    shared: Shared  # Solo, or the Redis seam (cluster/shared.py)
 
     async def shutdown(self) -> None:
         """Drain (docs/operations.md, shutdown): returns once every request has ended.
@@ -86,19 +91,29 @@ class Running:
         self._scope.cancel(reason="stopped at once")
 
 
-async def start_coordinator(nursery: trio.Nursery, config: Config) -> Coordinator:
-    """Start the registry actor in ``nursery`` and build the edge and the API around it."""
+async def start_coordinator(nursery: trio.Nursery, config: Config,
+                            peer_url: str = "") -> Coordinator:
+    """Start the registry actor in ``nursery`` and build the edge and the API around it.
+
+    With ``redis_url`` it also starts the shared state (docs/scale-out.md),
+    advertising ``peer_url`` for other instances' links.
+    """
     metrics = Metrics()
     drain = Drain(config.drain_timeout)
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
     directory = Directory()
+    shared: Shared = Solo()
+    if config.redis_url:
+        shared = RedisShared(config, registry, directory, metrics, peer_url)
+        registry.state.outbox = shared.offer
+        await nursery.start(shared.run)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
-    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain))
+    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared))
     connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
                        ProviderEdge(config, registry, metrics, identities, drain, directory),
-                       EdgeGuard(app, connections, drain), connections, drain)
+                       EdgeGuard(app, connections, drain), connections, drain, shared)
 
 
 async def serve(
@@ -108,16 +123,30 @@ async def serve(
 
     Both listeners are opened first: one that cannot be raises :class:`ListenError`.
     """
+    if config.redis_url and not config.instance_id:
+        config = attrs.evolve(config, instance_id=f"{socket.gethostname()}-{os.getpid()}")
     http_socket = bind_http(config)
     try:
-        provider_listeners = await trio.open_tcp_listeners(
-            config.provider_port, host=config.provider_host)
-    except OSError as exc:
+        provider_listeners = await _listen(config.provider_host, config.provider_port,
+                                           "providers")
+        peer_listeners = await _listen(config.cluster_host, config.cluster_port,
+                                       "cluster peers") if config.redis_url else []
+    except ListenError:
         http_socket.close()
-        raise ListenError(f"cannot listen for providers on {config.provider_host}:"
-                          f"{config.provider_port}: {exc.strerror or exc}") from None
+        raise
+    peer_url = ""
+    if peer_listeners:
+        host = config.advertise_host or config.cluster_host
+        port = config.advertise_port or peer_listeners[0].socket.getsockname()[1]
+        peer_url = f"ws://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
     async with trio.open_nursery() as nursery:
-        coordinator = await start_coordinator(nursery, config)
+        coordinator = await start_coordinator(nursery, config, peer_url)
+        if peer_listeners:
+            peers = PeerServer(config, coordinator.registry, coordinator.dispatcher.directory)
+            await nursery.start(trio_websocket.WebSocketServer(
+                peers.handle, peer_listeners, max_message_size=config.register_frame_bytes,
+                connect_timeout=config.register_timeout).run)
+            log.info("instance %s: cluster peers on %s", config.instance_id, peer_url)
         ws_server = trio_websocket.WebSocketServer(
             coordinator.edge.handle,
             provider_listeners,
@@ -132,3 +161,11 @@ async def serve(
         provider_url = f"ws://{config.provider_host}:{ws_server.port}/"
         log.info("coordinator listening: http %s, providers %s", http_url, provider_url)
         task_status.started(Running(coordinator, http_url, provider_url, nursery.cancel_scope))
+
+
+async def _listen(host: str, port: int, what: str) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ListenError(f"cannot listen for {what} on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None

@@ -119,11 +119,24 @@ class Config:
     challenge_interval: float = 300.0
     challenge_timeout: float = 10.0
     heartbeat_timeout: float = 90.0
+    # -- scale-out (docs/scale-out.md): empty redis_url = one process, nothing shared
+    redis_url: str = ""
+    instance_id: str = ""
+    cluster_token: str = ""
+    cluster_host: str = "127.0.0.1"
+    cluster_port: int = 8002
+    advertise_host: str = ""
+    advertise_port: int = 0  # 0: the cluster port bound (set it behind NAT or a port map)
+    cluster_refresh: float = 1.0
+    cluster_ttl: float = 5.0
     # -- misc
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
         problems = [f"{name}: {problem}" for name, problem in self._field_problems()]
+        if self.redis_url and not self.cluster_token:
+            problems.append("cluster_token: required with redis_url (instances authenticate "
+                            "each other with it)")
         problems += sizes.check(self.max_body_bytes, self.max_frame_bytes,
                                 self.register_frame_bytes, self.request_buffer_bytes)
         if problems:
@@ -176,7 +189,7 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names it."""
 
 
-_PORTS = frozenset({"http_port", "provider_port"})
+_PORTS = frozenset({"http_port", "provider_port", "cluster_port", "advertise_port"})
 _FRACTIONS = frozenset({"backup_fraction", "model_memory_fraction", "hedge_budget"})
 _AT_LEAST_ONE = frozenset({
     "max_body_bytes", "max_frame_bytes", "max_json_depth", "max_tokens_limit",

@@ -33,6 +33,12 @@ class Metrics:
         self.outpaced = Counter(
             "coordinator_outpaced", "Racers that lost to content from the other racer",
             registry=r)
+        self.cluster_degraded = Gauge(
+            "coordinator_cluster_degraded", "1 while Redis is unreachable: routing to this "
+            "instance's providers only", registry=r)
+        self.cluster_events_dropped = Counter(
+            "coordinator_cluster_events_dropped", "Shared breaker or capacity events not "
+            "sent (the outbox was full)", registry=r)
         self.speculative_wins = Counter(
             "coordinator_speculative_win", "Races won by the backup", registry=r)
         self.queue_depth = Gauge("coordinator_queue_depth", "Requests waiting", registry=r)

@@ -61,6 +61,7 @@ class Api:
     metrics: Metrics
     identities: IdentityBook = attrs.field(factory=IdentityBook)
     drain: Drain = attrs.field(factory=Drain)
+    shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
@@ -135,6 +136,10 @@ class Api:
             "X-Timing": timing.header(),
             "X-Request-Id": request_id,
         }
+        link = getattr(committed.racer.connection, "link", None)
+        if link is not None:  # a provider connected to another instance (docs/scale-out.md)
+            headers["X-Provider-Instance"] = link.instance
+            record["instance"] = link.instance
         if not parsed.stream:
             chunks, usage = await collect(batches, self.metrics)
             record.update(result="success", status=200)
@@ -210,8 +215,12 @@ class Api:
         providers, queued = self.registry.state.counts()
         draining = self.drain.draining
         return json_response({"status": "draining" if draining else "ok",
-                              "providers": providers, "queue_depth": queued},
-                             503 if draining else 200)
+                              "providers": providers, "queue_depth": queued,
+                              "cluster": self._cluster()}, 503 if draining else 200)
+
+    def _cluster(self) -> str:
+        """``solo`` (one process), or ``ok`` / ``degraded`` (Redis unreachable)."""
+        return str(self.shared.status) if self.shared is not None else "solo"
 
     async def metrics_page(self) -> Response:
         return Response(self.metrics.render(), 200,
@@ -231,7 +240,8 @@ class Api:
             {"ago": round(now - at, 1), "request_id": rid, "provider_id": f.provider_id,
              "version": f.version, "status": f.status, "message": f.message}
             for at, rid, f in reversed(self.dispatcher.failovers)][:20]
-        page = render_status((await self.registry.snapshot()).as_json(), failovers)
+        page = render_status((await self.registry.snapshot()).as_json(), failovers,
+                             self._cluster())
         return Response(page, 200, {"Cache-Control": "no-store"},
                         content_type="text/html; charset=utf-8")
 

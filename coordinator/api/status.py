@@ -42,7 +42,8 @@ def _speed(speed: dict[str, Any] | None) -> str:
     return text
 
 
-def render_status(snapshot: dict[str, Any], failovers: list[dict[str, Any]]) -> str:
+def render_status(snapshot: dict[str, Any], failovers: list[dict[str, Any]],
+                  cluster: str = "solo") -> str:
     rows = []
     for p in snapshot["providers"]:
         models = "<br>".join(
@@ -67,7 +68,8 @@ def render_status(snapshot: dict[str, Any], failovers: list[dict[str, Any]]) -> 
 <body><h1>Coordinator status</h1>
 <p id="summary">{len(snapshot['providers'])} providers online ·
 queue depth <span id="queue-depth">{snapshot['queue_depth']}</span> ·
-{snapshot['leases']} requests in flight</p>
+{snapshot['leases']} requests in flight ·
+cluster <span id="cluster" class="{'cool' if cluster == 'degraded' else 'ok'}">{escape(cluster)}</span></p>
 <h2>Providers</h2>
 <table id="providers"><tr><th>provider</th><th>version</th><th>models</th><th>slots</th>
 <th>served</th><th>cooldowns</th></tr>{''.join(rows)}</table>

@@ -129,7 +129,7 @@ class Dispatcher:
     def _start_racer(self, attempt: _Attempt, lease: Lease, *, is_backup: bool) -> None:
         # Synchronous from the grant to start_soon: the racer's task is the one
         # owner of its lease, even if cancelled before its first step.
-        connection = self.directory.get(lease.provider_id, lease.session)
+        connection = self.directory.get(lease.provider_id, lease.session, lease.instance)
         try:
             events = ended_stream() if connection is None else connection.open_stream(
                 lease.request_id)

@@ -124,21 +124,27 @@ class Directory:
     simply not found.
     """
 
-    _by_session: dict[tuple[str, int], ProviderConnection] = attrs.field(factory=dict)
+    # Keyed by instance too: session numbers are counted per instance, so a
+    # provider that moved here may reuse the number it had on another.
+    _by_session: dict[tuple[str, str, int], ProviderConnection] = attrs.field(factory=dict)
 
     def add(self, connection: ProviderConnection) -> None:
-        self._by_session[(connection.provider_id, connection.session)] = connection
+        self._by_session[_key(connection)] = connection
 
     def remove(self, connection: ProviderConnection) -> None:
-        key = (connection.provider_id, connection.session)
+        key = _key(connection)
         if self._by_session.get(key) is connection:
             del self._by_session[key]
 
-    def get(self, provider_id: str, session: int) -> ProviderConnection | None:
-        return self._by_session.get((provider_id, session))
+    def get(self, provider_id: str, session: int, instance: str = "") -> ProviderConnection | None:
+        return self._by_session.get((instance, provider_id, session))
 
     def live(self) -> list[ProviderConnection]:
         return list(self._by_session.values())
+
+    def local(self) -> list[ProviderConnection]:
+        """The connections of providers connected to this instance (not via another)."""
+        return [c for c in self._by_session.values() if not c.remote]
 
     def __len__(self) -> int:
         return len(self._by_session)
@@ -158,6 +164,8 @@ class ProviderConnection:
     _ended: dict[str, str] = attrs.field(factory=dict)
     closed: bool = False
     superseded: trio.Event = attrs.field(factory=trio.Event)
+    remote = False  # a provider connected to another instance (cluster/peer.py)
+    instance = ""  # which instance, when remote
 
     # -- per-request streams
     def open_stream(self, request_id: str) -> EventStream:
@@ -237,3 +245,7 @@ class ProviderConnection:
     async def send_cancel(self, request_id: str) -> None:
         with contextlib.suppress(ProviderGone):
             await self.send(Cancel(request_id))
+
+
+def _key(connection: ProviderConnection) -> tuple[str, str, int]:
+    return connection.instance, connection.provider_id, connection.session

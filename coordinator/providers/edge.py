@@ -196,6 +196,8 @@ class ProviderEdge:
             max_request_bytes=admission.request_limit(register),
             hardware=admission.hardware_label(register),
             signing_key=session.signing_key,
+            public_key=session.public_key,
+            encrypted_chunks=register.encrypted_response_chunks,
         )
         answers_in, answers = trio.open_memory_channel[AttestationResponse](4)
         try:
@@ -233,7 +235,7 @@ class ProviderEdge:
     async def close_all(self, code: int, reason: str) -> None:
         """Close every admitted provider's socket with ``code`` (shutdown: 1001, going away)."""
         async with trio.open_nursery() as nursery:
-            for connection in self.directory.live():
+            for connection in self.directory.local():
                 nursery.start_soon(_close, connection.ws, code, reason, self.config.close_timeout)
 
     async def _watch_supersede(self, connection: ProviderConnection, scope: trio.CancelScope) -> None:

@@ -101,7 +101,34 @@ class _Snapshot:
     reply: Reply
 
 
-_Command = _Register | _Unregister | _Acquire | _TryAcquire | _Withdraw | _Release | _Snapshot
+@attrs.frozen
+class _Mirror:
+    """The providers another instance publishes (an empty list: it is gone)."""
+
+    instance: str
+    records: list[ProviderRecord]
+
+
+@attrs.frozen
+class _Reserve:
+    """Another instance's request for a slot on one of this instance's providers."""
+
+    lease: Lease
+    reply: Reply  # None when held, else why not
+
+
+@attrs.frozen
+class _Shared:
+    """What the shared breaker and capacity events say (cluster/)."""
+
+    cool: tuple[tuple[str, str, str], float] | None = None  # key, seconds left
+    clear: tuple[str, str, str] | None = None
+    freed: tuple[str, int] | None = None  # provider id, slots in use
+    renewed: str | None = None  # provider id
+
+
+_Command = (_Register | _Unregister | _Acquire | _TryAcquire | _Withdraw | _Release | _Snapshot
+            | _Mirror | _Reserve | _Shared)
 
 
 @attrs.define(eq=False)
@@ -135,12 +162,28 @@ class _Actor:
                 except RegisterRefused as refused:
                     reply.send_nowait(refused)
                     return
-                reply.send_nowait(old.session if old is not None else None)
+                # A record mirrored from another instance has no socket here to close.
+                reply.send_nowait(old.session if old is not None and not old.instance else None)
                 self._answer_drained(now)
             case _Unregister(provider_id, session):
                 state.unregister(provider_id, session, now)
             case _Snapshot(reply):
                 reply.send_nowait(state.snapshot(now))
+            case _Mirror(instance, records):
+                state.mirror(instance, records, now)
+                self._answer_drained(now)
+            case _Reserve(lease, reply):
+                reply.send_nowait(state.reserve(lease, now))
+            case _Shared(cool, clear, freed, renewed):
+                if renewed is not None:
+                    state.renewed_remote(renewed)
+                if cool is not None:
+                    state.cool_remote(cool[0], cool[1], now)
+                if clear is not None:
+                    state.clear_remote(clear)
+                if freed is not None:
+                    state.freed_remote(freed[0], freed[1], now)
+                    self._answer_drained(now)
 
     def _answer_drained(self, now: float) -> None:
         for ticket, decision in self.state.drain(now):
@@ -202,6 +245,18 @@ class RegistryClient:
         """Give a slot back with a health verdict (and what was learned). Shielded."""
         with trio.CancelScope(shield=True):
             await self._tell(_Release(lease, outcome, evidence))
+
+    async def mirror(self, instance: str, records: list[ProviderRecord]) -> None:
+        await self._tell(_Mirror(instance, records))
+
+    async def reserve(self, lease: Lease) -> str | None:
+        """Hold a slot here for another instance's request: None, or why not."""
+        with trio.CancelScope(shield=True):  # a held slot is never dropped on the floor
+            result: str | None = await self._ask(lambda reply: _Reserve(lease, reply))
+        return result
+
+    async def shared(self, **news: Any) -> None:
+        await self._tell(_Shared(**news))
 
     async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Grant | None:
         """A free eligible provider now, or None. Never queues (the backup path)."""

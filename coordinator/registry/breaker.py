@@ -53,6 +53,15 @@ class Breaker:
         self._recent.pop(key, None)
         self._cooling_until.pop(key, None)
 
+    def knows(self, key: BreakerKey) -> bool:
+        """Whether ``key`` has strikes or a cooldown on record."""
+        return key in self._recent or key in self._cooling_until
+
+    def cool(self, key: BreakerKey, until: float) -> None:
+        """Cool ``key`` until ``until`` (a cooldown entered elsewhere: another instance)."""
+        self._recent.pop(key, None)
+        self._cooling_until[key] = max(until, self._cooling_until.get(key, until))
+
     def is_cooling(self, key: BreakerKey, now: float) -> bool:
         until = self._cooling_until.get(key)
         return until is not None and now < until

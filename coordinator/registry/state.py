@@ -24,7 +24,7 @@ import attrs
 from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.registry import hedging, scheduler, speed
-from coordinator.registry.breaker import Breaker
+from coordinator.registry.breaker import Breaker, is_strike
 from coordinator.registry.gates import Gate, fail_fast_message, gate
 from coordinator.registry.hedging import HedgeBudget
 from coordinator.registry.index import ModelIndex, reference_key
@@ -67,6 +67,39 @@ class Refusal(enum.Enum):
 class Refused:
     kind: Refusal
     detail: str
+
+
+@attrs.frozen
+class Struck:
+    """A strike-shaped verdict, for the shared breaker."""
+
+    key: tuple[str, str, str]
+    status: int
+
+
+@attrs.frozen
+class Cleared:
+    """A success on a key with strikes or a cooldown: clear it everywhere."""
+
+    key: tuple[str, str, str]
+
+
+@attrs.frozen
+class Freed:
+    """One of this instance's providers went from full to having a free slot."""
+
+    provider_id: str
+    in_use: int
+
+
+@attrs.frozen
+class Renewed:
+    """A provider registered a new session here: its cooldowns go, everywhere."""
+
+    provider_id: str
+
+
+SharedEvent = Struck | Cleared | Freed | Renewed
 
 
 @attrs.frozen
@@ -114,6 +147,8 @@ class RegistryState:
     hedge_budget: HedgeBudget = attrs.field(init=False)
     # Boilerplate-then-silence losses per breaker key (speed.outpaced_strike).
     _outpaced: dict[tuple[str, str, str], deque[float]] = attrs.field(factory=dict)
+    # Scale-out: where strikes, clears and freed slots go to be shared (cluster/).
+    outbox: Callable[[SharedEvent], None] | None = None
     offline_models: ModelMemory = attrs.field(init=False)
     breaker: Breaker = attrs.field(init=False)
     floors: Mapping[str, Version | None] = attrs.field(init=False)
@@ -142,15 +177,19 @@ class RegistryState:
         self._note("register", now, provider_id=record.provider_id)
         if old is not None:
             self._remove(old, now)
+        self._add(record, now)
+        self.breaker.forget_provider(record.provider_id)
+        self._share(Renewed(record.provider_id))
+        return old
+
+    def _add(self, record: ProviderRecord, now: float) -> None:
         self.providers[record.provider_id] = record
         for model in record.models:
             self.by_model.setdefault(model, {})[record.provider_id] = record
             self.offline_models.came_online(model)
         self._reindex(record, now)
         self._dirty.update(record.models)
-        self.breaker.forget_provider(record.provider_id)
         self._count_version(record, +1)
-        return old
 
     def unregister(self, provider_id: str, session: int, now: float) -> None:
         record = self.providers.get(provider_id)
@@ -256,6 +295,7 @@ class RegistryState:
             shape=job.traits.shape,
             version=record.version_text,
             cost=scheduler.job_cost(record, job),
+            instance=record.instance,
         )
         record.leases[lease.request_id] = lease
         self._reindex(record, now)
@@ -352,21 +392,30 @@ class RegistryState:
         if record is not None and record.session == lease.session and evidence is not None:
             outcome = self._learn(record, lease, evidence, outcome, now)
         self._note("release", now, lease=lease, outcome=outcome, evidence=evidence)
+        if lease.instance and (record is None or record.instance != lease.instance):
+            return  # the instance holding the provider went: its failure, not the provider's
         if record is not None:
             if record.session != lease.session:
                 return  # a verdict on an old session says nothing about the new one
+            was_full = record.free_slots <= 0
             record.leases.pop(lease.request_id, None)
             record.served += outcome.kind is OutcomeKind.SUCCESS
             self._reindex(record, now)
             self._dirty.update(record.models)
+            if was_full and record.free_slots > 0 and not record.instance:
+                self._share(Freed(record.provider_id, len(record.leases)))
         key = (lease.provider_id, lease.model, lease.shape)
         if outcome.kind is OutcomeKind.SUCCESS:
+            if self.breaker.knows(key):
+                self._share(Cleared(key))
             self.breaker.record_success(key)
-        elif outcome.kind is OutcomeKind.FAILURE and self.breaker.record_failure(
-            key, outcome.status, now
-        ):
-            self.metrics.cooldown_entered.inc()
-            log.warning("cooldown entered for %s/%s/%s after status %s", *key, outcome.status)
+        elif outcome.kind is OutcomeKind.FAILURE:
+            if is_strike(outcome.status):
+                self._share(Struck(key, outcome.status))
+            if self.breaker.record_failure(key, outcome.status, now):
+                self.metrics.cooldown_entered.inc()
+                log.warning("cooldown entered for %s/%s/%s after status %s", *key,
+                            outcome.status)
 
     def _learn(self, record: ProviderRecord, lease: Lease, evidence: Evidence,
                outcome: Outcome, now: float) -> Outcome:
@@ -390,6 +439,69 @@ class RegistryState:
                                 self.config.outpaced_strikes)
                     return Outcome.failure(504)
         return outcome
+
+    # -- scale-out: what other instances publish and tell (docs/scale-out.md)
+    def _share(self, event: SharedEvent) -> None:
+        if self.outbox is not None:
+            self.outbox(event)
+
+    def mirror(self, instance: str, records: list[ProviderRecord], now: float) -> None:
+        """Replace the providers ``instance`` publishes with these, as remote records."""
+        mine = {pid for pid, r in self.providers.items() if r.instance == instance}
+        for record in records:
+            mine.discard(record.provider_id)
+            old = self.providers.get(record.provider_id)
+            if old is not None and not old.instance:
+                continue  # connected here now: this instance's own session wins
+            if old is not None and old.instance == instance and old.session == record.session:
+                old.max_slots = record.max_slots
+                old.external_in_use = max(0, record.external_in_use - len(old.leases))
+                self._reindex(old, now)
+                self._dirty.update(old.models)
+                continue
+            if old is not None:
+                self._remove(old, now)
+            self._add(record, now)
+        for pid in mine:
+            self._remove(self.providers[pid], now)
+
+    def reserve(self, lease: Lease, now: float) -> str | None:
+        """Hold a slot on one of this instance's providers for another instance's request.
+
+        This instance is authoritative for its providers' slots: None when the
+        slot is held, else why not ("gone", "full") — a capacity refusal, no strike.
+        """
+        record = self.providers.get(lease.provider_id)
+        if record is None or record.session != lease.session or record.instance:
+            return "gone"
+        if record.free_slots <= 0:
+            return "full"
+        record.leases[lease.request_id] = lease
+        self._reindex(record, now)
+        return None
+
+    def cool_remote(self, key: tuple[str, str, str], seconds: float, now: float) -> None:
+        """A cooldown entered by the shared breaker; ``seconds`` left (clocks differ)."""
+        self.breaker.cool(key, now + seconds)
+
+    def clear_remote(self, key: tuple[str, str, str]) -> None:
+        self.breaker.record_success(key)
+
+    def freed_remote(self, provider_id: str, in_use: int, now: float) -> None:
+        """Another instance's provider has a free slot again: update it and wake waiters."""
+        record = self.providers.get(provider_id)
+        if record is not None and record.instance:
+            record.external_in_use = max(0, in_use - len(record.leases))
+            self._reindex(record, now)
+            self._dirty.update(record.models)
+
+    def renewed_remote(self, provider_id: str) -> None:
+        """A provider started a new session on another instance: it starts clean here too."""
+        self.breaker.forget_provider(provider_id)
+
+    def forget_instance(self, instance: str, now: float) -> None:
+        """An instance is gone (its link dropped, or its directory expired)."""
+        self.mirror(instance, [], now)
 
     # -- views
     def counts(self) -> tuple[int, int]:

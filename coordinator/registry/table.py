@@ -44,6 +44,7 @@ class Lease:
     shape: str
     version: str
     cost: float  # seconds of the provider's time this job is estimated to take
+    instance: str = ""  # the instance the provider is connected to; "" for this one
 
 
 @attrs.frozen
@@ -113,10 +114,16 @@ class ProviderRecord:
     served: int = 0
     # What routing has learned of its speed, per model (registry/speed.py).
     speeds: dict[str, ProviderSpeed] = attrs.field(factory=dict)
+    # Scale-out (docs/scale-out.md): the instance a remote provider is connected to
+    # ("" for this one's own), and the slots other instances use on it.
+    instance: str = ""
+    public_key: str = ""
+    encrypted_chunks: bool = True
+    external_in_use: int = 0
 
     @property
     def free_slots(self) -> int:
-        return self.max_slots - len(self.leases)
+        return self.max_slots - len(self.leases) - self.external_in_use
 
     @property
     def queued_seconds(self) -> float:

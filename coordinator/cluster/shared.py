@@ -1,0 +1,315 @@
+"""What instances share, on Redis: the directory, the breaker, capacity wake-ups.
+
+The seam is small. The registry actor (which never awaits) hands shared
+events — a strike, a clear, a freed slot — to :meth:`Shared.offer`, which
+queues them on a bounded channel; the tasks here carry them to Redis and
+carry what other instances publish back to the actor as messages. Without
+``redis_url`` the coordinator runs with :class:`Solo`, which shares nothing.
+
+On Redis (client: coredis, on Trio through anyio):
+
+* ``coord:dir:<instance>`` — the instance's page of the directory (its peer
+  URL and its providers, :mod:`.entries`), rewritten every ``cluster_refresh``
+  seconds with a TTL of ``cluster_ttl``: a dead instance's page expires;
+* ``coord:strikes:<provider>|<model>|<shape>`` and ``coord:cool:…`` — the
+  shared breaker, updated by one Lua script so two instances cannot race it;
+* channel ``coord:events`` — cooldowns entered, keys cleared, slots freed,
+  providers renewed (a new session starts clean on every instance): every
+  instance applies them within one round trip.
+
+When Redis is unreachable every instance keeps routing to its own providers
+(remote ones are forgotten after ``cluster_ttl``), says so once in the log,
+sets ``coordinator_cluster_degraded`` and shows "degraded" on the status page,
+and rejoins by itself when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import anyio
+import attrs
+import coredis
+import coredis.exceptions
+import orjson
+import trio
+
+from coordinator.cluster import entries
+from coordinator.cluster.peer import PeerLink, remote_connection
+from coordinator.config import Config
+from coordinator.metrics import Metrics
+from coordinator.providers.connection import Directory
+from coordinator.registry.actor import RegistryClient
+from coordinator.registry.state import Cleared, Freed, Renewed, SharedEvent, Struck
+
+log = logging.getLogger(__name__)
+
+EVENTS = "coord:events"
+_STRIKE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return tonumber(ARGV[3])
+end
+redis.call('ZADD', KEYS[1], ms, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[1]))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+  return tonumber(ARGV[3])
+end
+return 0
+"""
+# Errors that mean "Redis is not there right now", as coredis, anyio and the OS say it.
+UNREACHABLE = (coredis.exceptions.RedisError, OSError, trio.BrokenResourceError,
+               anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
+
+
+class Shared(Protocol):
+    def offer(self, event: SharedEvent) -> None: ...
+
+    @property
+    def status(self) -> str: ...
+
+
+@attrs.define
+class Solo:
+    """The embedded default: one instance, nothing shared."""
+
+    status: str = "solo"
+
+    def offer(self, event: SharedEvent) -> None:
+        pass
+
+
+def _key(parts: tuple[str, str, str]) -> str:
+    return "|".join(parts)
+
+
+@attrs.define(eq=False)
+class RedisShared:
+    config: Config
+    registry: RegistryClient
+    directory: Directory
+    metrics: Metrics
+    peer_url: str
+    degraded: bool = False
+    _outbox: trio.MemorySendChannel[SharedEvent] = attrs.field(init=False)
+    _inbox: trio.MemoryReceiveChannel[SharedEvent] = attrs.field(init=False)
+    _links: dict[str, PeerLink] = attrs.field(factory=dict)
+    _seen: dict[str, float] = attrs.field(factory=dict)  # instance -> last page read
+    _nursery: trio.Nursery | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self._outbox, self._inbox = trio.open_memory_channel[SharedEvent](1024)
+
+    @property
+    def status(self) -> str:
+        return "degraded" if self.degraded else "ok"
+
+    @property
+    def me(self) -> str:
+        return self.config.instance_id
+
+    def offer(self, event: SharedEvent) -> None:
+        """From the actor: queue an event for Redis; never block, drop when full."""
+        try:
+            self._outbox.send_nowait(event)
+        except trio.WouldBlock:
+            self.metrics.cluster_events_dropped.inc()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        client = coredis.Redis.from_url(self.config.redis_url, decode_responses=False)
+        try:
+            async with client, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                strike = client.register_script(_STRIKE)
+                nursery.start_soon(self._keep, "publish", self._publish, client)
+                nursery.start_soon(self._keep, "mirror", self._mirror, client)
+                nursery.start_soon(self._keep, "events", self._listen, client)
+                nursery.start_soon(self._keep, "outbox", self._send_events, client, strike)
+                nursery.start_soon(self._expire)
+                task_status.started()
+        except* UNREACHABLE:
+            # coredis closing its connections while the coordinator stops (or
+            # Redis leaving at that moment): nothing left to share.
+            log.debug("shared state closed")
+
+    async def _keep(self, name: str, loop: Any, *args: Any) -> None:
+        """Run ``loop`` forever; while Redis is unreachable, say so once and retry."""
+        while True:
+            try:
+                await loop(*args)
+            except UNREACHABLE as exc:
+                if not self.degraded:
+                    log.warning("cluster degraded: Redis unreachable (%s: %s); routing to this "
+                                "instance's providers only", name, str(exc)[:200])
+                self.degraded = True
+                self.metrics.cluster_degraded.set(1)
+            await trio.sleep(self.config.cluster_refresh)
+
+    def _healthy(self) -> None:
+        if self.degraded:
+            log.warning("cluster rejoined: Redis answers again")
+        self.degraded = False
+        self.metrics.cluster_degraded.set(0)
+
+    # -- the directory
+    async def _publish(self, client: coredis.Redis[bytes]) -> None:
+        ttl_ms = int(self.config.cluster_ttl * 1000)
+        while True:
+            local = [entries.entry_of(r) for r in self.registry.state.providers.values()
+                     if not r.instance]
+            page = entries.InstanceEntry(self.me, self.peer_url, tuple(local))
+            await client.set(f"coord:dir:{self.me}", orjson.dumps(entries.dump(page)), px=ttl_ms)
+            self._healthy()
+            await trio.sleep(self.config.cluster_refresh)
+
+    async def _mirror(self, client: coredis.Redis[bytes]) -> None:
+        while True:
+            pages = await self._read_pages(client)
+            now = trio.current_time()
+            for page in pages:
+                self._seen[page.instance] = now
+                link = self._link(page)
+                records = [entries.record_of(e, page.instance) for e in page.providers]
+                for record in records:
+                    if self.directory.get(record.provider_id, record.session, page.instance) is None:
+                        self.directory.add(remote_connection(record, link, self.config,
+                                                             self._lease_of(record.provider_id)))
+                await self.registry.mirror(page.instance, records)
+                self._prune(page.instance, {(r.provider_id, r.session) for r in records})
+            await self._cool_from_store(client)
+            await trio.sleep(self.config.cluster_refresh)
+
+    async def _read_pages(self, client: coredis.Redis[bytes]) -> list[entries.InstanceEntry]:
+        keys = [key async for key in client.scan_iter(match="coord:dir:*")]
+        pages = []
+        for raw in await client.mget(keys) if keys else []:
+            if raw is None:
+                continue
+            try:
+                page = entries.load(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                page = None
+            if page is not None and page.instance != self.me:
+                pages.append(page)
+        return pages
+
+    async def _expire(self) -> None:
+        """Instances unseen for ``cluster_ttl`` (gone, or Redis away): route around them.
+
+        A loop of its own, not the mirror's: it must run while Redis is away.
+        """
+        while True:
+            await self._forget_stale(trio.current_time())
+            await trio.sleep(self.config.cluster_refresh)
+
+    async def _forget_stale(self, now: float) -> None:
+        for instance, seen in list(self._seen.items()):
+            if now - seen > self.config.cluster_ttl:
+                del self._seen[instance]
+                await self.registry.mirror(instance, [])
+                self._prune(instance, set())
+                link = self._links.pop(instance, None)
+                if link is not None:
+                    await link.aclose()
+
+    def _link(self, page: entries.InstanceEntry) -> PeerLink:
+        link = self._links.get(page.instance)
+        if link is None or link.url != page.peer_url:
+            link = PeerLink(page.instance, page.peer_url, self.me, self.config.cluster_token)
+            self._links[page.instance] = link
+            assert self._nursery is not None
+            self._nursery.start_soon(link.run)
+        return link
+
+    def _prune(self, instance: str, keep: set[tuple[str, int]]) -> None:
+        for connection in self.directory.live():
+            link = getattr(connection, "link", None)
+            if link is not None and link.instance == instance and \
+                    (connection.provider_id, connection.session) not in keep:
+                connection.close_all()
+                self.directory.remove(connection)
+
+    def _lease_of(self, provider_id: str) -> Any:
+        def find(request_id: str) -> Any:
+            record = self.registry.state.providers.get(provider_id)
+            return None if record is None else record.leases.get(request_id)
+        return find
+
+    # -- the shared breaker and capacity
+    async def _send_events(self, client: coredis.Redis[bytes], strike: Any) -> None:
+        cfg = self.config
+        while True:
+            event = await self._inbox.receive()
+            match event:
+                case Struck(key, _):
+                    cooled_ms = await strike(
+                        keys=[f"coord:strikes:{_key(key)}", f"coord:cool:{_key(key)}"],
+                        args=[int(cfg.breaker_window * 1000), cfg.breaker_strikes,
+                              int(cfg.breaker_cooldown * 1000), f"{self.me}:{trio.current_time()}"])
+                    if cooled_ms:
+                        await client.publish(EVENTS, orjson.dumps(
+                            {"cool": list(key), "seconds": int(cooled_ms) / 1000}))
+                case Cleared(key):
+                    await client.delete([f"coord:strikes:{_key(key)}", f"coord:cool:{_key(key)}"])
+                    await client.publish(EVENTS, orjson.dumps({"clear": list(key)}))
+                case Freed(provider_id, in_use):
+                    await client.publish(EVENTS, orjson.dumps(
+                        {"freed": provider_id, "in_use": in_use, "from": self.me}))
+                case Renewed(provider_id):
+                    await self._forget_keys(client, provider_id)
+                    await client.publish(EVENTS, orjson.dumps(
+                        {"renewed": provider_id, "from": self.me}))
+
+    async def _forget_keys(self, client: coredis.Redis[bytes], provider_id: str) -> None:
+        """A new session starts clean: its strikes and cooldowns on record go."""
+        # Provider ids are header-safe (admission); '*' '?' '[' cannot occur.
+        for prefix in ("coord:strikes:", "coord:cool:"):
+            keys = [k async for k in client.scan_iter(match=f"{prefix}{provider_id}|*")]
+            if keys:
+                await client.delete(keys)
+
+    async def _listen(self, client: coredis.Redis[bytes]) -> None:
+        async with client.pubsub(channels=[EVENTS]) as pubsub:
+            async for message in pubsub:
+                if message is None or message.get("type") != "message":
+                    continue
+                data = message["data"]
+                if not isinstance(data, bytes | str):
+                    continue
+                try:
+                    await self._apply(orjson.loads(data))
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue
+
+    async def _apply(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            return
+        if "cool" in event:
+            await self.registry.shared(cool=(_triple(event["cool"]), float(event["seconds"])))
+        elif "clear" in event:
+            await self.registry.shared(clear=_triple(event["clear"]))
+        elif "renewed" in event and event.get("from") != self.me:
+            await self.registry.shared(renewed=str(event["renewed"]))
+        elif "freed" in event and event.get("from") != self.me:
+            await self.registry.shared(freed=(str(event["freed"]), int(event["in_use"])))
+
+    async def _cool_from_store(self, client: coredis.Redis[bytes]) -> None:
+        """Cooldowns on record (for an instance that joined after they were announced)."""
+        async for key in client.scan_iter(match="coord:cool:*"):
+            left = await client.pttl(key)
+            if left > 0:
+                parts = key.decode().removeprefix("coord:cool:").split("|")
+                if len(parts) == 3:
+                    await self.registry.shared(cool=(_triple(parts), left / 1000))
+
+
+def _triple(value: Any) -> tuple[str, str, str]:
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise ValueError("not a breaker key")
+    return str(value[0]), str(value[1]), str(value[2])
