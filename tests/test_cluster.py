@@ -211,6 +211,8 @@ def test_a_cooldown_entered_anywhere_is_seen_everywhere(cluster: Cluster) -> Non
     wait_until(lambda: cooling("a") and cooling("b"), timeout=5, what="the shared cooldown")
     refused = cluster.chat("a", provider_ids=["sick"])
     assert refused.status_code == 503 and "cooling down" in refused.json()["error"]["message"]
+    cluster.instance("late")  # joined after the announcement: finds it on record
+    wait_until(lambda: cooling("late"), timeout=5, what="the cooldown on record")
 
 
 def test_an_instance_dying_before_content_is_an_invisible_failover(cluster: Cluster) -> None:

@@ -11,7 +11,7 @@ On Redis (client: coredis, on Trio through anyio):
 * ``coord:dir:<instance>`` — the instance's page of the directory (its peer
   URL and its providers, :mod:`.entries`), rewritten every ``cluster_refresh``
   seconds with a TTL of ``cluster_ttl``: a dead instance's page expires;
-* ``coord:strikes:<provider>|<model>|<shape>`` and ``coord:cool:…`` — the
+* ``coord:strikes:{<provider>|<model>|<shape>}`` and ``coord:cool:{…}`` — the
   shared breaker, updated by one Lua script so two instances cannot race it;
 * channel ``coord:events`` — cooldowns entered, keys cleared, slots freed,
   providers renewed (a new session starts clean on every instance): every
@@ -86,7 +86,16 @@ class Solo:
 
 
 def _key(parts: tuple[str, str, str]) -> str:
-    return "|".join(parts)
+    # In braces: a Redis Cluster hash tag, so a key's strikes and cooldown share a
+    # slot and the strike script may touch both.
+    return "{" + "|".join(parts) + "}"
+
+
+def _parts(text: str) -> tuple[str, str, str] | None:
+    """The breaker key in ``{provider|model|shape}``; model names may hold '|'."""
+    provider, _, rest = text.removeprefix("{").removesuffix("}").partition("|")
+    model, _, shape = rest.rpartition("|")
+    return (provider, model, shape) if provider and model and shape else None
 
 
 @attrs.define(eq=False)
@@ -270,7 +279,7 @@ class RedisShared:
         """A new session starts clean: its strikes and cooldowns on record go."""
         # Provider ids are header-safe (admission); '*' '?' '[' cannot occur.
         for prefix in ("coord:strikes:", "coord:cool:"):
-            keys = [k async for k in client.scan_iter(match=f"{prefix}{provider_id}|*")]
+            keys = [k async for k in client.scan_iter(match=f"{prefix}{{{provider_id}|*")]
             if keys:
                 await client.delete(keys)
 
@@ -304,9 +313,9 @@ class RedisShared:
         async for key in client.scan_iter(match="coord:cool:*"):
             left = await client.pttl(key)
             if left > 0:
-                parts = key.decode().removeprefix("coord:cool:").split("|")
-                if len(parts) == 3:
-                    await self.registry.shared(cool=(_triple(parts), left / 1000))
+                parts = _parts(key.decode(errors="replace").removeprefix("coord:cool:"))
+                if parts is not None:
+                    await self.registry.shared(cool=(parts, left / 1000))
 
 
 def _triple(value: Any) -> tuple[str, str, str]:
