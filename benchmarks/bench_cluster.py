@@ -70,8 +70,8 @@ def instance(name: str, redis_url: str | None, **extra: str) -> tuple[Command, i
     if redis_url:
         env.update(COORDINATOR_REDIS_URL=redis_url, COORDINATOR_INSTANCE_ID=name,
                    COORDINATOR_CLUSTER_TOKEN=CLUSTER, COORDINATOR_CLUSTER_PORT=str(free_port()))
-    return ([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"], env), port, \
-        f"ws://127.0.0.1:{pport}/"
+    command = [PY, "-m", "coordinator", "serve", "--log-level", "WARNING"]
+    return (command, env), port, f"ws://127.0.0.1:{pport}/"
 
 
 def fleet(tmp: Path, name: str, ws: str, providers: list[dict[str, Any]]) -> Command:
@@ -102,6 +102,16 @@ async def wait_sees(port: int, ids: set[str]) -> None:
                     return
             await trio.sleep(0.1)
     raise RuntimeError(f"instance on port {port} never saw providers {sorted(ids)}")
+
+
+async def crossing(pair: list[int]) -> tuple[int, int]:
+    """(crossed, served) so far on instances a and b: successes sent to the other's providers."""
+    if not pair:
+        return 0, 0
+    a, b = [await served(port) for port in pair]
+    crossed = sum(n for pid, n in a.items() if pid.startswith("b-")) + \
+        sum(n for pid, n in b.items() if pid.startswith("a-"))
+    return crossed, sum(a.values()) + sum(b.values())
 
 
 def merged(counts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -144,12 +154,15 @@ async def throughput(tmp: Path, duration: float) -> dict[str, Any]:
         setups = {"one_instance": [solo], "two_instances": pair} if pair else {"one_instance": [solo]}
         for ports in setups.values():
             await load(ports, 1.0)  # warm-up
-        before = [await served(p) for p in pair]
         windows: dict[str, list[dict[str, Any]]] = {name: [] for name in setups}
         for _ in range(ROUNDS):
             for name, ports in setups.items():
-                windows[name].append(await load(ports, duration / ROUNDS))
-        after = [await served(p) for p in pair]
+                before = await crossing(pair)
+                run = await load(ports, duration / ROUNDS)
+                if name == "two_instances":
+                    after = await crossing(pair)
+                    run.update(crossed=after[0] - before[0], served=after[1] - before[1])
+                windows[name].append(run)
     results: dict[str, Any] = {}
     for name, runs in windows.items():
         results[name] = {"rps_c64": sum(r["rps"] for r in runs) / len(runs),
@@ -157,12 +170,11 @@ async def throughput(tmp: Path, duration: float) -> dict[str, Any]:
                          "ok": sum(r["ok"] for r in runs),
                          "errors": merged(r["errors"] for r in runs)}
     if pair:
-        delta = [{pid: a[pid] - b.get(pid, 0) for pid in a} for a, b in zip(after, before, strict=True)]
-        crossed = sum(n for pid, n in delta[0].items() if pid.startswith("b-")) + \
-            sum(n for pid, n in delta[1].items() if pid.startswith("a-"))
-        total = sum(sum(d.values()) for d in delta)
-        results["two_instances"].update(crossed=crossed, served=total,
-                                        crossed_fraction=crossed / total if total else 0.0)
+        runs = windows["two_instances"]
+        crossed, total = sum(r["crossed"] for r in runs), sum(r["served"] for r in runs)
+        results["two_instances"].update(
+            crossed=crossed, served=total, crossed_fraction=crossed / total if total else 0.0,
+            crossed_per_window=[f"{r['crossed']}/{r['served']}" for r in runs])
         results["ratio_two_over_one"] = (results["two_instances"]["rps_c64"]
                                          / results["one_instance"]["rps_c64"])
     return results
@@ -231,7 +243,7 @@ def report(results: dict[str, Any]) -> str:
         f"  two instances sharing Redis (c={CONCURRENCY // 2} on each) {two['rps_c64']:.0f}, "
         f"errors {two['errors'] or 'none'} -> two/one {tp['ratio_two_over_one']:.2f}",
         f"  crossed to the other instance: {two['crossed']} of {two['served']} "
-        f"({two['crossed_fraction'] * 100:.0f}%)",
+        f"({two['crossed_fraction'] * 100:.0f}%; per window {', '.join(two['crossed_per_window'])})",
         f"cross-instance time to first content, {ttfc['pairs']} interleaved pairs at c=1 via A "
         "(speculative backup off):",
     ]

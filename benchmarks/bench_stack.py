@@ -93,18 +93,29 @@ async def wait_ready(port: int, providers: int) -> None:
     raise RuntimeError("coordinator fleet never became ready")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (/proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def throughput_and_latency(url: str, *, duration: float, warm: bool = True,
-                                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                                 extra: dict[str, Any] | None = None,
+                                 pid: int | None = None) -> dict[str, Any]:
+    """c=64 throughput (and the server's CPU per request, given its ``pid``), c=1 TTFB."""
     mix = Mix(stream=1.0, tools=0.0, images=0.0)
     if warm:
         await run_load(url, key=KEY, model="sim-chat-small", concurrency=8, duration=1.0,
                        requests=None, mix=mix, tokens=14, show_progress=False)
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     hot = await run_load(url, key=KEY, model="sim-chat-small", concurrency=64, duration=duration,
                          requests=None, mix=mix, tokens=14, show_progress=False)
+    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, hot["ok"]) if pid else None
     serial = await run_load(url, key=KEY, model="sim-chat-small", concurrency=1, duration=60.0,
                             requests=400, mix=mix, tokens=14, show_progress=False, extra=extra)
     fb = serial["_samples"]["first_byte"]
     return {"rps_c64": hot["requests_per_s"], "errors_c64": hot["errors"],
+            "cpu_ms_per_request": cpu_ms,
             "ttfb_c1_p50_ms": percentile(fb, 50) * 1000, "ttfb_c1_p99_ms": percentile(fb, 99) * 1000,
             "errors_c1": serial["errors"]}
 
@@ -165,25 +176,29 @@ async def idle_streams(port: int, pid: int, count: int) -> dict[str, Any]:
 async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     floor_port, direct_port = free_port(), free_port()
-    with processes(([PY, "-m", "benchmarks.floor_app", "--port", str(floor_port)], {})):
+    with processes(([PY, "-m", "benchmarks.floor_app", "--port", str(floor_port)], {})) as procs:
         wait_for_port(floor_port)
         results["floor"] = await throughput_and_latency(f"http://127.0.0.1:{floor_port}",
-                                                        duration=duration)
+                                                        duration=duration, pid=procs[0].pid)
     with processes(([PY, "-m", "provider_sim", "http", "--port", str(direct_port),
-                     "--tokens", "14"], {})):
+                     "--tokens", "14"], {})) as procs:
         wait_for_port(direct_port)
         results["direct"] = await throughput_and_latency(f"http://127.0.0.1:{direct_port}",
-                                                         duration=duration)
-    port, pport = free_port(), free_port()
-    fleet = fleet_file(tmp, "plain", [{"id": "sim", "count": 4, "max_concurrency": 64}])
-    with processes(([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"],
-                    coordinator_env(port, pport)),
-                   ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
-                     f"ws://127.0.0.1:{pport}/"], {})):
-        wait_for_port(port)
-        await wait_ready(port, 4)
-        results["coordinator"] = await throughput_and_latency(f"http://127.0.0.1:{port}",
-                                                              duration=duration)
+                                                         duration=duration, pid=procs[0].pid)
+    # One event per provider frame (a provider forwarding each event as it comes), then
+    # every event a provider has at once in one frame (SSE-framed chunks, docs/protocol.md).
+    for name, per_frame in (("coordinator", 1), ("coordinator_batched", 16)):
+        port, pport = free_port(), free_port()
+        fleet = fleet_file(tmp, name, [{"id": "sim", "count": 4, "max_concurrency": 64,
+                                        "events_per_frame": per_frame}])
+        with processes(([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"],
+                        coordinator_env(port, pport)),
+                       ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
+                         f"ws://127.0.0.1:{pport}/"], {})) as procs:
+            wait_for_port(port)
+            await wait_ready(port, 4)
+            results[name] = await throughput_and_latency(f"http://127.0.0.1:{port}",
+                                                         duration=duration, pid=procs[0].pid)
     # Failover: "bad" (fast, preferred) sends a role delta then fails; "good" serves.
     port, pport = free_port(), free_port()
     fleet = fleet_file(tmp, "failover", [
@@ -228,8 +243,16 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     floor, direct, coord = results["floor"], results["direct"], results["coordinator"]
+    batched = results["coordinator_batched"]
     fo, idle = results["failover"], results["idle_streams"]
     rows = [
+        f"server CPU per request (ms, c=64): floor {floor['cpu_ms_per_request']:.2f}, direct "
+        f"{direct['cpu_ms_per_request']:.2f}, coordinator {coord['cpu_ms_per_request']:.2f} "
+        f"({coord['cpu_ms_per_request'] / floor['cpu_ms_per_request']:.2f}x floor; target <= 1.5x), "
+        f"batched frames {batched['cpu_ms_per_request']:.2f} "
+        f"({batched['cpu_ms_per_request'] / floor['cpu_ms_per_request']:.2f}x)",
+        f"throughput with batched provider frames: {batched['rps_c64']:.0f} req/s -> "
+        f"{batched['rps_c64'] / floor['rps_c64'] * 100:.0f}% of floor",
         f"throughput at c=64 (req/s): floor {floor['rps_c64']:.0f}, direct {direct['rps_c64']:.0f}, "
         f"coordinator {coord['rps_c64']:.0f}  -> coordinator/floor "
         f"{coord['rps_c64'] / floor['rps_c64'] * 100:.0f}% (target >= 60%)",

@@ -173,6 +173,43 @@ def test_a_verdict_on_an_old_session_is_ignored():
     assert not s.breaker.is_cooling(("a", "m", "base"), 2.0)
 
 
+# -- scale-out: what other instances publish (docs/scale-out.md)
+
+def test_mirrored_work_weighs_like_own_work():
+    s = state()
+    s.register(record("here", slots=8), now=0.0)
+    s.mirror("b", [record("there", slots=8, external_in_use=3, external_seconds=30.0, instance="b")], 0.0)
+    grant = s.acquire(ask(), 1.0)
+    assert isinstance(grant, Grant) and grant.lease.provider_id == "here"
+    assert s.providers["there"].free_slots == 5
+    ours = s.acquire(AcquireRequest(Job("r2", "m"), exclude=frozenset({"here"})), 1.0)
+    assert isinstance(ours, Grant) and ours.lease.provider_id == "there"
+    # The home counts our lease in its figures too: not counted twice here.
+    s.mirror("b", [record("there", slots=8, external_in_use=4, instance="b",
+                          external_seconds=30.0 + ours.lease.cost)], 2.0)
+    assert s.providers["there"].queued_seconds == pytest.approx(30.0 + ours.lease.cost)
+    assert s.providers["there"].free_slots == 4
+
+
+def test_a_local_session_wins_over_a_mirrored_one_and_supersedes_no_socket():
+    s = state()
+    s.mirror("b", [record("p", session=1, instance="b")], 0.0)
+    old = s.register(record("p", session=1), now=1.0)  # it moved here; same number
+    assert old is not None and old.instance == "b"
+    s.mirror("b", [record("p", session=1, instance="b")], 2.0)  # b's stale page
+    assert s.providers["p"].instance == ""
+
+
+def test_a_failure_through_a_gone_instance_is_no_strike():
+    s = state(breaker_strikes=1)
+    s.mirror("b", [record("p", instance="b")], 0.0)
+    grant = s.acquire(ask(), 0.0)
+    assert isinstance(grant, Grant) and grant.lease.instance == "b"
+    s.forget_instance("b", 1.0)
+    s.release(grant.lease, Outcome.failure(502), 1.0)
+    assert not s.breaker.knows(("p", "m", "base"))
+
+
 def test_the_snapshot_shows_the_table():
     s = state(breaker_strikes=1)
     s.register(record("b", "m", "v"), now=0.0)

@@ -36,6 +36,7 @@ class ProviderEntry:
     signing_key: str
     encrypted_chunks: bool
     max_request_bytes: int
+    queued_s: float = 0.0  # estimated seconds of work leased on it, all instances'
 
 
 @attrs.frozen
@@ -52,7 +53,7 @@ def entry_of(record: ProviderRecord) -> ProviderEntry:
         record.provider_id, record.session, record.version_text, record.hardware,
         tuple(record.models.values()), record.memory_gb, record.decode_tps, record.prefill_tps,
         record.max_slots, len(record.leases), record.public_key, record.signing_key,
-        record.encrypted_chunks, record.max_request_bytes)
+        record.encrypted_chunks, record.max_request_bytes, record.queued_seconds)
 
 
 def record_of(entry: ProviderEntry, instance: str) -> ProviderRecord:
@@ -64,7 +65,7 @@ def record_of(entry: ProviderEntry, instance: str) -> ProviderRecord:
         max_slots=entry.max_slots, hardware=entry.hardware, signing_key=entry.signing_key,
         max_request_bytes=entry.max_request_bytes, instance=instance,
         public_key=entry.public_key, encrypted_chunks=entry.encrypted_chunks,
-        external_in_use=entry.in_use)
+        external_in_use=entry.in_use, external_seconds=entry.queued_s)
 
 
 def dump(page: InstanceEntry) -> dict[str, Any]:

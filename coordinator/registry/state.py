@@ -456,6 +456,8 @@ class RegistryState:
             if old is not None and old.instance == instance and old.session == record.session:
                 old.max_slots = record.max_slots
                 old.external_in_use = max(0, record.external_in_use - len(old.leases))
+                own = sum(lease.cost for lease in old.leases.values())
+                old.external_seconds = max(0.0, record.external_seconds - own)
                 self._reindex(old, now)
                 self._dirty.update(old.models)
                 continue

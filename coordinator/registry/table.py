@@ -115,11 +115,13 @@ class ProviderRecord:
     # What routing has learned of its speed, per model (registry/speed.py).
     speeds: dict[str, ProviderSpeed] = attrs.field(factory=dict)
     # Scale-out (docs/scale-out.md): the instance a remote provider is connected to
-    # ("" for this one's own), and the slots other instances use on it.
+    # ("" for this one's own), and the slots and estimated work other instances
+    # have on it: both weigh in its estimate as this instance's own leases do.
     instance: str = ""
     public_key: str = ""
     encrypted_chunks: bool = True
     external_in_use: int = 0
+    external_seconds: float = 0.0
 
     @property
     def free_slots(self) -> int:
@@ -127,7 +129,7 @@ class ProviderRecord:
 
     @property
     def queued_seconds(self) -> float:
-        return sum(lease.cost for lease in self.leases.values())
+        return sum(lease.cost for lease in self.leases.values()) + self.external_seconds
 
 
 # ---- what the registry shows (the admin endpoint and the status page) -------------
