@@ -200,10 +200,13 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
             results[name] = await throughput_and_latency(f"http://127.0.0.1:{port}",
                                                          duration=duration, pid=procs[0].pid)
     # Failover: "bad" (fast, preferred) sends a role delta then fails; "good" serves.
+    # "good" is paced: routing learns observed speeds, and an unpaced "good" would soon
+    # look faster than "bad" declares — then nothing would fail over.
     port, pport = free_port(), free_port()
     fleet = fleet_file(tmp, "failover", [
-        {"id": "bad", "decode_tps": 10000.0, "behaviour": "role_then_error:status=500"},
-        {"id": "good", "decode_tps": 100.0}])
+        {"id": "bad", "decode_tps": 10000.0, "prefill_tps": 1e6,
+         "behaviour": "role_then_error:status=500"},
+        {"id": "good", "decode_tps": 1000.0, "prefill_tps": 1e6, "pace": True}])
     with processes(([PY, "-m", "coordinator", "serve", "--log-level", "ERROR"],
                     coordinator_env(port, pport, COORDINATOR_BREAKER_STRIKES="1000000000")),
                    ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",

@@ -333,7 +333,8 @@ def create_app(api: Api) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
-        kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        kinds = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                 413: "request_too_large"}
         return error_response(errors.ApiError(
             status, exc.description or exc.name, "invalid_request_error",
             kinds.get(status, "http_error")), family)
