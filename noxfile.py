@@ -86,6 +86,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.bench_stack")
     session.run("python", "-m", "benchmarks.bench_exhaustion")
     session.run("python", "-m", "benchmarks.bench_drain")
+    session.run("python", "-m", "benchmarks.bench_zombie")
+    session.run("python", "-m", "benchmarks.bench_scale")
+    if shutil.which("redis-server"):
+        session.run("python", "-m", "benchmarks.bench_cluster")
+    else:
+        session.log("no redis-server: bench_cluster skipped (apt-get install redis-server)")
+    # This tree against the commit before the security, engine and scale work.
+    session.run("python", "-m", "benchmarks.bench_before_after", "--base", "0252e9c")
 
 
 @nox.session(python="3.11")

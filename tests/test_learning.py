@@ -7,6 +7,7 @@ import random
 from collections import deque
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -187,6 +188,33 @@ def test_a_provider_outpaced_again_and_again_stops_being_first_and_gets_a_strike
     assert isinstance(chosen, Grant) and chosen.lease.provider_id == "steady"
 
 
+def test_an_unmeasured_provider_takes_few_jobs_at_a_time_while_others_have_room():
+    s = RegistryState(make_config(), rng=random.Random(1))
+    s.register(_record("boaster", decode_tps=10_000.0), 0.0)  # claims it is fast
+    s.register(_record("steady", decode_tps=100.0), 0.0)
+    chosen = []
+    for i in range(7):
+        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m")), 0.0)
+        assert isinstance(grant, Grant)
+        chosen.append(grant.lease.provider_id)
+    # Two each while the other has room under probation; then by estimate (never refused).
+    assert chosen == ["boaster"] * 2 + ["steady"] * 2 + ["boaster"] * 2 + ["steady"]
+    assert scheduler.PROBATION_SLOTS == 2
+
+
+def test_a_measured_provider_is_off_probation():
+    s = RegistryState(make_config(), rng=random.Random(1))
+    s.register(_record("fast", decode_tps=100.0), 0.0)
+    s.register(_record("slow", decode_tps=10.0), 0.0)
+    for i in range(TRUST_AFTER):
+        grant = s.acquire(AcquireRequest(Job(f"w{i}", "m"), exclude=frozenset({"slow"})), 0.0)
+        assert isinstance(grant, Grant)
+        s.release(grant.lease, SUCCESS, 1.0, Observed(0.05, 1000.0, 10))
+    held = [s.acquire(AcquireRequest(Job(f"r{i}", "m")), 2.0) for i in range(4)]
+    assert [g.lease.provider_id for g in held if isinstance(g, Grant)] == ["fast"] * 4
+    assert scheduler.on_probation(s.providers["slow"], Job("x", "m")) is False  # nothing held
+
+
 def test_a_grant_carries_the_adaptive_hedge_delay():
     s = RegistryState(make_config(hedge_floor=0.01), rng=random.Random(1))
     s.register(_record("a", decode_tps=100.0), 0.0)
@@ -220,4 +248,38 @@ async def test_a_zombie_is_learned_and_no_longer_chosen_first(autojump_clock):
         zombie_view = next(p for p in snapshot.providers if p.id == "zombie")
         assert zombie_view.models[0].speed is not None
         assert zombie_view.models[0].speed.outpaced_penalty_s > 0
+        await h.assert_quiescent()
+
+
+async def test_a_backup_refused_by_the_budget_is_asked_for_again(autojump_clock):
+    """With the budget spent, a zombie primary's consumer still gets a backup when it frees up.
+
+    Burst only (1 % of a few primaries rounds to nothing): two backups per 10 s
+    window. Four of six requests start on the zombie (two on probation, two
+    more once the good provider has as many); before, the two whose backup was
+    refused waited out the whole 600 s preamble budget.
+    """
+    async with open_harness(hedge_budget=0.01, hedge_window=10.0, preamble_timeout=600.0,
+                            adaptive_hedging=False) as h:
+        zombie = await h.add_provider("zombie", behaviour=Behaviour(Fault.STALL_AFTER_ROLE),
+                                      decode_tps=100_000)
+        await h.add_provider("good", decode_tps=10)
+        took: list[float] = []
+
+        async def one() -> None:
+            started = trio.current_time()
+            result = await h.chat(stream=False)
+            assert result.status == 200 and result.headers["x-provider-id"] == "good"
+            took.append(trio.current_time() - started)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(one)
+        assert len([e for _, e, _ in zombie.log if e == "received"]) == 4
+        took.sort()
+        assert max(took[:2]) < 1.0  # straight to the good provider
+        assert took[2:4] == pytest.approx([2.5, 2.5], abs=0.2)  # backups from the burst
+        assert 10.0 < took[4] <= took[5] < 15.0  # once the window let them, not 600 s later
+        _, backups = h.state.hedge_budget.counts(trio.current_time())
+        assert backups <= 2
         await h.assert_quiescent()

@@ -6,6 +6,8 @@ the engine acts on, and the moves that must never happen.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from coordinator.dispatch import race
@@ -209,3 +211,16 @@ def test_deterministic_statuses_are_recognised():
     failures = [Failure("a", "1", 500, "x"), Failure("b", "1", 422, "bad parameter")]
     assert race.rejected(failures) == failures[1]
     assert race.rejected([Failure("a", "1", 429, "busy")]) is None
+
+
+def test_a_refused_backup_is_asked_for_again_ever_less_often_up_to_the_fixed_delay():
+    limits = race.Limits(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5)
+    waits, wait = [], 0.0
+    for _ in range(8):
+        wait = limits.hedge_retry(wait, prompt_tokens=1000)
+        waits.append(wait)
+    assert waits[0] == race.MIN_HEDGE_RETRY
+    assert all(b == min(a * 2, 3.0) for a, b in itertools.pairwise(waits))
+    assert waits[-1] == 3.0  # (5 + 1) * 0.5: never later than the fixed hedge
+    tiny = race.Limits(ttft_base=0.01, ttft_per_prompt_token=0.0, backup_fraction=0.5)
+    assert tiny.hedge_retry(0.0, 0) == race.MIN_HEDGE_RETRY  # never a busy loop

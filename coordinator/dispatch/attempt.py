@@ -5,9 +5,10 @@ Theory of operation
 A request gets up to ``max_attempts`` attempts. An attempt is one nursery:
 
 * the **primary** racer is started on the provider the registry chose;
-* at ``backup_fraction`` of the TTFT budget, if the primary has neither
-  committed nor failed, a **backup** racer is started on another eligible
-  provider with a free slot (happy eyeballs);
+* at the hedge delay (the registry's, adaptive; at most ``backup_fraction`` of
+  the TTFT budget), if the primary has neither committed nor failed, a
+  **backup** racer is started on another eligible provider with a free slot
+  (happy eyeballs); one refused is asked for again, with backoff;
 * each racer runs in **its own budget**, a cancel scope whose deadline starts
   at the TTFT deadline and moves only as its own provider earns it
   (:func:`.race.step` decides; a backup's cold load never keeps a silent
@@ -50,6 +51,9 @@ class _Attempt:
     ctx: RequestContext
     ttft_deadline: float
     handover: Handover
+    # A backup's time to first content: what it has when started on time, and
+    # as long from its start when the primary's boilerplate made it late.
+    backup_budget: float
     nursery: trio.Nursery | None = None
     winner: Committed | None = None
     failures: list[Failure] = attrs.field(factory=list)
@@ -106,25 +110,39 @@ class Dispatcher:
         primary = grant.lease
         ttft_deadline, hedge_at = self.limits.deadlines(
             trio.current_time(), ctx.job.prompt_tokens, grant.hedge_after)
-        attempt = _Attempt(ctx, ttft_deadline, handover)
+        attempt = _Attempt(ctx, ttft_deadline, handover, ttft_deadline - hedge_at)
         async with trio.open_nursery() as nursery:
             attempt.nursery = nursery
             self._start_racer(attempt, primary, is_backup=False)
             if self.config.speculative_backup:
-                with trio.move_on_at(hedge_at):
-                    await attempt.primary_settled.wait()
-                if not attempt.primary_settled.is_set():
-                    await self._start_backup(attempt, exclude | {primary.provider_id})
+                await self._hedge(attempt, hedge_at, exclude | {primary.provider_id})
         return attempt.winner or attempt.failures
 
-    async def _start_backup(self, attempt: _Attempt, exclude: frozenset[str]) -> None:
+    async def _hedge(self, attempt: _Attempt, hedge_at: float, exclude: frozenset[str]) -> None:
+        """Start one backup at ``hedge_at`` unless the primary has settled by then.
+
+        A backup refused (no free provider, or the hedge budget spent) is asked
+        for again, ever less often: a primary holding only boilerplate may
+        otherwise keep its consumer waiting the whole preamble budget.
+        """
+        wait = hedge_at - trio.current_time()
+        while True:
+            with trio.move_on_at(hedge_at):
+                await attempt.primary_settled.wait()
+            if attempt.primary_settled.is_set() or await self._start_backup(attempt, exclude):
+                return
+            wait = self.limits.hedge_retry(wait, attempt.ctx.job.prompt_tokens)
+            hedge_at = trio.current_time() + wait
+
+    async def _start_backup(self, attempt: _Attempt, exclude: frozenset[str]) -> bool:
         backup = await self.registry.try_acquire(attempt.ctx.job, exclude)
         if backup is None:
-            return
+            return False
         self.metrics.speculative.inc()
         log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
                  backup.lease.provider_id)
         self._start_racer(attempt, backup.lease, is_backup=True)
+        return True
 
     def _start_racer(self, attempt: _Attempt, lease: Lease, *, is_backup: bool) -> None:
         # Synchronous from the grant to start_soon: the racer's task is the one
@@ -136,7 +154,10 @@ class Dispatcher:
             cipher = None if connection is None else RequestCipher(connection.public_key)
         except ProviderGone:
             events, cipher = ended_stream(), None
-        state = RacerState(lease.provider_id, lease.version, attempt.ttft_deadline)
+        deadline = attempt.ttft_deadline
+        if is_backup:
+            deadline = max(deadline, trio.current_time() + attempt.backup_budget)
+        state = RacerState(lease.provider_id, lease.version, deadline)
         racer = Racer(lease, connection, events, cipher, state, is_backup)
         attempt.ctx.providers_tried.append(lease.provider_id)
         assert attempt.nursery is not None
@@ -163,7 +184,7 @@ class Dispatcher:
 
     async def _race(self, attempt: _Attempt, racer: Racer) -> Commit | Fail | None:
         """Run one racer in its own budget until it commits, fails, or loses (None)."""
-        with trio.CancelScope(deadline=attempt.ttft_deadline) as budget:
+        with trio.CancelScope(deadline=racer.state.ttft_deadline) as budget:
             sent = await self._send(attempt.ctx, racer)
             if isinstance(sent, Fail):
                 return sent

@@ -32,6 +32,8 @@ from coordinator.registry.table import CANCELLED, Observed, Outcome, Outpaced
 
 DISCONNECTED: Final = 502
 TIMEOUT: Final = 504
+# The shortest wait before asking again for a refused backup (a registry round trip each).
+MIN_HEDGE_RETRY: Final = 0.05
 # Provider statuses that say the request itself is wrong (a prompt longer than the
 # model's context, a bad parameter): another provider would answer the same, so
 # the request ends at once with that status (docs/protocol.md has the table).
@@ -162,6 +164,12 @@ class Limits:
         ttft = self.ttft_base + self.ttft_per_prompt_token * prompt_tokens
         hedge = ttft * self.backup_fraction if hedge_after is None else hedge_after
         return now + ttft, now + hedge
+
+    def hedge_retry(self, previous: float, prompt_tokens: int) -> float:
+        """The wait before asking again for a backup that was refused: doubling,
+        from at least ``MIN_HEDGE_RETRY`` up to the fixed hedge delay."""
+        fixed = (self.ttft_base + self.ttft_per_prompt_token * prompt_tokens) * self.backup_fraction
+        return min(max(previous * 2, MIN_HEDGE_RETRY), max(fixed, MIN_HEDGE_RETRY))
 
 
 @attrs.define

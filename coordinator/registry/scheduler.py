@@ -5,6 +5,13 @@ this job's prefill and decode time at the provider's advertised rates.
 Candidates within ``tie_tolerance`` of the best are a near-tie and one is
 chosen at random, so equal providers share load instead of the first in the
 table taking everything.
+
+*Probation* (slow start, :func:`on_probation`): a provider whose speed on the
+model is not yet measured takes at most ``PROBATION_SLOTS`` jobs at a time
+while a measured provider, or one with fewer jobs, has a free slot (the
+registry skips it while it looks for candidates). What a provider declares is
+only a claim; a zombie declaring a high decode rate would otherwise take the
+whole first wave of requests, each then waiting for its hedge.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from coordinator.registry.table import Job, ProviderRecord
 
 _FALLBACK_TPS = 50.0
 TIE_TOLERANCE = 0.1  # within 10 % of the best estimate is a near-tie
+PROBATION_SLOTS = 2
 
 
 def job_cost(record: ProviderRecord, job: Job, now: float | None = None) -> float:
@@ -62,3 +70,10 @@ def pick(
     best = scored[0][0]
     ties = [c for score, _, c in scored if score <= best * (1 + tie_tolerance) + 1e-9]
     return ties[0] if len(ties) == 1 else rng.choice(ties)
+
+
+def on_probation(record: ProviderRecord, job: Job) -> bool:
+    """Whether ``record`` already has as many jobs as an unmeasured provider may take."""
+    speed = record.speeds.get(job.model)
+    measured = speed is not None and speed.trusted
+    return not measured and record.max_slots - record.free_slots >= PROBATION_SLOTS

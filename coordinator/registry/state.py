@@ -241,8 +241,11 @@ class RegistryState:
         """The best eligible free provider, from the front of the model's index."""
         avoid = request.avoid_version
         candidates: list[ProviderRecord] = []
+        on_probation: list[ProviderRecord] = []  # only if nobody else is free
         cutoff, extra = 0.0, 0
         for key, pid in self.free[request.job.model].best_first():
+            if len(on_probation) >= PICK_WIDTH * 8:
+                break  # a bounded look past a fleet of newcomers
             if candidates and (len(candidates) >= PICK_WIDTH or key > cutoff):
                 # Enough near the best; on a retry, look a little further for another version.
                 if avoid is None or any(c.version_text != avoid for c in candidates) \
@@ -252,10 +255,14 @@ class RegistryState:
             record = self.providers[pid]
             if self._gate(record, request, now) is not None:
                 continue
+            if scheduler.on_probation(record, request.job):
+                on_probation.append(record)
+                continue
             if not candidates:
                 cutoff = key * (1 + scheduler.TIE_TOLERANCE) + 1e-9
             candidates.append(record)
-        return scheduler.pick(candidates, request.job, self.rng, avoid_version=avoid, now=now)
+        return scheduler.pick(candidates or on_probation[:PICK_WIDTH], request.job, self.rng,
+                              avoid_version=avoid, now=now)
 
     def _servable(self, request: AcquireRequest, now: float) -> bool:
         """Whether some provider could serve the request once it has a free slot."""
