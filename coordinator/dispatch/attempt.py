@@ -54,7 +54,7 @@ class _Attempt:
     # A backup's time to first content: what it has when started on time, and
     # as long from its start when the primary's boilerplate made it late.
     backup_budget: float
-    nursery: trio.Nursery | None = None
+    nursery: trio.Nursery
     winner: Committed | None = None
     failures: list[Failure] = attrs.field(factory=list)
     primary_settled: trio.Event = attrs.field(factory=trio.Event)
@@ -73,11 +73,8 @@ class Dispatcher:
         default=attrs.Factory(lambda self: race.Limits.from_config(self.config), takes_self=True))
 
     async def dispatch(self, ctx: RequestContext, handover: Handover) -> Committed:
-        """Run attempts until one commits and is handed over; raise when none can.
-
-        Raises :class:`NotDispatched` for a registry refusal and
-        :class:`~coordinator.errors.ApiError` for failed or rejected attempts.
-        """
+        """Run attempts until one commits and is handed over; raise :class:`NotDispatched`
+        (a registry refusal) or :class:`~coordinator.errors.ApiError` when none can."""
         failures: list[Failure] = []
         for attempt in range(1, self.config.max_attempts + 1):
             ctx.attempts = attempt
@@ -110,39 +107,29 @@ class Dispatcher:
         primary = grant.lease
         ttft_deadline, hedge_at = self.limits.deadlines(
             trio.current_time(), ctx.job.prompt_tokens, grant.hedge_after)
-        attempt = _Attempt(ctx, ttft_deadline, handover, ttft_deadline - hedge_at)
         async with trio.open_nursery() as nursery:
-            attempt.nursery = nursery
+            attempt = _Attempt(ctx, ttft_deadline, handover, ttft_deadline - hedge_at, nursery)
             self._start_racer(attempt, primary, is_backup=False)
             if self.config.speculative_backup:
                 await self._hedge(attempt, hedge_at, exclude | {primary.provider_id})
         return attempt.winner or attempt.failures
 
     async def _hedge(self, attempt: _Attempt, hedge_at: float, exclude: frozenset[str]) -> None:
-        """Start one backup at ``hedge_at`` unless the primary has settled by then.
-
-        A backup refused (no free provider, or the hedge budget spent) is asked
-        for again, ever less often: a primary holding only boilerplate may
-        otherwise keep its consumer waiting the whole preamble budget.
-        """
+        # A refused backup (no free provider, budget spent) is asked for again with
+        # backoff: a primary holding boilerplate could keep the consumer 90 s.
         wait = hedge_at - trio.current_time()
         while True:
             with trio.move_on_at(hedge_at):
                 await attempt.primary_settled.wait()
-            if attempt.primary_settled.is_set() or await self._start_backup(attempt, exclude):
+            if attempt.primary_settled.is_set():
                 return
-            wait = self.limits.hedge_retry(wait, attempt.ctx.job.prompt_tokens)
-            hedge_at = trio.current_time() + wait
-
-    async def _start_backup(self, attempt: _Attempt, exclude: frozenset[str]) -> bool:
-        backup = await self.registry.try_acquire(attempt.ctx.job, exclude)
-        if backup is None:
-            return False
-        self.metrics.speculative.inc()
-        log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
-                 backup.lease.provider_id)
-        self._start_racer(attempt, backup.lease, is_backup=True)
-        return True
+            if (backup := await self.registry.try_acquire(attempt.ctx.job, exclude)) is not None:
+                self.metrics.speculative.inc()
+                log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
+                         backup.lease.provider_id)
+                return self._start_racer(attempt, backup.lease, is_backup=True)
+            hedge_at = trio.current_time() + (
+                wait := self.limits.hedge_retry(wait, attempt.ctx.job.prompt_tokens))
 
     def _start_racer(self, attempt: _Attempt, lease: Lease, *, is_backup: bool) -> None:
         # Synchronous from the grant to start_soon: the racer's task is the one
@@ -154,13 +141,10 @@ class Dispatcher:
             cipher = None if connection is None else RequestCipher(connection.public_key)
         except ProviderGone:
             events, cipher = ended_stream(), None
-        deadline = attempt.ttft_deadline
-        if is_backup:
-            deadline = max(deadline, trio.current_time() + attempt.backup_budget)
-        state = RacerState(lease.provider_id, lease.version, deadline)
+        late = trio.current_time() + attempt.backup_budget if is_backup else 0.0
+        state = RacerState(lease.provider_id, lease.version, max(attempt.ttft_deadline, late))
         racer = Racer(lease, connection, events, cipher, state, is_backup)
         attempt.ctx.providers_tried.append(lease.provider_id)
-        assert attempt.nursery is not None
         attempt.nursery.start_soon(self._run_racer, attempt, racer)
 
     async def _run_racer(self, attempt: _Attempt, racer: Racer) -> None:
@@ -177,8 +161,7 @@ class Dispatcher:
         if isinstance(decision, Fail):
             attempt.failures.append(decision.failure)
             if decision.failure.status in race.DETERMINISTIC:
-                assert attempt.nursery is not None
-                attempt.nursery.cancel_scope.cancel(reason="a provider rejected the request")
+                        attempt.nursery.cancel_scope.cancel(reason="a provider rejected the request")
         if not racer.is_backup:
             attempt.primary_settled.set()
 
@@ -234,7 +217,6 @@ class Dispatcher:
         if racer.is_backup:
             self.metrics.speculative_wins.inc()
         attempt.handover(attempt.winner)  # the relay owns the winner from here
-        assert attempt.nursery is not None
         attempt.nursery.cancel_scope.cancel(reason="the race is decided")
         return commit
 
