@@ -80,8 +80,13 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Benchmarks (not part of CI's pass/fail): ratios measured in one run."""
+    """Benchmarks (not part of CI's pass/fail): ratios measured in one run.
+
+    On two or more CPUs the servers run on CPU 0 and their load on the others
+    (BENCH_SERVER_CPUS; set it empty to share every CPU)."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
+    if "BENCH_SERVER_CPUS" not in os.environ and len(os.sched_getaffinity(0)) >= 2:
+        session.env["BENCH_SERVER_CPUS"] = "0"
     session.run("python", "-m", "benchmarks.bench_toolschema")
     session.run("python", "-m", "benchmarks.bench_stack")
     session.run("python", "-m", "benchmarks.bench_exhaustion")

@@ -21,7 +21,18 @@ from typing import Any
 import h11
 import trio
 
-from benchmarks.bench_stack import KEY, PY, ROOT, TOKEN, coordinator_env, free_port, processes, rss_kib
+from benchmarks.bench_stack import (
+    KEY,
+    PY,
+    ROOT,
+    TOKEN,
+    coordinator_env,
+    free_port,
+    pin_load_elsewhere,
+    processes,
+    rss_kib,
+    server,
+)
 from coordinator.loadgen.client import HttpConnection
 from coordinator.loadgen.load import Mix, classify_reply, percentile, run_load
 
@@ -139,7 +150,7 @@ async def measure(n: int, seconds: float, logs: Path) -> dict[str, Any]:
         result["phase_s"][name] = round(marks[-1] - marks[-2], 2)
         say(f"  [N={n}] {name}: {marks[-1] - marks[-2]:.1f} s")
 
-    coordinator = logged([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"],
+    coordinator = logged(server([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"]),
                          logs / f"coordinator-{n}.log")
     fleet = logged([PY, "-m", "provider_sim", "fleet", "--n", str(n), "--coordinator",
                     f"ws://127.0.0.1:{pport}/", "--token", TOKEN], logs / f"fleet-{n}.log")
@@ -236,6 +247,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the subprocesses inherit it
     out = ROOT / "bench-results"
     (logs := out / "scale-logs").mkdir(parents=True, exist_ok=True)
+    pin_load_elsewhere()  # BENCH_SERVER_CPUS, as in bench_stack
     results = trio.run(main_async, [int(s) for s in args.sizes.split(",") if s.strip()],
                        float(os.environ.get("BENCH_SECONDS", "10")), logs)
     (out / "scale.json").write_text(json.dumps(results, indent=2))

@@ -2,8 +2,11 @@
 
 Each server runs in its own process; the load generator (coordinator.loadgen.load,
 an h11 client) runs here. All share this machine's cores, so read the ratios,
-not the absolute numbers. Run: ``python -m benchmarks.bench_stack`` or
-``nox -s bench``. Writes ``bench-results/stack.json``.
+not the absolute numbers. ``BENCH_SERVER_CPUS=0`` pins each server (floor,
+direct provider, coordinator) to CPU 0 and everything else (load generator,
+simulated fleet) to the other CPUs, so the server's work is not shared with its
+load. Run: ``python -m benchmarks.bench_stack`` or ``nox -s bench``. Writes
+``bench-results/stack.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,23 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+SERVER_CPUS = os.environ.get("BENCH_SERVER_CPUS", "")
+
+
+def pin_load_elsewhere() -> None:
+    """With BENCH_SERVER_CPUS, this process and what it starts run on the other CPUs."""
+    if SERVER_CPUS:
+        server = {int(c) for c in SERVER_CPUS.split(",")}
+        others = os.sched_getaffinity(0) - server
+        if others:
+            os.sched_setaffinity(0, others)
+
+
+def server(argv: list[str]) -> list[str]:
+    """``argv`` pinned to BENCH_SERVER_CPUS (when set)."""
+    return ["taskset", "-c", SERVER_CPUS, *argv] if SERVER_CPUS else argv
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
@@ -176,12 +196,13 @@ async def idle_streams(port: int, pid: int, count: int) -> dict[str, Any]:
 async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     floor_port, direct_port = free_port(), free_port()
-    with processes(([PY, "-m", "benchmarks.floor_app", "--port", str(floor_port)], {})) as procs:
+    with processes((server([PY, "-m", "benchmarks.floor_app", "--port", str(floor_port)]),
+                    {})) as procs:
         wait_for_port(floor_port)
         results["floor"] = await throughput_and_latency(f"http://127.0.0.1:{floor_port}",
                                                         duration=duration, pid=procs[0].pid)
-    with processes(([PY, "-m", "provider_sim", "http", "--port", str(direct_port),
-                     "--tokens", "14"], {})) as procs:
+    with processes((server([PY, "-m", "provider_sim", "http", "--port", str(direct_port),
+                            "--tokens", "14"]), {})) as procs:
         wait_for_port(direct_port)
         results["direct"] = await throughput_and_latency(f"http://127.0.0.1:{direct_port}",
                                                          duration=duration, pid=procs[0].pid)
@@ -191,7 +212,7 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
         port, pport = free_port(), free_port()
         fleet = fleet_file(tmp, name, [{"id": "sim", "count": 4, "max_concurrency": 64,
                                         "events_per_frame": per_frame}])
-        with processes(([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"],
+        with processes((server([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"]),
                         coordinator_env(port, pport)),
                        ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
                          f"ws://127.0.0.1:{pport}/"], {})) as procs:
@@ -207,7 +228,7 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
         {"id": "bad", "decode_tps": 10000.0, "prefill_tps": 1e6,
          "behaviour": "role_then_error:status=500"},
         {"id": "good", "decode_tps": 1000.0, "prefill_tps": 1e6, "pace": True}])
-    with processes(([PY, "-m", "coordinator", "serve", "--log-level", "ERROR"],
+    with processes((server([PY, "-m", "coordinator", "serve", "--log-level", "ERROR"]),
                     coordinator_env(port, pport, COORDINATOR_BREAKER_STRIKES="1000000000")),
                    ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
                      f"ws://127.0.0.1:{pport}/"], {})):
@@ -281,6 +302,7 @@ def main() -> None:
     duration = float(os.environ.get("BENCH_SECONDS", "10"))
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
+    pin_load_elsewhere()
     results = trio.run(main_async, out, duration)
     (out / "stack.json").write_text(json.dumps(results, indent=2))
     print(report(results))

@@ -139,11 +139,11 @@ async def main_async(tmp: Path, seconds: float) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     rows = [f"{'way':<13}{'req':>6}{'req/s':>7}{'ok %':>8}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'p99* ms':>9}{'backup %':>10}{'sends/req':>11}  errors   (* failed = inf)"]
+            f"{'p99* ms':>9}{'max ms':>9}{'backup %':>10}{'sends/req':>11}  errors   (* failed = inf)"]
     for name, r in results.items():
         rows.append(f"{name:<13}{r['requests']:>6}{r['requests_per_s']:>7.1f}"
                     f"{r['success_rate'] * 100:>8.2f}{r['ttfc_p50_ms']:>9.1f}"
-                    f"{r['ttfc_p99_ms']:>9.1f}{r['ttfc_p99_all_ms']:>9.1f}"
+                    f"{r['ttfc_p99_ms']:>9.1f}{r['ttfc_p99_all_ms']:>9.1f}{r['ttfc_max_ms']:>9.1f}"
                     f"{r['backup_fraction'] * 100:>10.2f}{r['sends_per_request']:>11.3f}  "
                     + (", ".join(f"{k} x{v}" for k, v in sorted(r["errors"].items())) or "-"))
     for name in ("fixed", "adaptive"):
