@@ -26,7 +26,7 @@ from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.providers.connection import Directory
 from coordinator.providers.edge import ProviderEdge
-from coordinator.providers.identity import IdentityBook
+from coordinator.providers.identity import IdentityBook, SharedPins
 from coordinator.registry.actor import RegistryClient, serve_registry
 
 log = logging.getLogger(__name__)
@@ -103,16 +103,17 @@ async def start_coordinator(nursery: trio.Nursery, config: Config,
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
     directory = Directory()
     shared: Shared = Solo()
+    pins: SharedPins | None = None
     if config.redis_url:
-        shared = RedisShared(config, registry, directory, metrics, peer_url)
+        shared = pins = RedisShared(config, registry, directory, metrics, peer_url)
         registry.state.outbox = shared.offer
         await nursery.start(shared.run)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
-    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared))
+    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
     connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
-                       ProviderEdge(config, registry, metrics, identities, drain, directory),
+                       ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
                        EdgeGuard(app, connections, drain), connections, drain, shared)
 
 

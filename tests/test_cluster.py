@@ -378,3 +378,45 @@ def test_a_consumer_leaving_cancels_on_the_far_instance(cluster: Cluster) -> Non
     assert time.monotonic() - started < 10
     again = cluster.chat("a", max_tokens=2)
     assert again.status_code == 200 and again.headers["x-provider-id"] == "far"
+
+
+def _logged(cluster: Cluster, name: str, text: bytes) -> bool:
+    return text in Path(cluster.instances[name]["log"]).read_bytes()
+
+
+def test_an_explicit_id_stays_with_its_key_on_every_instance(cluster: Cluster) -> None:
+    """A second key claiming a live id elsewhere is refused, and locks nobody out."""
+    for name in ("a", "b"):
+        cluster.instance(name)
+    cluster.fleet("a", "b", spec=provider("prov-a"))  # the owner, on a first
+    wait_until(lambda: cluster.sees("b", "prov-a"), what="the owner in b's directory")
+    thief = cluster.fleet("b", spec=provider("prov-a"))  # the same id, its own key
+    wait_until(lambda: _logged(cluster, "b", b"provider id prov-a is bound to another key"),
+               what="the second key refused on b")
+    reply = cluster.chat("b", provider_ids=["prov-a"])
+    assert reply.status_code == 200 and reply.headers.get("x-provider-instance") == "a"
+    thief.terminate()
+    thief.wait(10)
+    cluster.kill("a")  # the owner comes back through b, where the other key was refused
+    wait_until(lambda: cluster.chat("b", provider_ids=["prov-a"]).status_code == 200,
+               timeout=40, what="the owner admitted on b")
+    assert cluster.chat("b", provider_ids=["prov-a"]).headers.get("x-provider-instance") is None
+
+
+def test_an_id_is_pinned_fleet_wide_until_an_operator_unpins_it(cluster: Cluster) -> None:
+    for name in ("a", "b"):
+        cluster.instance(name)
+    owner = cluster.fleet("a", spec=provider("prov-b"))
+    wait_until(lambda: cluster.sees("b", "prov-b"), what="the owner registered")
+    owner.terminate()
+    owner.wait(10)
+    wait_until(lambda: not cluster.sees("a", "prov-b"), what="the owner gone")
+    cluster.fleet("b", spec=provider("prov-b"))  # another key, while the owner is away
+    wait_until(lambda: _logged(cluster, "b", b"provider id prov-b is bound to another key"),
+               what="the other key refused on the other instance")
+    assert not cluster.sees("b", "prov-b")
+    unpinned = httpx.delete(cluster.instances["a"]["url"] + "/v1/admin/providers/prov-b/pin",
+                            headers={"authorization": "Bearer admin"})
+    assert unpinned.status_code == 200 and unpinned.json()["pin"] == "removed"
+    wait_until(lambda: cluster.sees("b", "prov-b"), timeout=60,
+               what="the new key admitted on b once unpinned on a")

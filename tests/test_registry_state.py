@@ -285,3 +285,15 @@ def test_the_index_returns_what_a_full_scan_would(ops, model, tools, vision, exc
     assert (chosen is None) == (not free)
     assert chosen is None or chosen.provider_id in free
     assert s._servable(request, now) == bool(eligible)
+
+
+def test_an_encryption_key_used_on_another_instance_is_refused():
+    """Nobody may register the X25519 key a provider uses, on this instance or another."""
+    s = state()
+    s.mirror("other", [record("remote-a", public_key="KEY-A", instance="other")], 0.0)
+    with pytest.raises(RegisterRefused, match="public_key"):
+        s.register(record("copycat", public_key="KEY-A"), 1.0)
+    s.register(record("honest", public_key="KEY-B"), 1.0)
+    s.forget_instance("other", 2.0)  # gone with its instance: the key is free again
+    s.register(record("copycat", public_key="KEY-A"), 3.0)
+    assert set(s.providers) == {"honest", "copycat"}

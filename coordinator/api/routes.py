@@ -31,7 +31,7 @@ from coordinator.dispatch.timing import Timing
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.protocol.endpoints import Endpoint, inner_request
-from coordinator.providers.identity import IdentityBook, Unpin
+from coordinator.providers.identity import IdentityBook, PinStoreUnavailable, SharedPins, Unpin
 from coordinator.registry.actor import RegistryClient, RegistryFault
 from coordinator.registry.table import Job
 from coordinator.registry.traits import estimate_prompt_tokens, traits_of
@@ -62,6 +62,7 @@ class Api:
     identities: IdentityBook = attrs.field(factory=IdentityBook)
     drain: Drain = attrs.field(factory=Drain)
     shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
+    pins: SharedPins | None = None  # with several instances: the fleet-wide pins
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
@@ -256,7 +257,16 @@ class Api:
         refused = self._admin()
         if refused is not None:
             return error_response(refused, Family.OPENAI)
-        match self.identities.unpin(provider_id):
+        outcome = self.identities.unpin(provider_id)
+        if self.pins is not None and outcome is not Unpin.CONFIGURED:
+            try:  # the fleet-wide pin is the one that counts
+                removed = await self.pins.remove_pin(provider_id)
+            except PinStoreUnavailable:
+                return error_response(errors.ApiError(
+                    503, "the shared identity store is unreachable; try again",
+                    "server_error", "store_unavailable"), Family.OPENAI)
+            outcome = Unpin.REMOVED if removed else Unpin.NOT_PINNED
+        match outcome:
             case Unpin.REMOVED:
                 log.warning("admin removed the key pin of provider %s", provider_id)
                 return json_response({"provider_id": provider_id, "pin": "removed"})

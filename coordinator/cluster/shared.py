@@ -13,6 +13,9 @@ On Redis (client: coredis, on Trio through anyio):
   seconds with a TTL of ``cluster_ttl``: a dead instance's page expires;
 * ``coord:strikes:{<provider>|<model>|<shape>}`` and ``coord:cool:{…}`` — the
   shared breaker, updated by one Lua script so two instances cannot race it;
+* ``coord:pins`` — explicit provider ids and the signing key each is pinned to
+  (a hash, set by one Lua script: the first key to prove an id anywhere keeps
+  it, on every instance, across restarts, until an operator removes the pin);
 * channel ``coord:events`` — cooldowns entered, keys cleared, slots freed,
   providers renewed (a new session starts clean on every instance): every
   instance applies them within one round trip.
@@ -40,6 +43,7 @@ from coordinator.cluster.peer import PeerLink, remote_connection
 from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.providers.connection import Directory
+from coordinator.providers.identity import PinStoreUnavailable
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Cleared, Freed, Renewed, SharedEvent, Struck
 
@@ -62,6 +66,14 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   return tonumber(ARGV[3])
 end
 return 0
+"""
+PINS = "coord:pins"
+_CLAIM_PIN = """
+local bound = redis.call('HGET', KEYS[1], ARGV[1])
+if bound then return bound end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return false end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return ARGV[2]
 """
 # Errors that mean "Redis is not there right now", as coredis, anyio and the OS say it.
 UNREACHABLE = (coredis.exceptions.RedisError, OSError, trio.BrokenResourceError,
@@ -111,6 +123,7 @@ class RedisShared:
     _links: dict[str, PeerLink] = attrs.field(factory=dict)
     _seen: dict[str, float] = attrs.field(factory=dict)  # instance -> last page read
     _nursery: trio.Nursery | None = None
+    _client: coredis.Redis[bytes] | None = None
 
     def __attrs_post_init__(self) -> None:
         self._outbox, self._inbox = trio.open_memory_channel[SharedEvent](1024)
@@ -134,7 +147,7 @@ class RedisShared:
         client = coredis.Redis.from_url(self.config.redis_url, decode_responses=False)
         try:
             async with client, trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery, self._client = nursery, client
                 strike = client.register_script(_STRIKE)
                 nursery.start_soon(self._keep, "publish", self._publish, client)
                 nursery.start_soon(self._keep, "mirror", self._mirror, client)
@@ -146,6 +159,25 @@ class RedisShared:
             # coredis closing its connections while the coordinator stops (or
             # Redis leaving at that moment): nothing left to share.
             log.debug("shared state closed")
+
+    # -- identity pins (providers/identity.py), asked by the provider edge
+    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+        result = await self._ask(lambda c: c.eval(_CLAIM_PIN, [PINS],
+                                                  [provider_id, signing_key, max_pins]))
+        return result.decode() if isinstance(result, bytes) else None
+
+    async def remove_pin(self, provider_id: str) -> bool:
+        return bool(await self._ask(lambda c: c.hdel(PINS, [provider_id])))
+
+    async def _ask(self, command: Any) -> Any:
+        """One Redis command within the challenge timeout, or PinStoreUnavailable."""
+        with trio.move_on_after(self.config.challenge_timeout):
+            try:
+                if self._client is not None:
+                    return await command(self._client)
+            except UNREACHABLE as exc:
+                raise PinStoreUnavailable(str(exc)[:200]) from None
+        raise PinStoreUnavailable("no answer from Redis")
 
     async def _keep(self, name: str, loop: Any, *args: Any) -> None:
         """Run ``loop`` forever; while Redis is unreachable, say so once and retry."""

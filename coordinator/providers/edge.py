@@ -50,7 +50,7 @@ from coordinator.protocol.crypto import load_public_key, load_verify_key
 from coordinator.providers import admission
 from coordinator.providers.admission import AdmissionError
 from coordinator.providers.connection import Directory, ProviderConnection
-from coordinator.providers.identity import IdentityBook, Session
+from coordinator.providers.identity import IdentityBook, PinStoreUnavailable, Session, SharedPins
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import RegisterRefused
 from coordinator.registry.table import ProviderRecord
@@ -71,6 +71,7 @@ class ProviderEdge:
     identities: IdentityBook
     drain: Drain = attrs.field(factory=Drain)
     directory: Directory = attrs.field(factory=Directory)
+    pins: SharedPins | None = None  # with several instances: the fleet-wide pins
     pending: int = 0  # sockets in admission now
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
@@ -126,10 +127,24 @@ class ProviderEdge:
         problem = await self._challenge(ws, signing_key, message.public_key, None)
         if problem is not None:
             raise AdmissionError(problem)
+        if self.pins is not None and self.identities.pinnable(message.provider_id):
+            await self._claim_shared(message.provider_id or "", signing_key)
         session = self.identities.admit(message.provider_id, next(_sessions), signing_key,
                                         message.public_key)
         _allow_large_frames(ws, sizes.provider_socket_limit(self.config.max_frame_bytes))
         return message, session
+
+    async def _claim_shared(self, provider_id: str, signing_key: str) -> None:
+        """Pin an explicit id fleet-wide before this instance's checks (identity.py)."""
+        assert self.pins is not None
+        try:
+            bound = await self.pins.claim_pin(provider_id, signing_key,
+                                              self.config.max_identity_pins)
+        except PinStoreUnavailable:
+            raise AdmissionError("the shared identity store is unreachable; try again") from None
+        if bound is None:
+            raise AdmissionError("no room for another provider identity")
+        self.identities.adopt_pin(provider_id, bound)
 
     async def _next_frame(
         self, ws: trio_websocket.WebSocketConnection, budget: float, what: str,

@@ -13,6 +13,11 @@
 
 All checks are synchronous, so a check and the reservation it makes cannot be
 interleaved with another admission.
+
+With several instances the pins live in Redis (:class:`SharedPins`): the edge
+claims an explicit id there first, and the answer — the key the id is bound
+to across the fleet — replaces what this instance remembered
+(:meth:`IdentityBook.adopt_pin`) before the synchronous checks run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import enum
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Protocol
 
 import attrs
 
@@ -42,6 +47,19 @@ class Unpin(enum.Enum):
     REMOVED = "removed"
     NOT_PINNED = "not_pinned"
     CONFIGURED = "configured"  # bound in configuration; change the configuration instead
+
+
+class PinStoreUnavailable(Exception):
+    """The shared pin store did not answer; an explicit id cannot be checked now."""
+
+
+class SharedPins(Protocol):
+    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+        """Bind ``provider_id`` to ``signing_key`` unless bound already; the bound key,
+        or None when there is no room for another pin."""
+        ...
+
+    async def remove_pin(self, provider_id: str) -> bool: ...
 
 
 @attrs.frozen
@@ -92,6 +110,15 @@ class IdentityBook:
         self._live[provider_id] = admitted
         self._encryption_keys[public_key] = provider_id
         return admitted
+
+    def pinnable(self, provider_id: str | None) -> bool:
+        """Whether ``provider_id`` is bound by pinning (explicit, neither derived nor configured)."""
+        return bool(provider_id) and _DERIVED.fullmatch(provider_id or "") is None \
+            and provider_id not in self.configured
+
+    def adopt_pin(self, provider_id: str, signing_key: str) -> None:
+        """The fleet-wide pin of ``provider_id`` (from :class:`SharedPins`) replaces this one's."""
+        self._pins[provider_id] = _canonical(signing_key)
 
     def _check_binding(self, provider_id: str, signing_key: str) -> None:
         if _DERIVED.fullmatch(provider_id):

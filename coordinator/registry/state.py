@@ -132,6 +132,9 @@ class RegistryState:
     metrics: Metrics = attrs.field(factory=Metrics)
     rng: random.Random = attrs.field(factory=random.Random)
     providers: dict[str, ProviderRecord] = attrs.field(factory=dict)
+    # X25519 key -> the provider using it, local or on another instance: a key is
+    # one provider's, or a prompt sealed for one could be read by another.
+    _encryption_keys: dict[str, str] = attrs.field(factory=dict)
     # model -> provider id -> record: a decision looks only at the model's providers.
     by_model: dict[str, dict[str, ProviderRecord]] = attrs.field(factory=dict)
     # model -> its providers with a free slot, best first (registry/index.py).
@@ -174,6 +177,9 @@ class RegistryState:
         if old is not None and old.signing_key != record.signing_key:
             # The edge binds ids to keys; this keeps the rule where the table is.
             raise RegisterRefused(f"provider id {record.provider_id} is live with another key")
+        holder = self._encryption_keys.get(record.public_key)
+        if record.public_key and holder not in (None, record.provider_id):
+            raise RegisterRefused("public_key is registered by another provider")
         self._note("register", now, provider_id=record.provider_id)
         if old is not None:
             self._remove(old, now)
@@ -184,6 +190,8 @@ class RegistryState:
 
     def _add(self, record: ProviderRecord, now: float) -> None:
         self.providers[record.provider_id] = record
+        if record.public_key:
+            self._encryption_keys.setdefault(record.public_key, record.provider_id)
         for model in record.models:
             self.by_model.setdefault(model, {})[record.provider_id] = record
             self.offline_models.came_online(model)
@@ -201,6 +209,8 @@ class RegistryState:
 
     def _remove(self, record: ProviderRecord, now: float) -> None:
         del self.providers[record.provider_id]
+        if self._encryption_keys.get(record.public_key) == record.provider_id:
+            del self._encryption_keys[record.public_key]
         self._count_version(record, -1)
         for model in record.models:
             serving = self.by_model.get(model, {})
