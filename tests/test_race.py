@@ -182,7 +182,8 @@ def test_loser_verdicts(phase, timed_out, verdict):
 
 def test_deadlines_are_computed_once_per_attempt():
     limits = race.Limits(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5)
-    assert limits.deadlines(100.0, prompt_tokens=2000) == (107.0, 103.5)
+    assert limits.deadlines(100.0, prompt_tokens=2000) == race.Deadlines(107.0, 103.5, 3.5)
+    assert limits.deadlines(100.0, 2000, hedge_after=0.2).hedge == 100.2
 
 
 @pytest.mark.parametrize(("failures", "label"), [
@@ -215,12 +216,20 @@ def test_deterministic_statuses_are_recognised():
 
 def test_a_refused_backup_is_asked_for_again_ever_less_often_up_to_the_fixed_delay():
     limits = race.Limits(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5)
-    waits, wait = [], 0.0
-    for _ in range(8):
-        wait = limits.hedge_retry(wait, prompt_tokens=1000)
-        waits.append(wait)
-    assert waits[0] == race.MIN_HEDGE_RETRY
-    assert all(b == min(a * 2, 3.0) for a, b in itertools.pairwise(waits))
-    assert waits[-1] == 3.0  # (5 + 1) * 0.5: never later than the fixed hedge
+    deadlines = limits.deadlines(100.0, prompt_tokens=1000, hedge_after=0.2)
+    asks = list(itertools.islice(deadlines.hedge_asks(), 9))
+    waits = [b - a for a, b in itertools.pairwise(asks)]
+    assert asks[0] == 100.2 and waits[0] == pytest.approx(race.MIN_HEDGE_RETRY)
+    assert all(b == pytest.approx(min(a * 2, 3.0)) for a, b in itertools.pairwise(waits))
+    assert waits[-1] == pytest.approx(3.0)  # (5 + 1) * 0.5: never longer than the fixed hedge
     tiny = race.Limits(ttft_base=0.01, ttft_per_prompt_token=0.0, backup_fraction=0.5)
-    assert tiny.hedge_retry(0.0, 0) == race.MIN_HEDGE_RETRY  # never a busy loop
+    first, second = itertools.islice(tiny.deadlines(0.0, 0).hedge_asks(), 2)
+    assert second - first == race.MIN_HEDGE_RETRY  # never a busy loop
+
+
+def test_a_late_backup_gets_as_long_as_one_started_on_time():
+    deadlines = race.Deadlines(ttft=105.0, hedge=102.5, fixed_hedge=2.5)
+    assert deadlines.backup_ttft(102.5) == 105.0  # on time: the attempt's deadline
+    assert deadlines.backup_ttft(101.0) == 105.0  # never shorter than the attempt's
+    assert deadlines.backup_ttft(103.0) == 105.5  # a little late: 2.5 s from its start
+    assert deadlines.backup_ttft(112.5) == 115.0  # late: 2.5 s from its start

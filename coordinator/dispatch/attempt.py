@@ -49,11 +49,8 @@ log = logging.getLogger(__name__)
 @attrs.define(eq=False)
 class _Attempt:
     ctx: RequestContext
-    ttft_deadline: float
+    deadlines: race.Deadlines
     handover: Handover
-    # A backup's time to first content: what it has when started on time, and
-    # as long from its start when the primary's boilerplate made it late.
-    backup_budget: float
     nursery: trio.Nursery
     winner: Committed | None = None
     failures: list[Failure] = attrs.field(factory=list)
@@ -105,21 +102,20 @@ class Dispatcher:
     async def _attempt(self, ctx: RequestContext, grant: Grant, exclude: frozenset[str],
                        handover: Handover) -> Committed | list[Failure]:
         primary = grant.lease
-        ttft_deadline, hedge_at = self.limits.deadlines(
-            trio.current_time(), ctx.job.prompt_tokens, grant.hedge_after)
+        deadlines = self.limits.deadlines(trio.current_time(), ctx.job.prompt_tokens,
+                                          grant.hedge_after)
         async with trio.open_nursery() as nursery:
-            attempt = _Attempt(ctx, ttft_deadline, handover, ttft_deadline - hedge_at, nursery)
+            attempt = _Attempt(ctx, deadlines, handover, nursery)
             self._start_racer(attempt, primary, is_backup=False)
             if self.config.speculative_backup:
-                await self._hedge(attempt, hedge_at, exclude | {primary.provider_id})
+                await self._hedge(attempt, exclude | {primary.provider_id})
         return attempt.winner or attempt.failures
 
-    async def _hedge(self, attempt: _Attempt, hedge_at: float, exclude: frozenset[str]) -> None:
-        # A refused backup (no free provider, budget spent) is asked for again with
-        # backoff: a primary holding boilerplate could keep the consumer 90 s.
-        wait = hedge_at - trio.current_time()
-        while True:
-            with trio.move_on_at(hedge_at):
+    async def _hedge(self, attempt: _Attempt, exclude: frozenset[str]) -> None:
+        # A refused backup is asked for again (Deadlines.hedge_asks): a primary
+        # holding boilerplate could otherwise keep its consumer for 90 s.
+        for ask_at in attempt.deadlines.hedge_asks():
+            with trio.move_on_at(ask_at):
                 await attempt.primary_settled.wait()
             if attempt.primary_settled.is_set():
                 return
@@ -128,8 +124,6 @@ class Dispatcher:
                 log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
                          backup.lease.provider_id)
                 return self._start_racer(attempt, backup.lease, is_backup=True)
-            hedge_at = trio.current_time() + (
-                wait := self.limits.hedge_retry(wait, attempt.ctx.job.prompt_tokens))
 
     def _start_racer(self, attempt: _Attempt, lease: Lease, *, is_backup: bool) -> None:
         # Synchronous from the grant to start_soon: the racer's task is the one
@@ -141,8 +135,9 @@ class Dispatcher:
             cipher = None if connection is None else RequestCipher(connection.public_key)
         except ProviderGone:
             events, cipher = ended_stream(), None
-        late = trio.current_time() + attempt.backup_budget if is_backup else 0.0
-        state = RacerState(lease.provider_id, lease.version, max(attempt.ttft_deadline, late))
+        deadlines = attempt.deadlines
+        deadline = deadlines.backup_ttft(trio.current_time()) if is_backup else deadlines.ttft
+        state = RacerState(lease.provider_id, lease.version, deadline)
         racer = Racer(lease, connection, events, cipher, state, is_backup)
         attempt.ctx.providers_tried.append(lease.provider_id)
         attempt.nursery.start_soon(self._run_racer, attempt, racer)

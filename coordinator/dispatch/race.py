@@ -20,6 +20,7 @@ metric label of a retry, what an exhausted request becomes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from typing import Final
 
 import attrs
@@ -155,21 +156,38 @@ class Limits:
                    c.ttft_per_prompt_token, c.backup_fraction)
 
     def deadlines(self, now: float, prompt_tokens: int,
-                  hedge_after: float | None = None) -> tuple[float, float]:
-        """An attempt's time-to-first-content deadline, and when its backup may start.
+                  hedge_after: float | None = None) -> Deadlines:
+        """An attempt's deadlines, computed once at its start.
 
         ``hedge_after`` is the registry's adaptive delay (registry/hedging.py);
         without one, the fixed ``backup_fraction`` of the budget.
         """
         ttft = self.ttft_base + self.ttft_per_prompt_token * prompt_tokens
-        hedge = ttft * self.backup_fraction if hedge_after is None else hedge_after
-        return now + ttft, now + hedge
+        fixed = ttft * self.backup_fraction
+        return Deadlines(now + ttft, now + (fixed if hedge_after is None else hedge_after), fixed)
 
-    def hedge_retry(self, previous: float, prompt_tokens: int) -> float:
-        """The wait before asking again for a backup that was refused: doubling,
-        from at least ``MIN_HEDGE_RETRY`` up to the fixed hedge delay."""
-        fixed = (self.ttft_base + self.ttft_per_prompt_token * prompt_tokens) * self.backup_fraction
-        return min(max(previous * 2, MIN_HEDGE_RETRY), max(fixed, MIN_HEDGE_RETRY))
+
+@attrs.frozen
+class Deadlines:
+    """When an attempt's first content is due, and when to ask for its backup."""
+
+    ttft: float
+    hedge: float
+    fixed_hedge: float  # seconds: the longest wait between two asks for a backup
+
+    def hedge_asks(self) -> Iterator[float]:
+        """At the hedge time, then again while refused (no free provider, the hedge
+        budget spent): waits doubling from ``MIN_HEDGE_RETRY`` up to the fixed delay."""
+        at, wait, longest = self.hedge, 0.0, max(self.fixed_hedge, MIN_HEDGE_RETRY)
+        while True:
+            yield at
+            wait = min(max(wait * 2, MIN_HEDGE_RETRY), longest)
+            at += wait
+
+    def backup_ttft(self, now: float) -> float:
+        """A backup's deadline: the attempt's, or — started late, because the primary
+        held boilerplate — as long from ``now`` as a backup started on time had."""
+        return max(self.ttft, now + (self.ttft - self.hedge))
 
 
 @attrs.define
