@@ -124,6 +124,18 @@ def test_oversized_frame_is_rejected():
         decode_frame('{"type":"heartbeat","pad":"' + "x" * 2000 + '"}', max_bytes=1000)
 
 
+@pytest.mark.parametrize("pad", ["x", "é", "\U0001f600"])
+def test_the_frame_limit_is_exact_in_utf8_bytes(pad):
+    head, tail = '{"type":"heartbeat","pad":"', '"}'
+    room = 1000 - len(head) - len(tail)
+    fits = head + pad * (room // len(pad.encode())) + "x" * (room % len(pad.encode())) + tail
+    assert len(fits.encode()) == 1000
+    assert decode_frame(fits, max_bytes=1000) == decode_frame('{"type":"heartbeat"}')
+    with pytest.raises(FrameError, match="frame of 1001 bytes exceeds the 1000-byte limit"):
+        decode_frame(fits[:-2] + "x" + tail, max_bytes=1000)
+    assert decode_frame(fits.encode(), max_bytes=1000)  # bytes frames count the same
+
+
 def test_unknown_fields_are_ignored_for_forward_compatibility():
     assert decode_frame('{"type":"cancel","request_id":"r","new_field":1}') == Cancel("r")
 

@@ -306,9 +306,12 @@ async def test_model_names_are_bounded_and_forgotten(autojump_clock):
 
 async def test_pre_registration_frames_are_small(autojump_clock):
     async with open_harness(register_frame_bytes=1024) as h, trio.open_nursery() as nursery:
-        ws = await _raw_socket(h, nursery)
-        await ws.send_message("x" * 2048)
-        assert await _closed_with(ws) == 1009
+        at_limit = await _raw_socket(h, nursery)
+        await at_limit.send_message("x" * 1024)  # read, and refused for what it says
+        assert await _closed_with(at_limit) == 1008
+        over = await _raw_socket(h, nursery)
+        await over.send_message("x" * 1025)  # refused for its size before it is read
+        assert await _closed_with(over) == 1009
         nursery.cancel_scope.cancel()
         # Once admitted, a provider may send frames up to max_frame_bytes.
         provider = await h.add_provider("p", behaviour=Behaviour(text="y" * 4000))

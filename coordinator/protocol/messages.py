@@ -253,8 +253,11 @@ def encode_frame(message: Message) -> str:
 
 def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Parse one frame; raise :class:`FrameError` with a short reason on anything off."""
-    if len(frame) > max_bytes:
-        raise FrameError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit",
+    size = len(frame)
+    if isinstance(frame, str) and size * 4 > max_bytes:  # a text frame's limit is in UTF-8 bytes
+        size = len(frame.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise FrameError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit",
                          _leading_request_id(frame))
     try:
         # No depth limit here: the converter reads only known, shallow fields,
