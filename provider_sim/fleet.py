@@ -53,12 +53,23 @@ log = logging.getLogger(__name__)
 
 
 def _describe(exc: BaseException) -> str:
-    """An exception's message, or its type and cause when it has none."""
+    """An exception's message, and the first underlying error that says why.
+
+    trio-websocket's HandshakeError wraps trio's "all attempts to connect ...
+    failed", which wraps the operating system's reasons (one per address).
+    """
     text = str(exc) or type(exc).__name__
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text += f" ({cause})"
+    seen, cause = {id(exc)}, exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]  # its message only repeats the wrapper's
+            continue
+        if str(cause) and str(cause) not in text:
+            text += f" ({cause})"
+        cause = cause.__cause__ or cause.__context__
     return text
+
 
 DEMO_MODELS = (
     ModelInfo("sim-chat-small", size_bytes=4 * 1024**3, model_type="chat", quantization="4bit"),

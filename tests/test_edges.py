@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import trio
@@ -459,3 +460,47 @@ async def test_several_events_in_one_frame_are_relayed_as_sent(autojump_clock):
         sent_batched = batched.frames_sent - before[0]
         sent_single = single.frames_sent - before[1]
         assert sent_batched <= 3 < 8 <= sent_single  # 11 events: 2 frames (+ complete) vs 12
+
+
+def _simulator_says(coordinator_url: str, token: str, expected: str) -> str:
+    """Run ``provider-sim fleet`` until its log shows ``expected``; its whole output."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}
+    sim = subprocess.Popen([sys.executable, "-m", "provider_sim", "fleet", "--n", "1",
+                            "--token", token, "--coordinator", coordinator_url], env=environ,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    give_up = threading.Timer(30, sim.kill)  # so the loop below ends even if it never says it
+    give_up.start()
+    try:
+        assert sim.stdout is not None
+        for line in sim.stdout:
+            seen.append(line)
+            if expected in line:
+                break
+    finally:
+        give_up.cancel()
+        sim.send_signal(signal.SIGINT)
+        rest, _ = sim.communicate(timeout=30)
+    return "".join(seen) + rest
+
+
+def test_the_simulator_tells_its_user_why_it_does_not_serve():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"ws://127.0.0.1:{s.getsockname()[1]}/"
+    said = _simulator_says(closed, "t", "Connection refused")
+    assert f"sim-0: connection to {closed} failed" in said and "Errno 111" in said, said
+    process = _run_coordinator("serve", "--port", "0", "--provider-port", "0")
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("coordinator: HTTP on"):
+                providers = line.rsplit(" ", 1)[1].strip()
+                break
+        said = _simulator_says(providers, "wrong-token", "closed the connection")
+        assert "the coordinator closed the connection: 1008 invalid provider token" in said, said
+        said = _simulator_says(providers, "t", "registered")
+        assert "Traceback" not in said and "sim-0: registered" in said, said
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
