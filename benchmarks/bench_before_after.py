@@ -36,7 +36,9 @@ from benchmarks.bench_stack import (
     coordinator_env,
     fleet_file,
     free_port,
+    pin_load_elsewhere,
     processes,
+    server,
     throughput_and_latency,
     wait_for_port,
     wait_ready,
@@ -65,14 +67,16 @@ def base_worktree(base: str) -> Iterator[tuple[Path, Path]]:
 
 
 @contextlib.contextmanager
-def stack(tree: Path, tmp: Path, fleet: Path, log_level: str, **env: str) -> Iterator[int]:
-    """Coordinator and simulated fleet, both from ``tree``; yields the HTTP port."""
+def stack(tree: Path, tmp: Path, fleet: Path, log_level: str,
+          **env: str) -> Iterator[tuple[int, int]]:
+    """Coordinator and simulated fleet, both from ``tree``; yields the HTTP port and the
+    coordinator's pid (pinned to BENCH_SERVER_CPUS, as in bench_stack)."""
     port, pport = free_port(), free_port()
-    commands = [([PY, "-m", "coordinator", "serve", "--log-level", log_level],
+    commands = [(server([PY, "-m", "coordinator", "serve", "--log-level", log_level]),
                  coordinator_env(port, pport, **env)),
                 ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
                   f"ws://127.0.0.1:{pport}/"], {})]
-    procs, logs = [], [tmp / f"{argv[2]}.log" for argv, _ in commands]
+    procs, logs = [], [tmp / f"{argv[argv.index('-m') + 1]}.log" for argv, _ in commands]
     try:
         for (argv, extra), log in zip(commands, logs, strict=True):
             with log.open("wb") as err:
@@ -80,7 +84,7 @@ def stack(tree: Path, tmp: Path, fleet: Path, log_level: str, **env: str) -> Ite
                     argv, cwd=tree, stdout=subprocess.DEVNULL, stderr=err,
                     env={**os.environ, **extra, "PYTHONPATH": str(tree)}))
         wait_for_port(port)
-        yield port
+        yield port, procs[0].pid
     except Exception:
         for log in logs:  # why a tree's servers did not come up
             print(f"--- {tree}: {log.name}\n{log.read_text()[-2000:]}", file=sys.stderr)
@@ -117,9 +121,10 @@ async def failover_ttfb(port: int) -> dict[str, Any]:
 
 async def measure(tree: Path, tmp: Path, duration: float, direct_rps: float) -> dict[str, Any]:
     plain = fleet_file(tmp, "plain", [{"id": "sim", "count": 4, "max_concurrency": 64}])
-    with stack(tree, tmp, plain, "WARNING") as port:
+    with stack(tree, tmp, plain, "WARNING") as (port, pid):
         await wait_ready(port, 4)
-        result = await throughput_and_latency(f"http://127.0.0.1:{port}", duration=duration)
+        result = await throughput_and_latency(f"http://127.0.0.1:{port}", duration=duration,
+                                              pid=pid)
     result["vs_direct"] = result["rps_c64"] / direct_rps
     # As bench_stack, but "good" is paced: HEAD ranks providers by observed speed, and an
     # unpaced "good" soon looks faster than "bad" declares, so nothing would fail over.
@@ -127,7 +132,8 @@ async def measure(tree: Path, tmp: Path, duration: float, direct_rps: float) -> 
         {"id": "bad", "decode_tps": 10000.0, "prefill_tps": 1e6,
          "behaviour": "role_then_error:status=500"},
         {"id": "good", "decode_tps": 1000.0, "prefill_tps": 1e6, "pace": True}])
-    with stack(tree, tmp, failover, "ERROR", COORDINATOR_BREAKER_STRIKES="1000000000") as port:
+    with stack(tree, tmp, failover, "ERROR",
+               COORDINATOR_BREAKER_STRIKES="1000000000") as (port, _):
         await wait_ready(port, 2)
         result.update(await failover_ttfb(port))
     return result
@@ -141,11 +147,11 @@ async def main_async(base_tree: Path, tmp: Path, duration: float, rounds: int) -
             nursery.start_soon(interrupt_on, signals)
             for i in range(rounds):
                 port = free_port()
-                with processes(([PY, "-m", "provider_sim", "http", "--port", str(port),
-                                 "--tokens", "14"], {})):
+                with processes((server([PY, "-m", "provider_sim", "http", "--port", str(port),
+                                        "--tokens", "14"]), {})) as (sim,):
                     wait_for_port(port)
                     direct = await throughput_and_latency(f"http://127.0.0.1:{port}",
-                                                          duration=duration)
+                                                          duration=duration, pid=sim.pid)
                 row = {"direct": direct}
                 for side, tree in (("before", base_tree), ("after", ROOT)):
                     row[side] = await measure(tree, tmp, duration, direct["rps_c64"])
@@ -160,12 +166,14 @@ async def interrupt_on(signals: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-MEDIANS = ("rps_c64", "vs_direct", "ttfb_c1_p50_ms", "ttfb_c1_p99_ms", "failover_cost_p50_ms")
+MEDIANS = ("rps_c64", "vs_direct", "cpu_ms_per_request", "ttfb_c1_p50_ms", "ttfb_c1_p99_ms",
+           "failover_cost_p50_ms")
 
 
 def line(row: dict[str, Any]) -> str:
     def side(r: dict[str, Any]) -> str:
-        return (f"{r['rps_c64']:.0f} req/s ({r['vs_direct']:.0%} of direct), TTFB p50 "
+        return (f"{r['rps_c64']:.0f} req/s ({r['vs_direct']:.0%} of direct), "
+                f"{r['cpu_ms_per_request']:.2f} ms CPU/req, TTFB p50 "
                 f"{r['ttfb_c1_p50_ms']:.2f} p99 {r['ttfb_c1_p99_ms']:.2f} ms, failover "
                 f"+{r['failover_cost_p50_ms']:.2f} ms")
     return (f"direct {row['direct']['rps_c64']:.0f} req/s | before {side(row['before'])} | "
@@ -191,6 +199,9 @@ def report(doc: dict[str, Any]) -> str:
             f"  throughput c=64 (req/s):  before {b['rps_c64']:.0f}, after {a['rps_c64']:.0f} -> "
             f"after/before {med['after_over_before_rps']:.2f}x (direct {med['direct_rps_c64']:.0f})",
             f"  coordinator/direct:       before {b['vs_direct']:.0%}, after {a['vs_direct']:.0%}",
+            f"  server CPU per request:   before {b['cpu_ms_per_request']:.2f} ms, after "
+            f"{a['cpu_ms_per_request']:.2f} ms -> after/before "
+            f"{a['cpu_ms_per_request'] / b['cpu_ms_per_request']:.2f}x",
             f"  TTFB c=1 p50 (ms):        before {b['ttfb_c1_p50_ms']:.2f}, after "
             f"{a['ttfb_c1_p50_ms']:.2f}",
             f"  TTFB c=1 p99 (ms):        before {b['ttfb_c1_p99_ms']:.2f}, after "
@@ -212,6 +223,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="before/after pairs (3; >= 2)")
     args = parser.parse_args()
     duration = float(os.environ.get("BENCH_SECONDS", "10"))
+    pin_load_elsewhere()
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     doc: dict[str, Any] = {
