@@ -140,7 +140,8 @@ class RegistryState:
     # model -> its providers with a free slot, best first (registry/index.py).
     free: dict[str, ModelIndex] = attrs.field(factory=dict)
     # model -> its queued requests, in arrival order.
-    queues: dict[str, deque[_Waiter]] = attrs.field(factory=dict)
+    # model -> ticket -> waiter; a dict keeps arrival order and withdraws in O(1)
+    queues: dict[str, dict[object, _Waiter]] = attrs.field(factory=dict)
     _queued: dict[object, str] = attrs.field(factory=dict)  # ticket -> model
     _dirty: set[str] = attrs.field(factory=set)  # models whose waiters may now be answered
     _arrivals: itertools.count[int] = attrs.field(factory=itertools.count)
@@ -322,7 +323,8 @@ class RegistryState:
     @property
     def queue(self) -> list[_Waiter]:
         """Every queued request, in arrival order."""
-        return sorted((w for q in self.queues.values() for w in q), key=lambda w: w.order)
+        return sorted((w for q in self.queues.values() for w in q.values()),
+                      key=lambda w: w.order)
 
     def acquire(self, request: AcquireRequest, now: float) -> Decision:
         """A grant or a refusal now, or None: the request waits in the queue."""
@@ -333,8 +335,8 @@ class RegistryState:
             return Refused(Refusal.QUEUE_FULL,
                            "all providers for this model are busy and the queue is full")
         model = request.job.model
-        self.queues.setdefault(model, deque()).append(
-            _Waiter(request, now, next(self._arrivals)))
+        self.queues.setdefault(model, {})[request.ticket] = _Waiter(
+            request, now, next(self._arrivals))
         self._queued[request.ticket] = model
         self.metrics.queue_depth.set(len(self._queued))
         return None
@@ -374,9 +376,7 @@ class RegistryState:
         model = self._queued.pop(ticket, None)
         if model is None:
             return
-        queue = self.queues[model]
-        waiter = next(w for w in queue if w.request.ticket is ticket)
-        queue.remove(waiter)
+        waiter = self.queues[model].pop(ticket)
         self.metrics.queue_wait.observe(now - waiter.since)
         self.metrics.queue_depth.set(len(self._queued))
 
@@ -386,7 +386,7 @@ class RegistryState:
         Only the models touched since the last drain are looked at: a released
         slot, a registration or a departure changes nothing for the others.
         """
-        waiters = sorted((w for m in self._dirty for w in self.queues.get(m, ())),
+        waiters = sorted((w for m in self._dirty for w in self.queues.get(m, {}).values()),
                          key=lambda w: w.order)
         self._dirty.clear()
         answered: list[tuple[object, Grant | Refused]] = []
