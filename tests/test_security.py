@@ -467,7 +467,9 @@ def _post(body: bytes = _CHAT, key: str = API_KEY) -> bytes:
 async def _read_response(stream: trio.SocketStream) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
+        received = await stream.receive_some(65536)
+        assert received, "the connection was closed before a response"
+        data += received
     head, _, rest = data.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length")))
@@ -510,20 +512,33 @@ async def test_a_consumer_that_stops_reading_is_cut_and_its_slot_released(autoju
                                                          write_timeout=30.0))
         chatty = SimProvider("chatty", (model("sim-chat-small"),), token=TOKEN,
                              behaviour=Behaviour(text=" ".join(["word"] * 20_000)))
+        brief = SimProvider("brief", (model("sim-chat-small"),), token=TOKEN)
         nursery.start_soon(chatty.run, running.provider_url)
-        await running.registry.wait_for(lambda state: bool(state.providers))
+        nursery.start_soon(brief.run, running.provider_url)
+        await running.registry.wait_for(lambda state: len(state.providers) == 2)
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await sock.connect(_address(running.http_url))
         stream = trio.SocketStream(sock)
         body = json.dumps({"model": "sim-chat-small", "stream": True, "max_tokens": 100000,
+                           "provider_ids": ["chatty"],
                            "messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+        fresh = _post(json.dumps({"model": "sim-chat-small", "provider_ids": ["brief"],
+                                  "messages": [{"role": "user", "content": "hi"}]}).encode())
         await stream.send_all(_post(body))
         await stream.receive_some(100)  # the headers and first chunk; then stop reading
+        others = await trio.open_tcp_stream(*_address(running.http_url))
+        await others.send_all(fresh)  # meanwhile, other consumers are served
+        assert (await _read_response(others)).startswith(b"HTTP/1.1 200")
+        assert trio.current_time() < 30.0
         registry = running.registry
         await registry.wait_for(lambda state: not any(r.leases for r in state.providers.values()))
         assert (await registry.snapshot()).leases == 0
-        assert trio.current_time() >= 30.0
+        assert trio.current_time() >= 30.0  # cut at the write timeout, not before
+        assert any(event == "cancel" for _, event, _ in chatty.log)  # told to stop
+        later = await trio.open_tcp_stream(*_address(running.http_url))
+        await later.send_all(fresh)
+        assert (await _read_response(later)).startswith(b"HTTP/1.1 200")
         nursery.cancel_scope.cancel()
 
 
