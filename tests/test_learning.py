@@ -33,7 +33,7 @@ from coordinator.registry.traits import LOW_DETAIL_IMAGE_TOKENS, estimate_prompt
 from coordinator.registry.versions import parse_version
 from provider_sim.behaviours import Behaviour, Fault
 
-from .harness import make_config, open_harness
+from .harness import ADMIN_KEY, make_config, open_harness
 
 # ---- the pure rules -----------------------------------------------------------------
 
@@ -248,6 +248,14 @@ async def test_a_zombie_is_learned_and_no_longer_chosen_first(autojump_clock):
         zombie_view = next(p for p in snapshot.providers if p.id == "zombie")
         assert zombie_view.models[0].speed is not None
         assert zombie_view.models[0].speed.outpaced_penalty_s > 0
+        # What operators see says which speeds are believed: measured, or only declared.
+        admin = await h.request("/v1/admin/providers", method="GET",
+                                headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        sources = {p["id"]: p["models"][0]["speed"]["source"] for p in admin.json()["providers"]}
+        assert sources == {"good": "observed", "zombie": "declared"}
+        page = await h.request("/status", method="GET",
+                               headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert "tok/s observed" in page.body.decode() and "tok/s declared" in page.body.decode()
         await h.assert_quiescent()
 
 
