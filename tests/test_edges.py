@@ -13,6 +13,8 @@ import threading
 
 import pytest
 import trio
+import trio.testing
+import trio_websocket
 
 from coordinator.app import Running, serve
 from provider_sim.behaviours import Behaviour
@@ -376,6 +378,19 @@ async def test_a_drain_with_nothing_in_flight_is_immediate(autojump_clock):
         assert provider.closed_with == 1001
         health = await h.request("/healthz", method="GET")
         assert health.status == 503 and health.json()["status"] == "draining"
+        # A provider arriving now is turned away at the handshake, with a reason.
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with trio.open_nursery() as nursery:
+                client, server = trio.testing.memory_stream_pair()
+                nursery.start_soon(h._serve_edge, nursery, server)
+                await trio_websocket.wrap_client_stream(nursery, client, "c", "/")
+                await trio.sleep_forever()
+        rejected = caught.value.subgroup(trio_websocket.ConnectionRejected)
+        assert rejected is not None
+        while isinstance(rejected, BaseExceptionGroup):
+            rejected = rejected.exceptions[0]
+        assert rejected.status_code == 503 and rejected.body == b"not admitting providers now"
+        assert set(h.state.providers) == set()
 
 
 # ---- the command line: signals and operator errors -------------------------------------
