@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import struct
+from typing import Any
 
 import attrs
 import nacl.signing
@@ -573,6 +574,32 @@ async def test_websocket_upgrade_on_an_api_path_is_refused_cleanly(errors):
             assert head.startswith(b"HTTP/1.1 403"), head
         nursery.cancel_scope.cancel()
     assert not errors.records
+
+
+async def test_an_upgrade_with_a_request_pipelined_behind_it_is_refused_quietly(capfd, errors):
+    """hypercorn's HTTP/1 state is broken by the second request before the 403 is sent:
+    the refusal finds nobody to answer, and must not end in a logged traceback."""
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        for _ in range(10):
+            stream = await trio.open_tcp_stream(*_address(running.http_url))
+            await stream.send_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + _UPGRADE
+                                  + b"GET / HTTP/1.1\r\n\r\n")
+            with trio.move_on_after(5):
+                while await stream.receive_some(1000):
+                    pass  # until the server closes
+            await stream.aclose()
+        await _still_serves_over(running)
+        nursery.cancel_scope.cancel()
+    assert not errors.records
+    assert "Traceback" not in capfd.readouterr().err
+
+
+async def _still_serves_over(running: Any) -> None:
+    stream = await trio.open_tcp_stream(*_address(running.http_url))
+    await stream.send_all(_post())
+    assert (await _read_response(stream)).startswith(b"HTTP/1.1 200")
+    await stream.aclose()
 
 
 async def test_too_many_providers_in_admission_are_refused_at_the_handshake(autojump_clock):

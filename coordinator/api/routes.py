@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
+import h11
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -387,7 +388,12 @@ class EdgeGuard:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope.get("type")
         if kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+            try:
+                await send({"type": "websocket.close", "code": 1008})
+            except h11.LocalProtocolError:
+                # The peer broke HTTP/1 framing after the upgrade request (hypercorn's
+                # h11 is in its ERROR state): there is no one to refuse any more.
+                log.debug("websocket upgrade refused on a broken connection")
             return
         if kind != "http":
             await self.app(scope, receive, send)

@@ -233,6 +233,9 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{config.http_host}:{config.http_port}"]
     hconfig.accesslog = None
+    # hypercorn's own errors through the coordinator's logging: one format, one place
+    # to look, and no handlers replaced behind the operator's back.
+    hconfig.errorlog = logging.getLogger("coordinator.http")
     hconfig.keep_alive_timeout = config.keep_alive_timeout
     return hconfig
 
