@@ -162,7 +162,10 @@ class Api:
     ) -> tuple[Committed, trio.MemoryReceiveChannel[Batch]]:
         """Dispatch; the winner's relay starts in the request's own nursery at the commit."""
         owner: trio.Nursery = request.scope[NURSERY_KEY]  # type: ignore[literal-required]
-        send, batches = trio.open_memory_channel[Batch](1)
+        # A rendezvous: while the consumer's write is in progress the relay waits, and
+        # the provider's events pile up into one larger batch (measured: ~13 % less CPU
+        # per streamed request than with a one-batch buffer, docs/performance.md).
+        send, batches = trio.open_memory_channel[Batch](0)
         committed: Committed | None = None
         try:
             # Waiting for a provider (queue, attempts) ends with the drain, if one begins.
