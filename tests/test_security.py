@@ -602,6 +602,36 @@ async def _still_serves_over(running: Any) -> None:
     await stream.aclose()
 
 
+# Found by the fuzz campaign (raw HTTP bytes): requests pipelined behind a first one, a
+# HTTP/1.0 and a bad-version request among them, then a reset. hypercorn 0.18 stopped
+# reading such a connection and waited forever, holding one of max_connections.
+_CHAT_FOR = b'{"model": "sim-chat-small", "messages": [{"role": "user", "content": "hello"}]}'
+_STALLING = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHos",
+    b"t: fuzz\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
+    + str(len(_CHAT_FOR)).encode() + b"\r\n\r\n" + _CHAT_FOR
+    + b"GET /healthz HTTP/1.0\r\nHost: fuzz\r\n\r\nGET /healthz HTTP/9.9\r\nHost: fuzz\r\n\r\n"
+    + b"POST /v1/chat/completions HTTP/1.1\r\nHost: fuzz\r\nContent-Length: 5\r\n\r\nj",
+)
+
+
+async def test_connections_stalled_in_the_http_layer_do_not_use_up_the_limit(
+        autojump_clock, errors):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_connections=10)
+        for _ in range(10):
+            sock = trio.socket.socket()
+            await sock.connect(_address(running.http_url))
+            for piece in _STALLING:
+                await sock.send(piece)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        with trio.fail_after(60):  # before, this waited forever in the accept backlog
+            await _still_serves_over(running)
+        nursery.cancel_scope.cancel()
+    assert not errors.records
+
+
 async def test_too_many_providers_in_admission_are_refused_at_the_handshake(autojump_clock):
     async with open_harness(max_pending_providers=2) as h, trio.open_nursery() as nursery:
         silent = [await _raw_socket(h, nursery) for _ in range(2)]

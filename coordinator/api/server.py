@@ -116,6 +116,10 @@ class ConnectionTable:
             stream.rearm()
 
 
+# How long after its read deadline a connection whose HTTP layer is not reading is cut.
+STALLED_GRACE = 1.0
+
+
 class GuardedStream(trio.abc.HalfCloseableStream):
     """A consumer's TCP stream with an idle deadline on reads and a deadline on writes."""
 
@@ -135,6 +139,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._writing = trio.Lock()
         self._broken = False
         self._closed = False
+        # The whole connection's budget (set by _connection): it ends a connection whose
+        # HTTP layer stopped reading — hypercorn can wait forever on some pipelined input
+        # from a peer that then reset — shortly after the read deadline would have.
+        self.watchdog: trio.CancelScope | None = None
         self.peer: Peer | None = _peer(inner.socket)
         table.add(self)
 
@@ -155,8 +163,11 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self.move_deadline()
 
     def move_deadline(self) -> None:
+        deadline = self._deadline()
         if self._reading is not None:
-            self._reading.deadline = self._deadline()
+            self._reading.deadline = deadline
+        if self.watchdog is not None:
+            self.watchdog.deadline = max(deadline, trio.current_time()) + STALLED_GRACE
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         with trio.CancelScope(deadline=self._deadline()) as scope:
@@ -284,7 +295,11 @@ async def serve_http(
 async def _connection(server: Any, stream: GuardedStream) -> None:
     """One consumer connection, isolated: whatever ends it ends only it."""
     try:
-        await server(stream)
+        with trio.CancelScope() as stream.watchdog:
+            stream.move_deadline()
+            await server(stream)
+        if stream.watchdog.cancelled_caught:
+            log.info("consumer connection %s stalled in the HTTP layer; closed", stream.peer)
     except Exception as exc:
         # Hostile bytes can trip the HTTP layer itself (hypercorn 0.18 raises on some
         # pipelined HTTP/1.0 input); the connection is gone, the listener carries on.
