@@ -39,6 +39,7 @@ from benchmarks.bench_stack import (
     pin_load_elsewhere,
     processes,
     server,
+    stop,
     throughput_and_latency,
     wait_for_port,
     wait_ready,
@@ -90,13 +91,7 @@ def stack(tree: Path, tmp: Path, fleet: Path, log_level: str,
             print(f"--- {tree}: {log.name}\n{log.read_text()[-2000:]}", file=sys.stderr)
         raise
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
 
 FAILOVER_REQUESTS = 300

@@ -76,13 +76,18 @@ def processes(*commands: tuple[list[str], dict[str, str]]) -> Iterator[list[subp
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         yield procs
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate every process, then wait for each (killing one that will not go)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def coordinator_env(port: int, pport: int, **extra: str) -> dict[str, str]:

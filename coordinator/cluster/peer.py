@@ -96,11 +96,8 @@ class PeerServer:
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> str | None:
         with trio.move_on_after(self.config.register_timeout):
-            try:
-                hello = orjson.loads(await ws.get_message())
-            except orjson.JSONDecodeError:
-                hello = None
-            if (isinstance(hello, dict) and hello.get("type") == "hello"
+            hello = _message(await ws.get_message())
+            if (hello is not None and hello.get("type") == "hello"
                     and isinstance(hello.get("token"), str)
                     and matches_any(hello["token"], (self.config.cluster_token,))
                     and isinstance(hello.get("instance"), str)):
@@ -115,12 +112,10 @@ class PeerServer:
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    message = orjson.loads(await ws.get_message())
+                    message = _message(await ws.get_message())
                 except trio_websocket.ConnectionClosed:
                     break
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(message, dict):
+                if message is None:
                     continue
                 if message.get("type") == "relay":
                     lease = _lease_of(message.get("lease"))
@@ -290,11 +285,8 @@ class PeerLink:
             self._requests.clear()
 
     def _on_message(self, raw: str | bytes) -> None:
-        try:
-            message = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(message, dict):
+        message = _message(raw)
+        if message is None:
             return
         if message.get("type") == "refused":
             request_id = str(message.get("request_id"))
@@ -335,3 +327,12 @@ def remote_connection(record: ProviderRecord, link: PeerLink, config: Config,
         stream_buffer=config.request_buffer_chunks,
         stream_buffer_bytes=config.request_buffer_bytes, link=link, lease_of=lease_of,
         instance=link.instance)
+
+
+def _message(raw: str | bytes) -> dict[str, Any] | None:
+    """A peer link's frame as a JSON object, or None for anything else (ignored)."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return message if isinstance(message, dict) else None
