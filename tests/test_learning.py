@@ -171,6 +171,37 @@ def test_observed_speed_overrides_what_was_declared():
     assert isinstance(chosen, Grant) and chosen.lease.provider_id == "honest"
 
 
+def test_evidence_of_slowness_counts_at_once_evidence_of_speed_only_when_trusted():
+    job = Job("j", "m", max_tokens=16, prompt_tokens=100)
+    claimed = scheduler.job_cost(_record("p", decode_tps=100.0), job)
+    slow = _record("p", decode_tps=100.0)
+    slow.speeds["m"] = ProviderSpeed()
+    slow.speeds["m"].observe(1.0, 100.0)  # one request: a second to first content
+    assert not slow.speeds["m"].trusted
+    assert scheduler.job_cost(slow, job) == pytest.approx(1.0 + 16 / 100.0)
+    assert scheduler.job_cost(slow, job) > claimed
+    fast = _record("p", decode_tps=100.0)
+    fast.speeds["m"] = ProviderSpeed()
+    fast.speeds["m"].observe(0.0, 10_000.0)  # one lucky request proves nothing yet
+    assert scheduler.job_cost(fast, job) == pytest.approx(claimed)
+    for _ in range(TRUST_AFTER):
+        fast.speeds["m"].observe(0.0, 10_000.0)
+    assert scheduler.job_cost(fast, job) < claimed
+
+
+def test_a_slow_newcomer_loses_the_first_choice_after_one_request():
+    s = RegistryState(make_config(), rng=random.Random(1))
+    s.register(_record("slow", decode_tps=5000.0), 0.0)  # claims to be the fastest
+    s.register(_record("steady", decode_tps=100.0), 0.0)
+    first = s.acquire(AcquireRequest(Job("r0", "m")), 1.0)
+    assert isinstance(first, Grant) and first.lease.provider_id == "slow"
+    s.release(first.lease, SUCCESS, 6.0, Observed(ttfc=5.0, decode_tps=5000.0, prompt_tokens=10))
+    for i in range(1, 4):
+        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m")), 6.0 + i)
+        assert isinstance(grant, Grant) and grant.lease.provider_id == "steady"
+        s.release(grant.lease, SUCCESS, 6.5 + i)
+
+
 def test_a_provider_outpaced_again_and_again_stops_being_first_and_gets_a_strike():
     s = RegistryState(make_config(outpaced_strikes=3), rng=random.Random(1))
     s.register(_record("zombie", decode_tps=500.0), 0.0)

@@ -30,16 +30,23 @@ def job_cost(record: ProviderRecord, job: Job, now: float | None = None) -> floa
     """Seconds this job would keep ``record`` busy.
 
     From the provider's observed time to first content and decode rate once
-    they are trusted, from its declared rates before; plus its decaying
+    they are trusted, from its declared rates before — unless the few samples
+    seen so far are worse than the claim: evidence of slowness counts at once,
+    evidence of speed only once there is enough of it. Plus its decaying
     penalty for having been outpaced (registry/speed.py).
     """
     speed = record.speeds.get(job.model)
     decode = record.decode_tps if record.decode_tps > 0 else _FALLBACK_TPS
-    if speed is not None and speed.trusted and speed.ttfc is not None:
-        cost = speed.ttfc + job.max_tokens / (speed.decode_tps or decode)
+    observed = None
+    if speed is not None and speed.ttfc is not None:
+        observed = speed.ttfc + job.max_tokens / (speed.decode_tps or decode)
+    if observed is not None and speed is not None and speed.trusted:
+        cost = observed
     else:
         prefill = record.prefill_tps if record.prefill_tps > 0 else _FALLBACK_TPS * 10
         cost = job.prompt_tokens / prefill + job.max_tokens / decode
+        if observed is not None:
+            cost = max(cost, observed)
     if speed is not None and now is not None:
         cost += speed.penalty_now(now)
     return cost
