@@ -19,7 +19,7 @@ import trio_websocket
 from coordinator.api.routes import Api, EdgeGuard, create_app
 from coordinator.api.server import ConnectionTable, ListenError, bind_http, serve_http
 from coordinator.cluster.peer import PeerServer
-from coordinator.cluster.shared import RedisShared, Shared, Solo
+from coordinator.cluster.seam import Shared, Solo
 from coordinator.config import Config
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.lifecycle import Drain
@@ -105,6 +105,8 @@ async def start_coordinator(nursery: trio.Nursery, config: Config,
     shared: Shared = Solo()
     pins: SharedPins | None = None
     if config.redis_url:
+        from coordinator.cluster.shared import RedisShared  # coredis only when configured
+
         shared = pins = RedisShared(config, registry, directory, metrics, peer_url)
         registry.state.outbox = shared.offer
         await nursery.start(shared.run)

@@ -4,7 +4,8 @@ The seam is small. The registry actor (which never awaits) hands shared
 events — a strike, a clear, a freed slot — to :meth:`Shared.offer`, which
 queues them on a bounded channel; the tasks here carry them to Redis and
 carry what other instances publish back to the actor as messages. Without
-``redis_url`` the coordinator runs with :class:`Solo`, which shares nothing.
+``redis_url`` the coordinator runs with :class:`~coordinator.cluster.seam.Solo`,
+which shares nothing (and never imports this module or coredis).
 
 On Redis (client: coredis, on Trio through anyio):
 
@@ -29,7 +30,7 @@ and rejoins by itself when Redis answers again.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import attrs
@@ -78,23 +79,6 @@ return ARGV[2]
 # Errors that mean "Redis is not there right now", as coredis, anyio and the OS say it.
 UNREACHABLE = (coredis.exceptions.RedisError, OSError, trio.BrokenResourceError,
                anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
-
-
-class Shared(Protocol):
-    def offer(self, event: SharedEvent) -> None: ...
-
-    @property
-    def status(self) -> str: ...
-
-
-@attrs.define
-class Solo:
-    """The embedded default: one instance, nothing shared."""
-
-    status: str = "solo"
-
-    def offer(self, event: SharedEvent) -> None:
-        pass
 
 
 def _key(parts: tuple[str, str, str]) -> str:
