@@ -67,7 +67,7 @@ async def _pump(dispatcher: Dispatcher, committed: Committed,
     events = committed.racer.events
     try:
         if committed.events:
-            await send.send(list(committed.events))
+            await _hand_over(send, list(committed.events))
         while True:
             event: ProviderEvent | None = None
             with trio.move_on_after(dispatcher.config.idle_timeout) as idle, \
@@ -81,9 +81,19 @@ async def _pump(dispatcher: Dispatcher, committed: Committed,
                 batch.extend(items)
                 if end is not None:
                     return end, batch
-            await send.send(batch)
+            await _hand_over(send, batch)
     except trio.BrokenResourceError:  # the consumer side stopped reading
         return _CONSUMER_LEFT, []
+
+
+async def _hand_over(send: trio.MemorySendChannel[Batch], batch: Batch) -> None:
+    # The channel is a rendezvous. When the writer is already waiting, hand the
+    # batch over without a trip through the scheduler (``send`` would take one even
+    # then); the loop still checkpoints on every ``events.next()``.
+    try:
+        send.send_nowait(batch)
+    except trio.WouldBlock:
+        await send.send(batch)
 
 
 def _silence(dispatcher: Dispatcher, idle: bool) -> tuple[_Ending, Batch]:
