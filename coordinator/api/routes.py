@@ -286,6 +286,8 @@ class Api:
 
 def _log_outcome(record: dict[str, Any], timing: Timing) -> None:
     """One JSON line per request outcome. Never any prompt or output content."""
+    if not outcomes.isEnabledFor(logging.INFO):
+        return  # the usual production level: no line, so no encoding either
     record["latency_ms"] = round((trio.current_time() - timing.started) * 1000, 3)
     record.setdefault("result", "cancelled")
     outcomes.info(json.dumps(record))
