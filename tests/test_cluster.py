@@ -342,9 +342,10 @@ def test_the_link_between_instances_carries_only_ciphertext(cluster: Cluster) ->
     wait_until(lambda: cluster.sees("a", "on-b"))
     canary = "canary-7f3a9c-the-prompt-must-not-cross-in-the-clear"
     reply = cluster.chat("a", messages=[{"role": "user", "content": canary}])
-    assert reply.status_code == 200 and reply.headers.get("x-provider-instance") == "b"
+    assert reply.status_code == 200, reply.text
+    assert reply.headers.get("x-provider-instance") == "b", reply.headers
     relays = [json.loads(m) for m in proxy.messages_sent() if '"relay"' in m]
-    assert len(relays) == 1  # the request did cross this link ...
+    assert len(relays) == 1, relays  # the request did cross this link ...
     assert relays[0]["lease"]["provider_id"] == "on-b"
     sealed = json.loads(relays[0]["frame"])
     assert sealed["type"] == "inference_request" and sealed["encrypted_body"]
