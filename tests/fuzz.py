@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -400,15 +401,30 @@ class Body:
         return to_bytes(dumps(self.value, ascii_only=self.ascii_only))
 
 
+# Strategies are built once, here, never inside a draw: a strategy built afresh is
+# validated afresh, and that validation (over the recursive hostile values) cost a
+# quarter of the campaign's time.
+body_models = pick([MODEL, VISION_MODEL, "no-such-model"])
+small_token_counts = st.integers(1, 64)
+mutation_kinds = pick(["tokens", "field", "messages", "tools", "provider_ids", "stream", "drop",
+                       "extra"])
+tool_lists = st.lists(tool_entries, min_size=1, max_size=3) | hostile_values
+provider_id_lists = st.one_of(st.lists(hostile_text | hostile_values, max_size=3), hostile_values)
+extra_field_names = st.text(max_size=12)
+token_fields = st.sampled_from(TOKEN_FIELDS)
+route_fields = {route: st.sampled_from(fields) for route, fields in ROUTE_FIELDS.items()}
+
+
+@functools.cache
 @st.composite
 def valid_bodies(draw: st.DrawFn, route: str) -> dict[str, Any]:
-    model_id = draw(pick([MODEL, VISION_MODEL, "no-such-model"]))
+    model_id = draw(body_models)
     body = base_body(route, model_id, draw(st.booleans()))
     if draw(st.booleans()):
         body["tools"] = [chat_tool({"type": "object", "properties": {"q": {"enum": ["a"]}}})]
     if draw(st.booleans()):
         field = {CHAT: "max_completion_tokens", RESPONSES: "max_output_tokens"}.get(route, "max_tokens")
-        body[field] = draw(st.integers(1, 64))
+        body[field] = draw(small_token_counts)
     if draw(st.booleans()):
         body["provider_ids"] = [SIM_ID]
     if route in (CHAT, MESSAGES) and draw(st.booleans()):
@@ -418,33 +434,32 @@ def valid_bodies(draw: st.DrawFn, route: str) -> dict[str, Any]:
     return body
 
 
+@functools.cache
 @st.composite
 def mutated_bodies(draw: st.DrawFn, route: str) -> dict[str, Any]:
     """A valid body with one to three fields replaced, removed or added."""
     body = draw(valid_bodies(route))
-    fields = ROUTE_FIELDS[route]
+    fields = route_fields[route]
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(pick(["tokens", "field", "messages", "tools", "provider_ids", "stream",
-                          "drop", "extra"]))
+        kind = draw(mutation_kinds)
         match kind:
             case "tokens":
-                body[draw(st.sampled_from(TOKEN_FIELDS))] = draw(token_counts)
+                body[draw(token_fields)] = draw(token_counts)
             case "field":
-                body[draw(st.sampled_from(fields))] = draw(hostile_values)
+                body[draw(fields)] = draw(hostile_values)
             case "messages":
                 key = {COMPLETIONS: "prompt", RESPONSES: "input"}.get(route, "messages")
                 body[key] = draw(message_lists)
             case "tools":
-                body["tools"] = draw(st.lists(tool_entries, min_size=1, max_size=3) | hostile_values)
+                body["tools"] = draw(tool_lists)
             case "provider_ids":
-                body["provider_ids"] = draw(st.one_of(
-                    st.lists(hostile_text | hostile_values, max_size=3), hostile_values))
+                body["provider_ids"] = draw(provider_id_lists)
             case "stream":
                 body["stream"] = draw(hostile_values)
             case "drop":
-                body.pop(draw(st.sampled_from(fields)), None)
+                body.pop(draw(fields), None)
             case _:
-                body[draw(st.text(max_size=12))] = draw(hostile_values)
+                body[draw(extra_field_names)] = draw(hostile_values)
     return body
 
 
@@ -458,6 +473,7 @@ SPECIAL_BODIES = [
 ]
 
 
+@functools.cache
 def http_bodies(route: str) -> st.SearchStrategy[Body]:
     """Hostile bodies for ``route``, mostly valid bodies with hostile fields."""
     return st.one_of(
@@ -557,20 +573,25 @@ def wire_query(query: bytes) -> bytes:
     return b"".join(bytes([c]) if 0x21 <= c <= 0x7E else b"%%%02X" % c for c in query)
 
 
+paths = pick([*GET_ROUTES, *POST_ROUTES]) | pick(ODD_PATHS)
+methods = st.sampled_from(METHODS)
+head_changes = pick(["authorization", "x-api-key", "drop-auth", "content-type", "host", "header"])
+
+
 @st.composite
 def http_cases(draw: st.DrawFn) -> HttpCase:
     """A request to any route with a hostile method, path, query or header set."""
-    path = draw(pick([*GET_ROUTES, *POST_ROUTES]) | pick(ODD_PATHS))
+    path = draw(paths)
     method = "POST" if path in POST_ROUTES else "GET"
     if draw(st.integers(0, 4)) == 0:
-        method = draw(st.sampled_from(METHODS))
+        method = draw(methods)
     headers: dict[bytes, bytes] = {b"authorization": b"Bearer " + API_KEY.encode(),
                                    b"content-type": b"application/json"}
     if path in ("/status", "/v1/admin/providers") and draw(st.booleans()):
         headers[b"authorization"] = b"Bearer " + ADMIN_KEY.encode()
     extra: list[tuple[bytes, bytes]] = []
     for _ in range(draw(st.integers(0, 3))):
-        match draw(pick(["authorization", "x-api-key", "drop-auth", "content-type", "host", "header"])):
+        match draw(head_changes):
             case "authorization":
                 headers[b"authorization"] = draw(authorizations)
             case "x-api-key":
@@ -620,6 +641,7 @@ class Frame:
         return data
 
 
+@functools.cache
 def raw_frames() -> st.SearchStrategy[Frame]:
     """Frames that are not a well-formed message at all."""
     return st.one_of(
@@ -687,10 +709,18 @@ encrypted = st.one_of(
 )
 
 
+message_kinds = st.sampled_from(MESSAGE_TYPES) | hostile_values
+plain_payloads = chunk_payloads | hostile_values
+error_texts = hostile_text | hostile_values
+status_codes = hostile_ints | hostile_values
+extra_frame_fields = pick(["x", "extra", "request_id", "type"])
+
+
+@functools.cache
 @st.composite
 def message_frames(draw: st.DrawFn) -> Frame:
     """A frame shaped like a protocol message, with hostile field values."""
-    kind = draw(st.sampled_from(MESSAGE_TYPES) | hostile_values)
+    kind = draw(message_kinds)
     frame: dict[str, Any] = {"type": kind}
     match kind:
         case "inference_response_chunk":
@@ -698,38 +728,42 @@ def message_frames(draw: st.DrawFn) -> Frame:
             if draw(st.booleans()):
                 frame["encrypted_data"] = draw(encrypted)
             else:
-                data = draw(chunk_payloads | hostile_values)
+                data = draw(plain_payloads)
                 frame["data"] = dumps(data) if isinstance(data, dict | list | Raw) else data
         case "inference_complete":
             frame.update(request_id=draw(rids), usage=draw(usages))
         case "inference_error":
-            frame.update(request_id=draw(rids), error=draw(hostile_text | hostile_values),
-                         status_code=draw(hostile_ints | hostile_values))
+            frame.update(request_id=draw(rids), error=draw(error_texts),
+                         status_code=draw(status_codes))
         case "inference_accepted" | "cancel":
             frame["request_id"] = draw(rids)
         case "attestation_response":
-            frame.update(nonce=draw(hostile_text | hostile_values),
-                         signature=draw(hostile_text | hostile_values))
+            frame.update(nonce=draw(error_texts), signature=draw(error_texts))
         case "register":
             frame.update(draw(register_frames()))
             frame["type"] = "register"
         case _:
             pass
     for _ in range(draw(st.integers(0, 2))):  # unknown fields must be ignored, however odd
-        frame[draw(pick(["x", "extra", "request_id", "type"]))] = draw(hostile_values)
+        frame[draw(extra_frame_fields)] = draw(hostile_values)
     return Frame(frame, ascii_only=draw(st.booleans()))
 
 
+@functools.cache
 def provider_frames() -> st.SearchStrategy[Frame]:
     return st.one_of(message_frames(), raw_frames())
 
 
+request_frame_kinds = pick(["chunk", "chunk", "chunk", "complete", "error", "accepted", "plain"])
+
+
+@functools.cache
 @st.composite
 def request_frames(draw: st.DrawFn) -> Frame:
     """A well-formed frame for the request in flight on the puppet, with hostile contents:
     the frames that get furthest (the dispatcher, the relay, SSE framing, assembly)."""
     rid = Rid("puppet")
-    match draw(pick(["chunk", "chunk", "chunk", "complete", "error", "accepted", "plain"])):
+    match draw(request_frame_kinds):
         case "chunk":
             frame: dict[str, Any] = {"type": "inference_response_chunk", "request_id": rid,
                                      "encrypted_data": Sealed(draw(chunk_payloads))}
@@ -737,7 +771,7 @@ def request_frames(draw: st.DrawFn) -> Frame:
             frame = {"type": "inference_complete", "request_id": rid, "usage": draw(usages)}
         case "error":
             frame = {"type": "inference_error", "request_id": rid,
-                     "error": draw(hostile_text | hostile_values), "status_code": draw(hostile_ints)}
+                     "error": draw(error_texts), "status_code": draw(hostile_ints)}
         case "accepted":
             frame = {"type": "inference_accepted", "request_id": rid}
         case _:  # plaintext from a provider that declared encryption
@@ -787,40 +821,46 @@ REGISTER_FIELDS = ["auth_token", "version", "decode_tps", "prefill_tps", "models
                    "encrypted_response_chunks", "extra"]
 
 
+def _keys(other: str) -> st.SearchStrategy[Any]:
+    return pick(["", "AAAA", "é", "A" * 44, base64.b64encode(b"\0" * 32).decode(),
+                 Key(other)]) | hostile_values
+
+
+register_ids = pick(["fz-adm", None])
+register_fields = st.sampled_from(REGISTER_FIELDS)
+# A hostile value for each register field (built once: see the note above valid_bodies).
+register_values: dict[str, st.SearchStrategy[Any]] = {
+    "auth_token": pick(["é", "", TOKEN + "\x00", TOKEN.upper(), TOKEN + "é", "\ud800",
+                        "a" * 100_000]) | hostile_values,
+    "version": versions | hostile_values,
+    "decode_tps": speeds | hostile_values,
+    "prefill_tps": speeds | hostile_values,
+    "models": st.lists(model_infos, max_size=4) | many_models | hostile_values,
+    "provider_id": (pick(["", "é", "a" * 10_000, "../x", "fz\r\nX: 1", "<i>x</i>", "\ud800"])
+                    | st.text(max_size=10) | hostile_values).filter(lambda v: v != SIM_ID),
+    "max_concurrency": pick([10**30, -1, 0, 1, 2**63]) | hostile_ints | hostile_values,
+    "hardware": st.fixed_dictionaries({}, optional={
+        "machine_model": hostile_text, "chip_name": hostile_text,
+        "memory_gb": speeds | hostile_ints}) | hostile_values,
+    "public_key": _keys("signing"),  # the other key of the pair, among others
+    "signing_public_key": _keys("public"),
+}
+extra_register_fields = pick(["x", "hardware_extra", "attestation"])
+
+
+@functools.cache
 @st.composite
 def register_frames(draw: st.DrawFn) -> dict[str, Any]:
     """A valid register frame with up to four fields made hostile."""
-    frame = valid_register(provider_id=draw(pick(["fz-adm", None])))
+    frame = valid_register(provider_id=draw(register_ids))
     for _ in range(draw(st.integers(0, 4))):
-        field = draw(st.sampled_from(REGISTER_FIELDS))
+        field = draw(register_fields)
         match field:
-            case "auth_token":
-                value: Any = draw(pick(
-                    ["é", "", TOKEN + "\x00", TOKEN.upper(), TOKEN + "é", "\ud800", "a" * 100_000])
-                    | hostile_values)
-            case "version":
-                value = draw(versions | hostile_values)
-            case "decode_tps" | "prefill_tps":
-                value = draw(speeds | hostile_values)
-            case "models":
-                value = draw(st.lists(model_infos, max_size=4) | many_models | hostile_values)
-            case "provider_id":
-                value = draw((pick(
-                    ["", "é", "a" * 10_000, "../x", "fz\r\nX: 1", "<i>x</i>", "\ud800"])
-                    | st.text(max_size=10) | hostile_values).filter(lambda v: v != SIM_ID))
-            case "max_concurrency":
-                value = draw(pick([10**30, -1, 0, 1, 2**63]) | hostile_ints | hostile_values)
-            case "hardware":
-                value = draw(st.fixed_dictionaries({}, optional={
-                    "machine_model": hostile_text, "chip_name": hostile_text,
-                    "memory_gb": speeds | hostile_ints}) | hostile_values)
-            case "public_key" | "signing_public_key":
-                value = draw(pick(
-                    ["", "AAAA", "é", "A" * 44, base64.b64encode(b"\0" * 32).decode(),
-                     Key("signing" if field == "public_key" else "public")]) | hostile_values)
             case "extra":
-                field = draw(pick(["x", "hardware_extra", "attestation"]))
-                value = draw(hostile_values)
+                field = draw(extra_register_fields)
+                value: Any = draw(hostile_values)
+            case _ if field in register_values:
+                value = draw(register_values[field])
             case _:
                 value = draw(hostile_values)
         if value is None and field == "provider_id":
@@ -842,15 +882,18 @@ class AdmissionCase:
 ANSWERS = ["sign", "junk", "other_key", "wrong_nonce", "hostile", "silent"]
 
 
+first_frames = st.one_of(
+    st.builds(Frame, register_frames(), st.just(False), st.booleans()),
+    raw_frames(),
+    message_frames(),
+)
+answers = st.sampled_from(ANSWERS)
+frames_after = st.lists(provider_frames(), max_size=2)
+
+
 @st.composite
 def admission_cases(draw: st.DrawFn) -> AdmissionCase:
-    first = draw(st.one_of(
-        st.builds(Frame, register_frames(), st.just(False), st.booleans()),
-        raw_frames(),
-        message_frames(),
-    ))
-    return AdmissionCase(first, draw(st.sampled_from(ANSWERS)),
-                         tuple(draw(st.lists(provider_frames(), max_size=2))))
+    return AdmissionCase(draw(first_frames), draw(answers), tuple(draw(frames_after)))
 
 
 @attrs.frozen
@@ -865,17 +908,21 @@ class InflightCase:
     sim_request: bool  # a slow request to the simulated provider, in flight meanwhile
 
 
+inflight_frames = st.lists(st.one_of(
+    st.tuples(st.just("puppet"), request_frames()),
+    st.tuples(pick(["puppet", "sim"]), provider_frames()),
+), min_size=1, max_size=4)
+post_routes = st.sampled_from(POST_ROUTES)
+finales = pick(["content_complete", "complete", "error", "silence", "close"])
+
+
 @st.composite
 def inflight_cases(draw: st.DrawFn) -> InflightCase:
-    frames = draw(st.lists(st.one_of(
-        st.tuples(st.just("puppet"), request_frames()),
-        st.tuples(pick(["puppet", "sim"]), provider_frames()),
-    ), min_size=1, max_size=4))
+    frames = draw(inflight_frames)
     return InflightCase(
-        endpoint=draw(st.sampled_from(POST_ROUTES)), stream=draw(st.booleans()),
+        endpoint=draw(post_routes), stream=draw(st.booleans()),
         content_first=draw(st.booleans()), frames=tuple(frames),
-        finale=draw(pick(["content_complete", "complete", "error", "silence", "close"])),
-        sim_request=draw(st.booleans()),
+        finale=draw(finales), sim_request=draw(st.booleans()),
     )
 
 
@@ -972,20 +1019,26 @@ RAW_TEMPLATES: list[bytes] = [
 PIPELINE_PARTS = [*RAW_TEMPLATES[:3], _chat_request(), _chat_request(stream=True)]
 
 
+raw_kinds = pick(["template", "pipelined", "mutated", "random"])
+raw_templates = pick(RAW_TEMPLATES)
+pipelines = st.lists(st.sampled_from(PIPELINE_PARTS), min_size=2, max_size=5)
+raw_mutations = pick(["flip", "cut", "insert"])
+
+
 @st.composite
 def raw_cases(draw: st.DrawFn) -> RawCase:
-    kind = draw(pick(["template", "pipelined", "mutated", "random"]))
+    kind = draw(raw_kinds)
     match kind:
         case "template":
-            data = draw(pick(RAW_TEMPLATES))
+            data = draw(raw_templates)
         case "pipelined":
-            parts = draw(st.lists(st.sampled_from(PIPELINE_PARTS), min_size=2, max_size=5))
+            parts = draw(pipelines)
             data = b"".join(parts) + draw(st.binary(max_size=20))
         case "mutated":
-            data = bytearray(draw(pick(RAW_TEMPLATES)))
+            data = bytearray(draw(raw_templates))
             for _ in range(draw(st.integers(1, 4))):
                 at = draw(st.integers(0, max(0, len(data) - 1)))
-                match draw(pick(["flip", "cut", "insert"])):
+                match draw(raw_mutations):
                     case "flip" if data:
                         data[at] = draw(st.integers(0, 255))
                     case "cut":

@@ -185,16 +185,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self._broken:
             raise trio.BrokenResourceError("consumer stopped reading")
         with trio.move_on_after(self._write_timeout) as scope:
-            try:
-                # Uncontended (the usual case): skip the checkpoint ``acquire`` takes;
-                # ``send_all`` below checkpoints anyway.
-                self._writing.acquire_nowait()
-            except trio.WouldBlock:
-                await self._writing.acquire()
-            try:
+            async with self._writing:
                 await self.inner.send_all(data)
-            finally:
-                self._writing.release()
         if scope.cancelled_caught:
             self._broken = True
             log.info("consumer %s stopped reading for %gs; closing", self.peer,
