@@ -113,8 +113,10 @@ def soak(session: nox.Session) -> None:
 # mostly waits on real sockets), run side by side when the machine has the CPUs.
 FUZZ_GROUPS = {
     "raw": "test_hostile_http_bytes",
-    "bodies": "test_hostile_bodies",
-    "heads-frames": "test_hostile_heads or test_hostile_frames",
+    "bodies-1": "test_hostile_bodies and (chat or completions)",
+    "bodies-2": "test_hostile_bodies and (responses or messages)",
+    "heads-admission": "test_hostile_heads or test_hostile_frames_before_admission",
+    "in-flight": "test_hostile_frames_after_admission",
 }
 
 
@@ -126,9 +128,8 @@ def fuzz(session: nox.Session) -> None:
     Prints each target's examples, statuses and wall time, Hypothesis' statistics
     and durations; a failure prints its shrunk example. ``FUZZ_SURVEY=1`` keeps
     going after violations and lists one example per distinct origin at the end.
-    On two or more CPUs the target groups run as parallel processes (about two
-    hours here instead of five), each writing ``bench-results/fuzz-<group>.log``,
-    printed when it ends.
+    On two or more CPUs the target groups run as parallel processes, each writing
+    ``bench-results/fuzz-<group>.log``, printed when it ends.
     """
     session.install(*CONSTRAINTS, "-e", ".[test]")
     examples = session.posargs[0] if session.posargs else "100000"
