@@ -156,10 +156,13 @@ def fuzz(session: nox.Session) -> None:
                 print(f"===== {group} (exit {code}) =====\n{done.read()}", flush=True)
             if code:
                 failed.append(group)
-    finally:  # interrupted: no group outlives the session
-        for proc, _ in running.values():
+    finally:  # interrupted: no group outlives the session, each says how far it got
+        for group, (proc, log) in running.items():
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
+                log.close()
+                with open(log.name) as stopped:
+                    print(f"===== {group} (stopped) =====\n{stopped.read()}", flush=True)
     if failed:
         session.error(f"fuzz groups failed: {', '.join(failed)}")

@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import struct
 import sys
@@ -86,6 +87,7 @@ TRACE = os.environ.get("FUZZ_TRACE", "")  # a file: each example is appended bef
 # Wall-clock seconds one example may take before the campaign calls it a hang and moves on
 # (virtual-time budgets cannot see a task stuck in a shielded scope).
 WALL_BUDGET = float(os.environ.get("FUZZ_WALL_BUDGET", "120"))
+PROGRESS_EVERY = 10_000  # examples between progress lines
 
 CHAT, COMPLETIONS, RESPONSES, MESSAGES = (
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
@@ -1790,6 +1792,9 @@ class Campaign:
         self._thread = threading.Thread(target=run, name=f"fuzz-{self.name}", daemon=True)
         self._thread.start()
         ready.wait()
+        # A run stopped with SIGTERM (``nox -s fuzz`` interrupted, a kill) still says
+        # how far it got: the signal ends the test like Ctrl-C, and teardown reports.
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             if self._failure is not None:
                 raise self._failure
@@ -1801,6 +1806,7 @@ class Campaign:
             self._thread.join(5 if self.stats.abandoned else 60)  # an abandoned world may never end
             self.logs.detach()
             self._summary()
+            signal.signal(signal.SIGTERM, previous)
         if self._failure is not None:
             raise self._failure
         if self.found:
@@ -1826,6 +1832,10 @@ class Campaign:
                 print(f"{self.name}: {describe[:3000]}", file=trace, flush=True)
         report = self._run_example(scenario)
         self.stats.examples += 1
+        if self.stats.examples % PROGRESS_EVERY == 0:  # a long run says how far it is
+            print(f"[fuzz] {self.name}: {self.stats.examples} examples so far, "
+                  f"{self.stats.violations} violating, "
+                  f"{time.perf_counter() - self.stats.started:.0f} s", file=sys.stderr, flush=True)
         self.stats.virtual += report.virtual
         self.stats.statuses.update(seen.reply.status for seen in report.seen)
         problems, cause = report.problems()
