@@ -135,6 +135,8 @@ def test_image_parts_count_as_images_not_bytes():
     anthropic = {"messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "data": "B" * 100_000}}]}]}
     assert estimate_prompt_tokens(anthropic, image_tokens=500) == 500 + len("user") // 4
+    odd = {"messages": [{"role": "user", "content": [{"type": [1]}, {"type": {"a": 1}}]}]}
+    assert estimate_prompt_tokens(odd) == len("user") // 4  # no TypeError on any JSON "type"
 
 
 def test_outpaced_and_observed_evidence_from_the_racer():

@@ -122,6 +122,20 @@ async def test_odd_provider_tokens_are_refused_with_1008(autojump_clock, errors,
     assert not errors.records
 
 
+@pytest.mark.parametrize("kind", [[0.5, [], None], {"a": 1}])
+async def test_a_content_part_whose_type_is_not_a_string_is_no_500(autojump_clock, errors, kind):
+    # Found by the 100,000-example campaign (bodies, /v1/messages): the prompt-size
+    # estimate looked an unhashable "type" up in a set, a TypeError and a 500.
+    async with open_harness() as h:
+        await h.add_provider("p")
+        reply = await h.request("/v1/messages", {
+            "model": "m1", "max_tokens": 16, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "hello"}, {"type": kind}]}]})
+        assert reply.status in (200, 400), reply.body
+        await _still_serves(h)
+    assert not errors.records
+
+
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "max_output_tokens"])
 async def test_huge_max_tokens_is_a_400_and_the_registry_lives(autojump_clock, errors, field):
     async with open_harness() as h:

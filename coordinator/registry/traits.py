@@ -79,7 +79,8 @@ def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 765) -> int
         elif depth >= _TOKEN_SCAN_DEPTH:
             continue
         elif isinstance(node, dict):
-            if node.get("type") in MEDIA_PART_TYPES:
+            kind = node.get("type")  # any JSON value: a list or an object is not hashable
+            if isinstance(kind, str) and kind in MEDIA_PART_TYPES:
                 media += _media_tokens(node, image_tokens)
                 continue
             stack.extend((v, depth + 1) for v in node.values())
