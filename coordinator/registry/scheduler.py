@@ -37,16 +37,13 @@ def job_cost(record: ProviderRecord, job: Job, now: float | None = None) -> floa
     """
     speed = record.speeds.get(job.model)
     decode = record.decode_tps if record.decode_tps > 0 else _FALLBACK_TPS
-    observed = None
-    if speed is not None and speed.ttfc is not None:
-        observed = speed.ttfc + job.max_tokens / (speed.decode_tps or decode)
-    if observed is not None and speed is not None and speed.trusted:
-        cost = observed
+    prefill = record.prefill_tps if record.prefill_tps > 0 else _FALLBACK_TPS * 10
+    declared = job.prompt_tokens / prefill + job.max_tokens / decode
+    if speed is None or speed.ttfc is None:
+        cost = declared
     else:
-        prefill = record.prefill_tps if record.prefill_tps > 0 else _FALLBACK_TPS * 10
-        cost = job.prompt_tokens / prefill + job.max_tokens / decode
-        if observed is not None:
-            cost = max(cost, observed)
+        observed = speed.ttfc + job.max_tokens / (speed.decode_tps or decode)
+        cost = observed if speed.trusted else max(declared, observed)
     if speed is not None and now is not None:
         cost += speed.penalty_now(now)
     return cost

@@ -35,12 +35,16 @@ class Traits:
         return tuple(n for n, on in (("tools", self.has_tools), ("vision", self.requires_vision)) if on)
 
 
+def _is_media_part(node: dict[str, Any]) -> bool:
+    kind = node.get("type")  # any JSON value: a list or an object is not hashable
+    return isinstance(kind, str) and kind in MEDIA_PART_TYPES
+
+
 def _has_media(node: Any, depth: int = 0) -> bool:
     if depth > _MAX_SCAN_DEPTH:
         return False
     if isinstance(node, dict):
-        kind = node.get("type")
-        if isinstance(kind, str) and kind in MEDIA_PART_TYPES:
+        if _is_media_part(node):
             return True
         return any(_has_media(v, depth + 1) for v in node.values())
     if isinstance(node, list):
@@ -79,8 +83,7 @@ def estimate_prompt_tokens(body: dict[str, Any], image_tokens: int = 765) -> int
         elif depth >= _TOKEN_SCAN_DEPTH:
             continue
         elif isinstance(node, dict):
-            kind = node.get("type")  # any JSON value: a list or an object is not hashable
-            if isinstance(kind, str) and kind in MEDIA_PART_TYPES:
+            if _is_media_part(node):
                 media += _media_tokens(node, image_tokens)
                 continue
             stack.extend((v, depth + 1) for v in node.values())
