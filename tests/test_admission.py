@@ -8,6 +8,7 @@ import trio.testing
 import trio_websocket
 
 from coordinator.protocol import InferenceResponseChunk, encode_frame
+from coordinator.providers.identity import PinStoreUnavailable
 from provider_sim.behaviours import Behaviour
 from provider_sim.provider import SimProvider
 
@@ -123,3 +124,40 @@ async def test_silent_provider_is_dropped_after_the_liveness_budget(autojump_clo
         await trio.sleep(200)  # scripted: heartbeats keep the other one alive
         assert "chatty" in h.state.providers
         assert quiet.closed_with is not None and chatty.closed_with is None
+
+
+class FlakyPinStore:
+    """Fleet-wide pins as RedisShared keeps them (first key wins), with an outage switch."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, str] = {}
+        self.down = False
+
+    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+        if self.down:
+            raise PinStoreUnavailable("connection refused")
+        return self.pins.setdefault(provider_id, signing_key)
+
+    async def remove_pin(self, provider_id: str) -> bool:
+        return self.pins.pop(provider_id, None) is not None
+
+
+async def test_during_a_pin_store_outage_only_a_known_id_and_key_are_admitted(autojump_clock):
+    async with open_harness() as h:
+        store = FlakyPinStore()
+        h.coordinator.edge.pins = store
+        first = await h.add_provider("own")
+        store.down = True
+        # Its own provider reconnecting (same signing key, new session) is served...
+        again = SimProvider("own", (model(),), token="provider-token", signing=first.signing_key)
+        await h.connect(again, wait=False)
+        await h.until(lambda: again.admissions == 1)
+        assert (await h.chat()).status == 200 and len(again.received) == 1
+        # ...but neither another key for that id nor an id the store never vouched for.
+        for impostor in (SimProvider("own", (model(),), token="provider-token"),
+                         SimProvider("newcomer", (model(),), token="provider-token")):
+            await h.connect(impostor, wait=False)
+            await h.until(lambda p=impostor: p.closed_with is not None)  # type: ignore[misc]
+            assert impostor.closed_with == 1008
+        assert "newcomer" not in h.state.providers
+        assert again.closed_with is None

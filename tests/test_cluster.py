@@ -275,7 +275,8 @@ def test_without_redis_instances_serve_their_own_and_rejoin(cluster: Cluster) ->
     cluster.instance("b")
     cluster.fleet("a", spec=provider("own", model="only-a"))
     cluster.fleet("b", spec=provider("far"))
-    wait_until(lambda: cluster.sees("a", "far"))
+    # Both registered before the outage: an explicit id cannot be pinned without Redis.
+    wait_until(lambda: cluster.sees("a", "far") and cluster.sees("a", "own"))
     cluster.stop_redis()
     wait_until(lambda: cluster.health("a")["cluster"] == "degraded", what="degraded")
     own = cluster.chat("a", model="only-a")

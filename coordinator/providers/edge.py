@@ -141,6 +141,10 @@ class ProviderEdge:
             bound = await self.pins.claim_pin(provider_id, signing_key,
                                               self.config.max_identity_pins)
         except PinStoreUnavailable:
+            # The fleet-wide pin this instance adopted still vouches for the same key:
+            # a provider of its own reconnecting during an outage is served.
+            if self.identities.holds_pin(provider_id, signing_key):
+                return
             raise AdmissionError("the shared identity store is unreachable; try again") from None
         if bound is None:
             raise AdmissionError("no room for another provider identity")
