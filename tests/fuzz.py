@@ -1623,15 +1623,26 @@ class Live:
         return []
 
     async def canary(self) -> str | None:
+        problem, ending = await self._one_canary()
+        if problem is None:
+            return None
+        # Still a violation; a second try tells a wedged server from a stalled machine.
+        start = trio.current_time()
+        again, again_ending = await self._one_canary()
+        verdict = "failed too" if again else "succeeded"
+        return (f"{problem} (that exchange ended: {ending}; a second canary {verdict} "
+                f"in {trio.current_time() - start:.2f}s, ending: {again_ending})")
+
+    async def _one_canary(self) -> tuple[str | None, str]:
         body = json.dumps(CANARY_BODY).encode()
         head = (AUTH, b"Content-Type: application/json", b"Connection: close",
                 b"Content-Length: %d" % len(body))
         data = _request(b"POST", CHAT.encode(), head, body)
         answer = await raw_exchange(self.host, self.port, RawCase((data,)), idle=5.0, budget=10.0,
                                     complete=_complete_response)
-        head, _, payload = answer.partition(b"\r\n\r\n")
+        head, _, payload = answer.data.partition(b"\r\n\r\n")
         status = _statuses(head)
-        return canary_problem(Reply(status[0] if status else 0, [], payload))
+        return canary_problem(Reply(status[0] if status else 0, [], payload)), answer.ending
 
     async def quiescence(self) -> str | None:
         problem = None
@@ -1679,11 +1690,18 @@ def _complete_response(data: bytes) -> bool:
     return bool(sep) and length is not None and len(body) >= int(length.group(1))
 
 
+@attrs.frozen
+class Exchange:
+    data: bytes
+    ending: str  # how the exchange ended, for a canary that got nothing
+
+
 async def raw_exchange(host: str, port: int, case: RawCase, *, idle: float = 0.1, budget: float = 2.0,
-                       complete: Callable[[bytes], bool] | None = None) -> bytes:
+                       complete: Callable[[bytes], bool] | None = None) -> Exchange:
     """Write ``case`` to a fresh connection; return what came back before EOF or ``idle`` silence."""
     sock = trio.socket.socket()
     received = bytearray()
+    ending = "not read"
     try:
         with trio.fail_after(5):
             await sock.connect((host, port))
@@ -1692,26 +1710,30 @@ async def raw_exchange(host: str, port: int, case: RawCase, *, idle: float = 0.1
             try:
                 with trio.fail_after(2):
                     await stream.send_all(piece)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                ending = f"send failed: {exc!r}"
                 break
         if case.read and not case.reset:
+            ending = f"no answer within {budget:g}s"
             with trio.move_on_after(budget):
                 while True:
                     with trio.move_on_after(idle) as quiet:
                         data = await stream.receive_some(65536)
                     if quiet.cancelled_caught or not data:
+                        ending = f"{idle:g}s silent" if quiet.cancelled_caught else "EOF"
                         break
                     received += data
                     if complete is not None and complete(bytes(received)):
+                        ending = "complete"
                         break
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        ending = f"{exc!r}"
     finally:
         if case.reset:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
-    return bytes(received)
+    return Exchange(bytes(received), ending)
 
 
 # =============================================================================
@@ -2150,7 +2172,7 @@ def inflight_scenario(case: InflightCase) -> Scenario:
 
 def raw_scenario(case: RawCase) -> Scenario:
     async def scenario(world: Live) -> list[Seen | str]:
-        answer = await raw_exchange(world.host, world.port, case)
+        answer = (await raw_exchange(world.host, world.port, case)).data
         # 501/505 are the HTTP server's correct answers (unknown transfer coding, version);
         # a 500 is the application failing.
         return [Seen(f"raw HTTP answer {answer[:160]!r}", "", "RAW", Reply(status, [], b""))
