@@ -26,6 +26,7 @@ from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.providers.connection import Directory
 from coordinator.providers.edge import ProviderEdge
+from coordinator.providers.handshakes import capped
 from coordinator.providers.identity import IdentityBook, SharedPins
 from coordinator.registry.actor import RegistryClient, serve_registry
 
@@ -147,12 +148,14 @@ async def serve(
         if peer_listeners:
             peers = PeerServer(config, coordinator.registry, coordinator.dispatcher.directory)
             await nursery.start(trio_websocket.WebSocketServer(
-                peers.handle, peer_listeners, max_message_size=config.register_frame_bytes,
+                peers.handle,
+                capped(peer_listeners, config.max_pending_providers),
+                max_message_size=config.register_frame_bytes,
                 connect_timeout=config.register_timeout).run)
             log.info("instance %s: cluster peers on %s", config.instance_id, peer_url)
         ws_server = trio_websocket.WebSocketServer(
             coordinator.edge.handle,
-            provider_listeners,
+            capped(provider_listeners, config.max_pending_providers),
             # Until a provider is admitted only a small frame is accepted;
             # the edge raises the limit after admission.
             max_message_size=config.register_frame_bytes,
@@ -161,7 +164,8 @@ async def serve(
         await nursery.start(ws_server.run)
         http_url = await nursery.start(
             serve_http, coordinator.asgi, config, coordinator.connections, http_socket)
-        provider_url = f"ws://{config.provider_host}:{ws_server.port}/"
+        provider_port = provider_listeners[0].socket.getsockname()[1]
+        provider_url = f"ws://{config.provider_host}:{provider_port}/"
         log.info("coordinator listening: http %s, providers %s", http_url, provider_url)
         task_status.started(Running(coordinator, http_url, provider_url, nursery.cancel_scope))
 

@@ -30,6 +30,7 @@ from coordinator.protocol import (
     encode_frame,
 )
 from coordinator.providers.connection import ProviderConnection
+from coordinator.providers.handshakes import HandshakeListener, HandshakeStream
 from coordinator.providers.identity import key_id
 from provider_sim.behaviours import Behaviour, Fault
 from provider_sim.fleet import demo_fleet, run_fleet
@@ -654,6 +655,52 @@ async def test_too_many_providers_in_admission_are_refused_at_the_handshake(auto
         await trio.testing.wait_all_tasks_blocked()
         assert (await _memory_upgrade(h, nursery)).startswith(b"HTTP/1.1 101")
         nursery.cancel_scope.cancel()
+
+
+async def test_sockets_in_the_websocket_handshake_are_capped_and_wait_in_the_backlog(
+        autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_pending_providers=2, register_timeout=100.0)
+        address = _address(running.provider_url)
+        start = trio.current_time()
+        silent = [await trio.open_tcp_stream(*address) for _ in range(2)]
+        for stream in silent:
+            await stream.send_all(b"GET / HTTP/1.1\r\n")  # an upgrade request, never finished
+        # A third socket is not accepted until one of the two leaves the handshake: here,
+        # when they are cut at register_timeout. Before, it was answered at once.
+        assert (await _upgrade(address, b"/")).startswith(b"HTTP/1.1 101")
+        assert 100.0 <= trio.current_time() - start < 101.0
+        for stream in silent:
+            assert await stream.receive_some(100) == b""  # cut, not answered
+        await _still_serves_over(running)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_socket_leaves_the_handshake_cap_when_answered_or_closed(autojump_clock):
+    left, right = trio.testing.memory_stream_pair()
+    accepted: list[HandshakeStream] = []
+
+    class Sockets(trio.abc.Listener[Any]):
+        async def accept(self) -> Any:
+            return right
+
+        async def aclose(self) -> None:
+            pass
+
+    listener = HandshakeListener(Sockets(), 2)  # type: ignore[arg-type]
+    accepted += [await listener.accept(), await listener.accept()]
+    assert listener.in_handshake == 2
+    with trio.testing.assert_checkpoints(), trio.move_on_after(1) as full:
+        await listener.accept()
+    assert full.cancelled_caught  # the third waits for a slot
+    await accepted[0].send_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    await accepted[0].send_all(b"more")  # a slot is given back once
+    assert listener.in_handshake == 1
+    await accepted[1].aclose()
+    await accepted[1].aclose()
+    assert listener.in_handshake == 0
+    accepted.append(await listener.accept())
+    assert listener.in_handshake == 1 and await left.receive_some(100)
 
 
 _UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
