@@ -22,6 +22,7 @@ import trio
 from coordinator.api.server import ListenError
 from coordinator.app import Running, serve
 from coordinator.config import Config, ConfigError, unknown_variables
+from coordinator.providers.pinfile import PinFileError
 
 log = logging.getLogger("coordinator")
 
@@ -237,8 +238,16 @@ def main(argv: list[str] | None = None) -> None:
             trio.run(_demo, config, args.providers)
         else:
             trio.run(_serve, config)
-    except* ListenError as group:
-        _fail("; ".join(str(exc) for exc in group.exceptions))
+    except* (ListenError, PinFileError) as group:
+        _fail("; ".join(str(exc) for exc in _leaves(group)))
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in ``group``, however deeply nurseries nested them."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from coordinator.providers.connection import Directory
 from coordinator.providers.edge import ProviderEdge
 from coordinator.providers.handshakes import capped
 from coordinator.providers.identity import IdentityBook, SharedPins
+from coordinator.providers.pinfile import PinFile
 from coordinator.registry.actor import RegistryClient, serve_registry
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ async def start_coordinator(nursery: trio.Nursery, config: Config,
     """Start the registry actor in ``nursery`` and build the edge and the API around it.
 
     With ``redis_url`` it also starts the shared state (docs/scale-out.md),
-    advertising ``peer_url`` for other instances' links.
+    advertising ``peer_url`` for other instances' links; otherwise, with
+    ``identity_pins_file``, identity pins are read from and kept in that file.
     """
     metrics = Metrics()
     drain = Drain(config.drain_timeout)
@@ -111,6 +113,8 @@ async def start_coordinator(nursery: trio.Nursery, config: Config,
         shared = pins = RedisShared(config, registry, directory, metrics, peer_url)
         registry.state.outbox = shared.offer
         await nursery.start(shared.run)
+    elif config.identity_pins_file:
+        pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
     app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))

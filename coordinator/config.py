@@ -115,6 +115,9 @@ class Config:
         factory=dict, converter=_bindings
     )
     max_identity_pins: int = 100_000
+    # One instance: keep explicit ids' key pins here across restarts (with redis_url
+    # they live in Redis). Empty: in memory, forgotten on restart.
+    identity_pins_file: str = ""
     register_timeout: float = 10.0
     challenge_interval: float = 300.0
     challenge_timeout: float = 10.0
@@ -137,6 +140,9 @@ class Config:
         if self.redis_url and not self.cluster_token:
             problems.append("cluster_token: required with redis_url (instances authenticate "
                             "each other with it)")
+        if self.redis_url and self.identity_pins_file:
+            problems.append("identity_pins_file: not used with redis_url (the pins live in "
+                            "Redis); set one or the other")
         problems += sizes.check(self.max_body_bytes, self.max_frame_bytes,
                                 self.register_frame_bytes, self.request_buffer_bytes)
         if problems:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+
 import nacl.signing
+import orjson
+import pytest
 import trio
 import trio.testing
 import trio_websocket
 
+from coordinator.config import ConfigError
 from coordinator.protocol import InferenceResponseChunk, encode_frame
 from coordinator.providers.identity import PinStoreUnavailable
+from coordinator.providers.pinfile import PinFile, PinFileError
 from provider_sim.behaviours import Behaviour
 from provider_sim.provider import SimProvider
 
-from .harness import MODEL, model, open_harness
+from .harness import ADMIN_KEY, MODEL, make_config, model, open_harness
 
 
 async def test_bad_token_is_closed_with_policy_violation(autojump_clock):
@@ -161,3 +167,71 @@ async def test_during_a_pin_store_outage_only_a_known_id_and_key_are_admitted(au
             assert impostor.closed_with == 1008
         assert "newcomer" not in h.state.providers
         assert again.closed_with is None
+
+
+# ---- identity pins kept in a file (one instance, across restarts) ----------------------
+
+
+async def test_a_pin_kept_in_the_file_outlives_a_restart(tmp_path):
+    """Real time: the file is written from a worker thread, which virtual time would skip."""
+    pins = str(tmp_path / "pins.jsonl")
+    async with open_harness(identity_pins_file=pins) as h:
+        owner = await h.add_provider("own")
+    async with open_harness(identity_pins_file=pins) as h:  # a restart
+        thief = SimProvider("own", (model(),), token="provider-token")
+        await h.connect(thief, wait=False)
+        await h.until(lambda: thief.closed_with is not None)
+        assert thief.closed_with == 1008 and "own" not in h.state.providers
+        back = SimProvider("own", (model(),), token="provider-token", signing=owner.signing_key)
+        await h.connect(back)
+        unpinned = await h.request("/v1/admin/providers/own/pin", method="DELETE",
+                                   headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert unpinned.status == 200
+    async with open_harness(identity_pins_file=pins) as h:  # the removal was kept too
+        await h.add_provider("own")  # a new key, once the operator removed the pin
+
+
+async def test_the_pins_file_replays_changes_and_skips_what_is_not_one(tmp_path):
+    path = tmp_path / "pins.jsonl"
+    a, b = (base64.b64encode(bytes([n]) * 32).decode() for n in (1, 2))
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in (
+        {"id": "x", "key": a}, {"id": "y", "key": a}, {"id": "x", "key": None},
+        {"id": "z", "key": "not a key"}, [1, 2], {"id": 5, "key": a})) + b'{"id": "w", "ke')
+    store = await PinFile.open(path)
+    assert await store.claim_pin("y", b, 10) == a  # kept: the first key still holds it
+    assert await store.claim_pin("x", b, 10) == b  # removed, so free again
+    assert await store.claim_pin("w", b, 2) is None  # no room beyond max_pins
+    reopened = await PinFile.open(path)
+    assert await reopened.claim_pin("x", a, 10) == b
+    assert await reopened.remove_pin("y") and not await reopened.remove_pin("y")
+    assert await (await PinFile.open(path)).claim_pin("y", b, 10) == b
+
+
+async def test_the_pins_file_is_compacted_when_mostly_history(tmp_path):
+    path = tmp_path / "pins.jsonl"
+    store = await PinFile.open(path)
+    key = base64.b64encode(bytes(32)).decode()
+    for n in range(100):
+        await store.claim_pin(f"p{n}", key, 1000)
+        await store.remove_pin(f"p{n}")
+    await store.claim_pin("kept", key, 1000)
+    assert len(path.read_bytes().splitlines()) == 201
+    reopened = await PinFile.open(path)
+    assert path.read_bytes().splitlines() == [orjson.dumps({"id": "kept", "key": key})]
+    assert await reopened.claim_pin("kept", "other", 1000) == key
+
+
+async def test_an_unwritable_pins_file_refuses_new_ids_and_forgets_nothing(tmp_path):
+    store = await PinFile.open(tmp_path / "missing-directory" / "pins.jsonl")
+    with pytest.raises(PinStoreUnavailable):
+        await store.claim_pin("new", base64.b64encode(bytes(32)).decode(), 10)
+    (tmp_path / "missing-directory").mkdir()
+    assert await store.claim_pin("new", "k", 10) == "k"  # the failed claim left no pin
+    with pytest.raises(PinFileError, match="identity_pins_file"):
+        await PinFile.open(tmp_path)  # a directory: said at start-up, not at first use
+
+
+def test_a_pins_file_and_redis_are_not_configured_together():
+    with pytest.raises(ConfigError, match="identity_pins_file"):
+        make_config(redis_url="redis://127.0.0.1:1", cluster_token="t",
+                    identity_pins_file="/tmp/pins.jsonl")

@@ -449,6 +449,15 @@ def test_a_port_in_use_names_the_listener():
             assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_unreadable_pins_file_is_one_line_and_exit_2(tmp_path):
+    process = _run_coordinator("serve", "--port", "0", "--provider-port", "0",
+                               env={"COORDINATOR_IDENTITY_PINS_FILE": str(tmp_path)})
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert f"identity_pins_file {tmp_path}: Is a directory" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_an_unknown_variable_gets_a_warning_naming_the_closest():
     process = _run_coordinator("serve", env={"COORDINATOR_QUEUE_MAXX": "1",
                                              "COORDINATOR_TTFT_BASE": "-1"})

@@ -267,7 +267,7 @@ class Api:
                 removed = await self.pins.remove_pin(provider_id)
             except PinStoreUnavailable:
                 return error_response(errors.ApiError(
-                    503, "the shared identity store is unreachable; try again",
+                    503, "the identity store is unavailable; try again",
                     "server_error", "store_unavailable"), Family.OPENAI)
             outcome = Unpin.REMOVED if removed else Unpin.NOT_PINNED
         match outcome:

@@ -145,7 +145,7 @@ class ProviderEdge:
             # a provider of its own reconnecting during an outage is served.
             if self.identities.holds_pin(provider_id, signing_key):
                 return
-            raise AdmissionError("the shared identity store is unreachable; try again") from None
+            raise AdmissionError("the identity store is unavailable; try again") from None
         if bound is None:
             raise AdmissionError("no room for another provider identity")
         self.identities.adopt_pin(provider_id, bound)
