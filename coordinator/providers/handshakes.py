@@ -9,7 +9,8 @@ consumers too. Here at most ``slots`` sockets are in the handshake at once;
 further ones wait in the kernel's accept backlog, costing the process nothing.
 
 A socket leaves the handshake with the first byte the server sends on it (the
-101 that accepts it, or the rejection) or when it closes, whichever is first.
+101 that accepts it, or the rejection), when its peer closes or resets it, or when
+it is closed (trio-websocket closes it at ``register_timeout``), whichever is first.
 """
 
 from __future__ import annotations
@@ -27,23 +28,33 @@ class HandshakeStream(trio.abc.Stream):
         self.inner = inner
         self._slots: trio.Semaphore | None = slots
 
-    def _answered(self) -> None:
+    def _leave(self) -> None:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._answered()
+        self._leave()
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except BaseException:
+            self._leave()  # reset by the peer, or torn down: it holds nothing back
+            raise
+        if not data:
+            # The peer left mid-handshake. trio-websocket notices only at its timeout,
+            # and the slot must not wait that long: leaving is free, so an attacker
+            # connecting and closing could otherwise hold every slot.
+            self._leave()
+        return data
 
     async def aclose(self) -> None:
-        self._answered()
+        self._leave()
         await self.inner.aclose()
 
 
