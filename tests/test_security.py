@@ -8,6 +8,7 @@ serves the next request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -716,6 +717,30 @@ async def test_a_socket_leaves_the_handshake_cap_when_answered_closed_or_left(au
 
 _UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("opening", [
+    b"garbage\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # HTTP, but no upgrade
+    b"\x00" * 100 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE + b"\x81\x05hello",  # an unmasked frame
+])
+async def test_a_hostile_handshake_never_keeps_its_slot(autojump_clock, opening):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_pending_providers=1, register_timeout=100.0)
+        address = _address(running.provider_url)
+        hostile = await trio.open_tcp_stream(*address)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await hostile.send_all(opening)
+        with trio.fail_after(200), contextlib.suppress(trio.BrokenResourceError):
+            while await hostile.receive_some(65536):  # answered or cut, within the timeout
+                pass
+        await hostile.aclose()
+        start = trio.current_time()
+        assert (await _upgrade(address, b"/")).startswith(b"HTTP/1.1 101")
+        assert trio.current_time() - start < 1.0  # its slot came back
+        nursery.cancel_scope.cancel()
 
 
 async def _memory_upgrade(h: Harness, nursery: trio.Nursery) -> bytes:
