@@ -93,27 +93,27 @@ class Running:
         self._scope.cancel(reason="stopped at once")
 
 
-async def start_coordinator(nursery: trio.Nursery, config: Config,
-                            peer_url: str = "") -> Coordinator:
+async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str = "",
+                            *, pins: SharedPins | None = None) -> Coordinator:
     """Start the registry actor in ``nursery`` and build the edge and the API around it.
 
     With ``redis_url`` it also starts the shared state (docs/scale-out.md),
     advertising ``peer_url`` for other instances' links; otherwise, with
     ``identity_pins_file``, identity pins are read from and kept in that file.
+    ``pins`` is a pin store given instead (the tests' outage and race scripts).
     """
     metrics = Metrics()
     drain = Drain(config.drain_timeout)
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
     directory = Directory()
     shared: Shared = Solo()
-    pins: SharedPins | None = None
-    if config.redis_url:
+    if pins is None and config.redis_url:
         from coordinator.cluster.shared import RedisShared  # coredis only when configured
 
         shared = pins = RedisShared(config, registry, directory, metrics, peer_url)
         registry.state.outbox = shared.offer
         await nursery.start(shared.run)
-    elif config.identity_pins_file:
+    elif pins is None and config.identity_pins_file:
         pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)

@@ -21,6 +21,7 @@ import trio_websocket
 from coordinator.app import Coordinator, start_coordinator
 from coordinator.config import Config
 from coordinator.protocol import ModelInfo
+from coordinator.providers.identity import SharedPins
 from provider_sim.behaviours import HEALTHY, Behaviour
 from provider_sim.provider import SimProvider
 
@@ -234,9 +235,9 @@ async def asgi_call(app: Any, method: str, path: str, headers: dict[str, str], b
 
 
 @asynccontextmanager
-async def open_harness(**config: Any) -> AsyncIterator[Harness]:
+async def open_harness(pins: SharedPins | None = None, **config: Any) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
-        coordinator = await start_coordinator(nursery, make_config(**config))
+        coordinator = await start_coordinator(nursery, make_config(**config), pins=pins)
         harness = Harness(coordinator, nursery)
         try:
             yield harness

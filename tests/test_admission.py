@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import errno
+import functools
 
 import nacl.signing
 import orjson
@@ -13,6 +15,7 @@ import trio_websocket
 
 from coordinator.config import ConfigError
 from coordinator.protocol import InferenceResponseChunk, encode_frame
+from coordinator.providers import pinfile
 from coordinator.providers.identity import PinStoreUnavailable
 from coordinator.providers.pinfile import PinFile, PinFileError
 from provider_sim.behaviours import Behaviour
@@ -138,6 +141,9 @@ class FlakyPinStore:
     def __init__(self) -> None:
         self.pins: dict[str, str] = {}
         self.down = False
+        self.removing = trio.Event()
+        self.remove_when = trio.Event()  # a removal waits for this, once set
+        self.remove_when.set()
 
     async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
         if self.down:
@@ -145,28 +151,52 @@ class FlakyPinStore:
         return self.pins.setdefault(provider_id, signing_key)
 
     async def remove_pin(self, provider_id: str) -> bool:
+        self.removing.set()
+        await self.remove_when.wait()
         return self.pins.pop(provider_id, None) is not None
 
 
-async def test_during_a_pin_store_outage_only_a_known_id_and_key_are_admitted(autojump_clock):
-    async with open_harness() as h:
-        store = FlakyPinStore()
-        h.coordinator.edge.pins = store
+async def test_during_a_pin_store_outage_explicit_ids_wait_and_derived_ones_are_admitted(
+        autojump_clock):
+    store = FlakyPinStore()
+    async with open_harness(pins=store) as h:
         first = await h.add_provider("own")
+        h.kill("own")
+        await h.wait_gone("own")
         store.down = True
-        # Its own provider reconnecting (same signing key, new session) is served...
+        # Not even the key this instance saw bound to the id: it may have been unpinned
+        # elsewhere since. The provider retries; the store answers again; it is back.
         again = SimProvider("own", (model(),), token="provider-token", signing=first.signing_key)
         await h.connect(again, wait=False)
-        await h.until(lambda: again.admissions == 1)
-        assert (await h.chat()).status == 200 and len(again.received) == 1
-        # ...but neither another key for that id nor an id the store never vouched for.
-        for impostor in (SimProvider("own", (model(),), token="provider-token"),
-                         SimProvider("newcomer", (model(),), token="provider-token")):
-            await h.connect(impostor, wait=False)
-            await h.until(lambda p=impostor: p.closed_with is not None)  # type: ignore[misc]
-            assert impostor.closed_with == 1008
-        assert "newcomer" not in h.state.providers
-        assert again.closed_with is None
+        await h.until(lambda: again.closed_with is not None)
+        assert again.closed_with == 1008 and "own" not in h.state.providers
+        derived = SimProvider(None, (model(),), token="provider-token")  # type: ignore[arg-type]
+        await h.connect(derived, wait=False)  # an id derived from the key needs no store
+        await h.registry.wait_for(lambda state: any(p.startswith("p-") for p in state.providers))
+        store.down = False
+        back = SimProvider("own", (model(),), token="provider-token", signing=first.signing_key)
+        await h.connect(back)
+        assert (await h.chat(provider_ids=["own"])).status == 200 and len(back.received) == 1
+
+
+async def test_an_unpin_leaves_no_pin_behind_a_registration_that_raced_it(autojump_clock):
+    store = FlakyPinStore()
+    async with open_harness(pins=store) as h:
+        first = await h.add_provider("own")
+        store.remove_when = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(
+                h.request, "/v1/admin/providers/own/pin", method="DELETE",
+                headers={"authorization": f"Bearer {ADMIN_KEY}"}))
+            await store.removing.wait()
+            # While the store removes it, the old key comes back and adopts the old pin.
+            again = SimProvider("own", (model(),), token="provider-token",
+                                signing=first.signing_key)
+            await h.connect(again, wait=False)
+            await h.until(lambda: again.admissions == 1)
+            store.remove_when.set()
+        assert "own" not in store.pins
+        assert h.coordinator.edge.identities.bound_key("own") is None
 
 
 # ---- identity pins kept in a file (one instance, across restarts) ----------------------
@@ -221,14 +251,44 @@ async def test_the_pins_file_is_compacted_when_mostly_history(tmp_path):
     assert await reopened.claim_pin("kept", "other", 1000) == key
 
 
-async def test_an_unwritable_pins_file_refuses_new_ids_and_forgets_nothing(tmp_path):
-    store = await PinFile.open(tmp_path / "missing-directory" / "pins.jsonl")
-    with pytest.raises(PinStoreUnavailable):
-        await store.claim_pin("new", base64.b64encode(bytes(32)).decode(), 10)
-    (tmp_path / "missing-directory").mkdir()
-    assert await store.claim_pin("new", "k", 10) == "k"  # the failed claim left no pin
+async def test_a_pins_file_that_cannot_be_written_refuses_new_ids_and_keeps_no_half_line(
+        tmp_path, monkeypatch):
+    key = base64.b64encode(bytes(32)).decode()
     with pytest.raises(PinFileError, match="identity_pins_file"):
-        await PinFile.open(tmp_path)  # a directory: said at start-up, not at first use
+        await PinFile.open(tmp_path / "no-such-directory" / "pins.jsonl")  # said at start-up
+    with pytest.raises(PinFileError, match="identity_pins_file"):
+        await PinFile.open(tmp_path)  # a directory
+    path = tmp_path / "pins.jsonl"
+    store = await PinFile.open(path)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pinfile.os, "fsync", disk_full)  # the line is written, not kept
+    with pytest.raises(PinStoreUnavailable):
+        await store.claim_pin("lost", key, 10)
+    assert path.read_bytes() == b""  # the half-kept line was taken back
+    monkeypatch.undo()
+    other = base64.b64encode(bytes([7]) * 32).decode()
+    assert await store.claim_pin("kept", key, 10) == key
+    assert await store.claim_pin("lost", other, 10) == other  # the failed claim held nothing
+    reopened = await PinFile.open(path)
+    assert await reopened.claim_pin("kept", other, 10) == key
+    assert await reopened.claim_pin("lost", key, 10) == other
+
+
+async def test_concurrent_claims_of_a_new_id_agree_on_the_first_key(tmp_path):
+    store = await PinFile.open(tmp_path / "pins.jsonl")
+    answers: list[str | None] = []
+    async with trio.open_nursery() as nursery:
+        for key in ("first", "second", "third"):
+            nursery.start_soon(lambda k: _claim_into(store, k, answers), key)
+    assert len(answers) == 3 and len(set(answers)) == 1  # whichever came first
+    assert len((tmp_path / "pins.jsonl").read_bytes().splitlines()) == 1
+
+
+async def _claim_into(store: PinFile, key: str, answers: list[str | None]) -> None:
+    answers.append(await store.claim_pin("same", key, 10))
 
 
 def test_a_pins_file_and_redis_are_not_configured_together():

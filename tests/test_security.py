@@ -23,6 +23,7 @@ import trio.testing
 import trio_websocket
 
 from coordinator.app import serve
+from coordinator.cluster.peer import PeerServer
 from coordinator.protocol import (
     EncryptedPayload,
     InferenceComplete,
@@ -31,7 +32,7 @@ from coordinator.protocol import (
     encode_frame,
 )
 from coordinator.providers.connection import ProviderConnection
-from coordinator.providers.handshakes import HandshakeListener
+from coordinator.providers.handshakes import capped
 from coordinator.providers.identity import key_id
 from provider_sim.behaviours import Behaviour, Fault
 from provider_sim.fleet import demo_fleet, run_fleet
@@ -689,19 +690,19 @@ async def test_a_socket_leaves_the_handshake_cap_when_answered_closed_or_left(au
 
     class Sockets(trio.abc.Listener[Any]):
         async def accept(self) -> Any:
-            ours, theirs = trio.testing.memory_stream_pair()
-            peers.append(theirs)
-            return ours
+            ours, theirs = trio.socket.socketpair()
+            peers.append(trio.SocketStream(theirs))
+            return trio.SocketStream(ours)
 
         async def aclose(self) -> None:
             pass
 
-    listener = HandshakeListener(Sockets(), 2)  # type: ignore[arg-type]
-    answered, closed = await listener.accept(), await listener.accept()
+    listener, twin = capped([Sockets(), Sockets()], 2)  # type: ignore[list-item]
+    answered, closed = await listener.accept(), await twin.accept()
     assert listener.in_handshake == 2
     with trio.move_on_after(1) as full:
         await listener.accept()
-    assert full.cancelled_caught  # the third waits for a slot
+    assert full.cancelled_caught  # the third waits for a slot, on either listener
     await answered.send_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
     await answered.send_all(b"more")  # a slot is given back once
     assert listener.in_handshake == 1
@@ -712,7 +713,9 @@ async def test_a_socket_leaves_the_handshake_cap_when_answered_closed_or_left(au
     assert listener.in_handshake == 1
     await peers[-1].aclose()  # its peer goes before an answer
     assert await left.receive_some(100) == b""
-    assert listener.in_handshake == 0
+    assert listener.in_handshake == 0 and left.inner.socket.fileno() == -1  # closed at once
+    for stream in (answered, closed, left, *peers):
+        await stream.aclose()
 
 
 _UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -743,12 +746,33 @@ async def test_a_hostile_handshake_never_keeps_its_slot(autojump_clock, opening)
         nursery.cancel_scope.cancel()
 
 
-async def _memory_upgrade(h: Harness, nursery: trio.Nursery) -> bytes:
-    """The provider edge's answer to a raw upgrade request, in process."""
+async def _memory_upgrade(h: Harness, nursery: trio.Nursery, serve: Any = None) -> bytes:
+    """The provider edge's (or ``serve``'s) answer to a raw upgrade request, in process."""
     client, server = trio.testing.memory_stream_pair()
-    nursery.start_soon(h._serve_edge, nursery, server)
+    nursery.start_soon(serve or h._serve_edge, nursery, server)
     await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE)
     return await client.receive_some(1000)
+
+
+async def test_links_that_never_say_hello_are_capped_like_providers_in_admission(
+        autojump_clock):
+    async with open_harness(max_pending_providers=2) as h, trio.open_nursery() as nursery:
+        peers = PeerServer(h.coordinator.config, h.registry, h.coordinator.dispatcher.directory)
+
+        async def serve_peer(nursery: trio.Nursery, stream: Any) -> None:
+            await peers.handle(await trio_websocket.wrap_server_stream(nursery, stream))
+
+        async def silent_link() -> trio_websocket.WebSocketConnection:
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(serve_peer, nursery, server)
+            return await trio_websocket.wrap_client_stream(nursery, client, "c", "/")
+
+        silent = [await silent_link() for _ in range(2)]
+        assert (await _memory_upgrade(h, nursery, serve_peer)).startswith(b"HTTP/1.1 503")
+        await silent[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await _memory_upgrade(h, nursery, serve_peer)).startswith(b"HTTP/1.1 101")
+        nursery.cancel_scope.cancel()
 
 
 async def _upgrade(address: tuple[str, int], path: bytes) -> bytes:

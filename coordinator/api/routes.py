@@ -265,6 +265,8 @@ class Api:
         if self.pins is not None and outcome is not Unpin.CONFIGURED:
             try:  # the fleet-wide pin is the one that counts
                 removed = await self.pins.remove_pin(provider_id)
+                # A registration during that wait may have adopted the old pin again.
+                self.identities.unpin(provider_id)
             except PinStoreUnavailable:
                 return error_response(errors.ApiError(
                     503, "the identity store is unavailable; try again",

@@ -81,12 +81,21 @@ class PeerServer:
     registry: RegistryClient
     directory: Directory
     relayed: int = 0  # frames relayed, for the status page and tests
+    pending: int = 0  # links accepted that have not said hello yet
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """trio-websocket handler: one call per link. Never raises."""
         try:
-            ws = await request.accept()
-            peer = await self._hello(ws)
+            # Like provider admission: links that never say hello are bounded in number.
+            if self.pending >= self.config.max_pending_providers:
+                await request.reject(503, body=b"not accepting links now")
+                return
+            self.pending += 1
+            try:
+                ws = await request.accept()
+                peer = await self._hello(ws)
+            finally:
+                self.pending -= 1
             if peer is not None:
                 await self._serve(ws, peer)
         except trio_websocket.ConnectionClosed:

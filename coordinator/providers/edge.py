@@ -141,10 +141,8 @@ class ProviderEdge:
             bound = await self.pins.claim_pin(provider_id, signing_key,
                                               self.config.max_identity_pins)
         except PinStoreUnavailable:
-            # The fleet-wide pin this instance adopted still vouches for the same key:
-            # a provider of its own reconnecting during an outage is served.
-            if self.identities.holds_pin(provider_id, signing_key):
-                return
+            # Fail closed, even for a key this instance saw bound to the id: an operator
+            # may have unpinned it elsewhere since (a key thought compromised, say).
             raise AdmissionError("the identity store is unavailable; try again") from None
         if bound is None:
             raise AdmissionError("no room for another provider identity")

@@ -44,14 +44,22 @@ class HandshakeStream(trio.abc.Stream):
         try:
             data = await self.inner.receive_some(max_bytes)
         except BaseException:
-            self._leave()  # reset by the peer, or torn down: it holds nothing back
+            self._gone()  # reset by the peer, or torn down
             raise
         if not data:
-            # The peer left mid-handshake. trio-websocket notices only at its timeout,
-            # and the slot must not wait that long: leaving is free, so an attacker
-            # connecting and closing could otherwise hold every slot.
-            self._leave()
+            self._gone()
         return data
+
+    def _gone(self) -> None:
+        """The peer left mid-handshake: its slot and its descriptor go now.
+
+        trio-websocket notices only at its timeout. Leaving is free for the peer, so
+        waiting that long would let anyone connecting and closing in a loop hold every
+        slot (or, were the slot given back alone, every file descriptor).
+        """
+        if self._slots is not None:  # not once the server has answered: its own to close
+            self._leave()
+            self.inner.socket.close()
 
     async def aclose(self) -> None:
         self._leave()
@@ -59,16 +67,17 @@ class HandshakeStream(trio.abc.Stream):
 
 
 class HandshakeListener(trio.abc.Listener[HandshakeStream]):
-    """Accepts a socket only while fewer than ``slots`` are in their handshake."""
+    """Accepts a socket only while a slot is free; the slots may be shared by listeners."""
 
-    def __init__(self, inner: trio.SocketListener, slots: int) -> None:
+    def __init__(self, inner: trio.SocketListener, slots: trio.Semaphore) -> None:
         self.inner = inner
-        self.capacity = slots
-        self._slots = trio.Semaphore(slots, max_value=slots)
+        self._slots = slots
 
     @property
     def in_handshake(self) -> int:
-        return self.capacity - self._slots.value
+        """Sockets in their handshake on every listener sharing the slots."""
+        assert self._slots.max_value is not None
+        return self._slots.max_value - self._slots.value
 
     async def accept(self) -> HandshakeStream:
         await self._slots.acquire()
@@ -84,9 +93,11 @@ class HandshakeListener(trio.abc.Listener[HandshakeStream]):
 
 
 def capped(listeners: Sequence[trio.SocketListener], slots: int) -> list[Any]:
-    """``listeners`` with the handshake cap, for ``trio_websocket.WebSocketServer``.
+    """``listeners`` sharing ``slots`` handshake slots, for ``trio_websocket.WebSocketServer``.
 
+    Shared, so that a host name bound twice (IPv4 and IPv6) does not double the cap.
     Typed ``Any``: trio-websocket annotates its listeners as socket listeners, but
     serves any :class:`trio.abc.Listener` (it only accepts from them).
     """
-    return [HandshakeListener(listener, slots) for listener in listeners]
+    shared = trio.Semaphore(slots, max_value=slots)
+    return [HandshakeListener(listener, shared) for listener in listeners]

@@ -18,9 +18,7 @@ With several instances the pins live in Redis (:class:`SharedPins`): the edge
 claims an explicit id there first, and the answer — the key the id is bound
 to across the fleet — replaces what this instance remembered
 (:meth:`IdentityBook.adopt_pin`) before the synchronous checks run. While
-that store is unreachable, only an id this instance already holds pinned to
-the same key is admitted (a provider of its own, reconnecting); every other
-explicit id waits for the store.
+that store is unreachable every explicit id waits for it.
 """
 
 from __future__ import annotations
@@ -118,10 +116,6 @@ class IdentityBook:
         """Whether ``provider_id`` is bound by pinning (explicit, neither derived nor configured)."""
         return bool(provider_id) and _DERIVED.fullmatch(provider_id or "") is None \
             and provider_id not in self.configured
-
-    def holds_pin(self, provider_id: str, signing_key: str) -> bool:
-        """Whether this instance last saw ``provider_id`` pinned to ``signing_key``."""
-        return self._pins.get(provider_id) == _canonical(signing_key)
 
     def adopt_pin(self, provider_id: str, signing_key: str) -> None:
         """The fleet-wide pin of ``provider_id`` (from :class:`SharedPins`) replaces this one's."""

@@ -45,7 +45,11 @@ class PinFile:
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> PinFile:
-        """Read (and, when mostly history, compact) the file; a missing file is empty."""
+        """Read (and, when mostly history, compact) the file; a missing file is empty.
+
+        Raises :class:`PinFileError` when the file cannot be read or written: found at
+        start-up, not when the first provider with an explicit id is refused.
+        """
         where = Path(path)
         try:
             pins = await trio.to_thread.run_sync(_load_and_compact, where)
@@ -56,48 +60,53 @@ class PinFile:
 
     async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
         bound = self._pins.get(provider_id)
-        if bound is not None:
+        if bound is not None:  # the common case, a provider coming back: no file I/O
             return bound
-        if len(self._pins) >= max_pins:
-            return None
-        self._pins[provider_id] = signing_key  # taken now: a second claim sees it
-        try:
+        async with self._writing:  # one change at a time, in memory as on disk
+            bound = self._pins.get(provider_id)
+            if bound is not None:
+                return bound
+            if len(self._pins) >= max_pins:
+                return None
             await self._append(provider_id, signing_key)
-        except OSError as exc:
-            del self._pins[provider_id]
-            raise PinStoreUnavailable(f"cannot write {self.path}: {exc.strerror or exc}") \
-                from None
-        return signing_key
+            self._pins[provider_id] = signing_key
+            return signing_key
 
     async def remove_pin(self, provider_id: str) -> bool:
-        if provider_id not in self._pins:
-            return False
-        try:
+        async with self._writing:
+            if provider_id not in self._pins:
+                return False
             await self._append(provider_id, None)
-        except OSError as exc:
-            raise PinStoreUnavailable(f"cannot write {self.path}: {exc.strerror or exc}") \
-                from None
-        del self._pins[provider_id]
-        return True
+            del self._pins[provider_id]
+            return True
 
     async def _append(self, provider_id: str, signing_key: str | None) -> None:
         line = orjson.dumps({"id": provider_id, "key": signing_key}) + b"\n"
-        async with self._writing:
+        try:
             await trio.to_thread.run_sync(_append_synced, self.path, line)
+        except OSError as exc:
+            raise PinStoreUnavailable(f"cannot write {self.path}: {exc.strerror or exc}") \
+                from None
 
 
 def _append_synced(path: Path, line: bytes) -> None:
     with path.open("ab") as file:
-        file.write(line)
-        file.flush()
-        os.fsync(file.fileno())
+        end = file.tell()
+        try:
+            file.write(line)
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError:
+            # A line half written (the disk full, say) would be glued to the next one,
+            # which would then be lost: take it back.
+            file.truncate(end)
+            raise
 
 
 def _load_and_compact(path: Path) -> dict[str, str]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
+    with path.open("ab"):  # created if missing; an error if it could never be written
+        pass
+    data = path.read_bytes()
     pins: dict[str, str] = {}
     lines = skipped = 0
     for raw in data.splitlines():
