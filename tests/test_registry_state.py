@@ -281,10 +281,13 @@ def test_the_index_returns_what_a_full_scan_would(ops, model, tools, vision, exc
     reasons = s._reasons(request.job, request.exclude, now)
     eligible = {pid for pid, why in reasons.items() if why is None}
     free = {pid for pid in eligible if s.providers[pid].free_slots > 0}
-    chosen = s._pick(request, now)
+    chosen, gated = s._pick(request, now)
     assert (chosen is None) == (not free)
     assert chosen is None or chosen.provider_id in free
-    assert s._servable(request, now) == bool(eligible)
+    assert all(reasons[pid] == why for pid, why in gated.items())  # the same gate's answers
+    if chosen is None:  # queue while someone eligible is busy; else refuse with every reason
+        why = s._why_not(request, now, gated)
+        assert why == (None if eligible else set(reasons.values()))
 
 
 def test_an_encryption_key_used_on_another_instance_is_refused():

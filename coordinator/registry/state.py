@@ -240,17 +240,21 @@ class RegistryState:
                 return None  # its providers are momentarily offline
             return Refused(Refusal.UNKNOWN_MODEL,
                            f"the model {job.model!r} does not exist or is not served")
-        chosen = self._pick(request, now)
+        chosen, gated = self._pick(request, now)
         if chosen is not None:
             return Grant(self._lease(chosen, job, now))
-        if self._servable(request, now):
+        why = self._why_not(request, now, gated)
+        if why is None:
             return None  # eligible providers exist; every one of them is busy
-        reasons = self._reasons(job, request.exclude, now)
-        return self._refusal(job, {r for r in reasons.values() if r is not None})
+        return self._refusal(job, why)
 
-    def _pick(self, request: AcquireRequest, now: float) -> ProviderRecord | None:
-        """The best eligible free provider, from the front of the model's index."""
+    def _pick(
+        self, request: AcquireRequest, now: float
+    ) -> tuple[ProviderRecord | None, dict[str, Gate]]:
+        """The best eligible free provider, from the front of the model's index, and the
+        gate's answer for every provider it turned down on the way."""
         avoid = request.avoid_version
+        gated: dict[str, Gate] = {}
         candidates: list[ProviderRecord] = []
         on_probation: list[ProviderRecord] = []  # only if nobody else is free
         cutoff, extra = 0.0, 0
@@ -264,7 +268,9 @@ class RegistryState:
                     break
                 extra += 1
             record = self.providers[pid]
-            if self._gate(record, request, now) is not None:
+            reason = self._gate(record, request, now)
+            if reason is not None:
+                gated[pid] = reason
                 continue
             if scheduler.on_probation(record, request.job):
                 on_probation.append(record)
@@ -272,13 +278,24 @@ class RegistryState:
             if not candidates:
                 cutoff = key * (1 + scheduler.TIE_TOLERANCE) + 1e-9
             candidates.append(record)
-        return scheduler.pick(candidates or on_probation[:PICK_WIDTH], request.job, self.rng,
-                              avoid_version=avoid, now=now)
+        chosen = scheduler.pick(candidates or on_probation[:PICK_WIDTH], request.job, self.rng,
+                                avoid_version=avoid, now=now)
+        return chosen, gated
 
-    def _servable(self, request: AcquireRequest, now: float) -> bool:
-        """Whether some provider could serve the request once it has a free slot."""
-        return any(self._gate(r, request, now) is None
-                   for r in self.by_model[request.job.model].values())
+    def _why_not(self, request: AcquireRequest, now: float,
+                 known: Mapping[str, Gate]) -> set[Gate] | None:
+        """None when some provider could serve the request once it has a free slot;
+        otherwise every reason the gate gave. ``known``: answers already had (from
+        :meth:`_pick`), so that a refusal asks about each provider once, not three times."""
+        why = set(known.values())
+        for pid, record in self.by_model[request.job.model].items():
+            if pid in known:
+                continue
+            reason = self._gate(record, request, now)
+            if reason is None:
+                return None
+            why.add(reason)
+        return why
 
     def _gate(self, record: ProviderRecord, request: AcquireRequest, now: float) -> Gate | None:
         return gate(record, request.job, floors=self.floors, breaker=self.breaker, now=now,

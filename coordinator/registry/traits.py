@@ -22,17 +22,19 @@ _MAX_SCAN_DEPTH: Final = 12
 class Traits:
     has_tools: bool = False
     requires_vision: bool = False
+    # Derived once, not per call: the gate asks for both for every provider it looks at.
+    names: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+    """Trait names, as used by the capability-floor table."""
+    shape: str = attrs.field(init=False, eq=False, repr=False)
+    """``base``, ``tools``, ``vision`` or ``tools+vision``."""
 
-    @property
-    def shape(self) -> str:
-        """``base``, ``tools``, ``vision`` or ``tools+vision``."""
-        parts = [name for name, on in (("tools", self.has_tools), ("vision", self.requires_vision)) if on]
-        return "+".join(parts) or "base"
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Trait names, as used by the capability-floor table."""
+    @names.default
+    def _names(self) -> tuple[str, ...]:
         return tuple(n for n, on in (("tools", self.has_tools), ("vision", self.requires_vision)) if on)
+
+    @shape.default
+    def _shape(self) -> str:
+        return "+".join(self.names) or "base"
 
 
 def _is_media_part(node: dict[str, Any]) -> bool:

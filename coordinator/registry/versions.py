@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-
-import attrs
+from typing import NamedTuple
 
 _VERSION = re.compile(
     r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$"
 )
 
 
-@attrs.frozen(order=True)
-class Version:
+class Version(NamedTuple):
+    """A tuple, so that comparing two is one C-level comparison: every routing
+    decision with a capability floor compares one per provider it looks at."""
+
     major: int
     minor: int
     patch: int
