@@ -1595,6 +1595,12 @@ class InProcess:
         out, self.edge_errors = self.edge_errors, []
         return out
 
+    def forget_records(self) -> None:
+        """Between examples: the simulated provider's records (kept for tests) would
+        otherwise grow for the whole campaign, and scanning them slow every example."""
+        self.sim.received.clear()
+        self.sim.log.clear()
+
 
 def in_process(*, sim_behaviour: Behaviour = HEALTHY, puppet: bool = False,
                **config: Any) -> Callable[[LogCatcher], Any]:
@@ -1618,9 +1624,15 @@ class Live:
     running: Any
     host: str
     port: int
+    sim: SimProvider
 
     def take_errors(self) -> list[BaseException]:
         return []
+
+    def forget_records(self) -> None:
+        """Between examples, as in-process (:meth:`InProcess.forget_records`)."""
+        self.sim.received.clear()
+        self.sim.log.clear()
 
     async def canary(self) -> str | None:
         problem, ending = await self._one_canary()
@@ -1670,7 +1682,7 @@ def live_server(**config: Any) -> Callable[[LogCatcher], Any]:
                 raise RuntimeError("the simulated provider did not register")
             host, port = running.http_url.removeprefix("http://").rsplit(":", 1)
             try:
-                yield Live(running, host, int(port))
+                yield Live(running, host, int(port), sim)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -2009,6 +2021,7 @@ class Campaign:
                 report.edge_errors = world.take_errors()
                 report.canary = await world.canary()
                 report.quiescence = await world.quiescence()
+                world.forget_records()
                 await self._settle()
         except Exception as exc:  # escaped the example: a violation, reported
             report.error = exc
