@@ -278,7 +278,8 @@ def test_the_index_returns_what_a_full_scan_would(ops, model, tools, vision, exc
         return
     request = AcquireRequest(Job("probe", model, traits=Traits(tools, vision)),
                              exclude=frozenset(exclude))
-    reasons = s._reasons(request.job, request.exclude, now)
+    # The full scan: every provider's answer from the one gate function.
+    reasons = {pid: s._gate(r, request, now) for pid, r in s.by_model[model].items()}
     eligible = {pid for pid, why in reasons.items() if why is None}
     free = {pid for pid in eligible if s.providers[pid].free_slots > 0}
     chosen, gated = s._pick(request, now)

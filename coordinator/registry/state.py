@@ -16,7 +16,7 @@ import itertools
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -300,14 +300,6 @@ class RegistryState:
     def _gate(self, record: ProviderRecord, request: AcquireRequest, now: float) -> Gate | None:
         return gate(record, request.job, floors=self.floors, breaker=self.breaker, now=now,
                     exclude=request.exclude, memory_fraction=self.config.model_memory_fraction)
-
-    def _reasons(self, job: Job, exclude: Collection[str], now: float) -> dict[str, Gate | None]:
-        """Every provider's answer from the gate: the full scan, for refusals (and tests)."""
-        return {
-            pid: gate(r, job, floors=self.floors, breaker=self.breaker, now=now, exclude=exclude,
-                      memory_fraction=self.config.model_memory_fraction)
-            for pid, r in self.by_model.get(job.model, {}).items()
-        }
 
     def _refusal(self, job: Job, why: set[Gate]) -> Refused:
         if Gate.EXCLUDED in why:
