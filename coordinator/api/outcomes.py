@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import trio
+import contextlib
 
 from coordinator import errors
 from coordinator.dispatch.chunks import Event
-from coordinator.dispatch.items import Batch, End, InBandError
+from coordinator.dispatch.items import End, InBandError
+from coordinator.dispatch.relay import Relay
 from coordinator.metrics import Metrics
 from coordinator.protocol import Usage
 from coordinator.registry.state import Refusal, Refused
@@ -26,11 +27,10 @@ def refusal_error(refused: Refused) -> errors.ApiError:
             return errors.unavailable(refused.detail)
 
 
-async def collect(batches: trio.MemoryReceiveChannel[Batch],
-                  metrics: Metrics) -> tuple[list[Event], Usage]:
+async def collect(relay: Relay, metrics: Metrics) -> tuple[list[Event], Usage]:
     """Non-streaming: the winner's whole output, or an ApiError if it fails mid-way."""
     events: list[Event] = []
-    async with batches:
+    async with contextlib.aclosing(relay.batches()) as batches:
         async for batch in batches:
             for item in batch:
                 match item:

@@ -8,6 +8,7 @@ the handler does not return until then.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -25,8 +26,8 @@ from coordinator import errors, sizes
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.dispatch.attempt import Dispatcher
-from coordinator.dispatch.items import Batch, End, InBandError
-from coordinator.dispatch.relay import relay
+from coordinator.dispatch.items import End, InBandError
+from coordinator.dispatch.relay import Relay
 from coordinator.dispatch.request import Committed, NotDispatched, RequestContext
 from coordinator.dispatch.timing import Timing
 from coordinator.lifecycle import Drain
@@ -43,15 +44,17 @@ from .assemble import assemble
 from .errors import Family, error_body, error_headers, error_json
 from .outcomes import collect, refusal_error
 from .requests import parse_body, validate
-from .server import ConnectionTable
+from .server import ConnectionTable, GuardedStream
 from .status import render_status
 
 log = logging.getLogger(__name__)
 outcomes = logging.getLogger("coordinator.requests")
 
-# The per-request nursery EdgeGuard opens: the relay of a committed winner runs in
-# it, so the request owns its winner however the response ends.
+# The per-request nursery EdgeGuard opens: the guard of a committed winner's relay
+# runs in it, so the request owns its winner however the response ends.
 NURSERY_KEY = "coordinator.request_nursery"
+# The request's _BodyWatch, which a stream tells when its last part comes.
+WRITES_KEY = "coordinator.response_writes"
 
 
 @attrs.define(eq=False)
@@ -129,7 +132,8 @@ class Api:
         )
         ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
-        committed, batches = await self._dispatch(ctx, record)
+        relay = await self._dispatch(ctx, record)
+        committed = relay.committed
         record["provider"] = committed.racer.lease.provider_id
         headers = {
             "X-Provider-Id": committed.racer.lease.provider_id,
@@ -143,13 +147,14 @@ class Api:
             headers["X-Provider-Instance"] = link.instance
             record["instance"] = link.instance
         if not parsed.stream:
-            chunks, usage = await collect(batches, self.metrics)
+            chunks, usage = await collect(relay, self.metrics)
             record.update(result="success", status=200)
             body = assemble(endpoint, chunks, usage, request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")
         record.update(result="streaming", status=200)
         response = Response(
-            self._sse(endpoint, committed, batches, record, timing),
+            self._sse(endpoint, relay, record, timing,
+                      request.scope.get(WRITES_KEY)),
             200,
             {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             content_type="text/event-stream",
@@ -157,39 +162,38 @@ class Api:
         response.timeout = None
         return response
 
-    async def _dispatch(
-        self, ctx: RequestContext, record: dict[str, Any]
-    ) -> tuple[Committed, trio.MemoryReceiveChannel[Batch]]:
-        """Dispatch; the winner's relay starts in the request's own nursery at the commit."""
+    async def _dispatch(self, ctx: RequestContext, record: dict[str, Any]) -> Relay:
+        """Dispatch; the winner's relay is made at the commit, its guard in the request's nursery."""
         owner: trio.Nursery = request.scope[NURSERY_KEY]  # type: ignore[literal-required]
-        # A rendezvous: while the consumer's write is in progress the relay waits, and
-        # the provider's events pile up into one larger batch (measured: ~13 % less CPU
-        # per streamed request than with a one-batch buffer, docs/performance.md).
-        send, batches = trio.open_memory_channel[Batch](0)
+        relays: list[Relay] = []
+
+        def handover(winner: Committed) -> None:
+            relays.append(Relay(self.dispatcher, winner))
+            owner.start_soon(relays[-1].guard)
+
         committed: Committed | None = None
         try:
             # Waiting for a provider (queue, attempts) ends with the drain, if one begins.
             with self.drain.bounded():
-                committed = await self.dispatcher.dispatch(
-                    ctx, lambda winner: owner.start_soon(relay, self.dispatcher, winner, send))
+                committed = await self.dispatcher.dispatch(ctx, handover)
         except NotDispatched as exc:
             raise refusal_error(exc.refused) from None
         finally:
             record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
-            if committed is None:
-                send.close()
         if committed is None:
             raise errors.shutting_down()
-        return committed, batches
+        return relays[0]
 
     async def _sse(
-        self, endpoint: Endpoint, committed: Committed,
-        batches: trio.MemoryReceiveChannel[Batch], record: dict[str, Any], timing: Timing
+        self, endpoint: Endpoint, relay: Relay, record: dict[str, Any], timing: Timing,
+        writes: object = None,
     ) -> AsyncIterator[bytes]:
+        """The stream's SSE bytes, a batch per write (``writes``: the request's _BodyWatch)."""
         writer = sse.SseWriter(endpoint)
+        committed = relay.committed
         record["result"] = "client_gone"
         try:
-            async with batches:
+            async with contextlib.aclosing(relay.batches()) as batches:
                 async for batch in batches:
                     for item in batch:
                         if isinstance(item, InBandError):
@@ -200,8 +204,13 @@ class Api:
                         elif isinstance(item, End):
                             record["result"] = "success"
                     data = b"".join(writer.frame(item) for item in batch)
+                    last = any(isinstance(item, End | InBandError) for item in batch)
                     if data:
+                        if last and isinstance(writes, _BodyWatch):  # out with the end, at once
+                            writes.last_part_next()
                         yield data
+                    if last:  # nothing comes after an ending
+                        return
         finally:
             _log_outcome(record, timing)
 
@@ -370,12 +379,14 @@ def create_app(api: Api) -> QuartTrio:
 class EdgeGuard:
     """ASGI wrapper around the application: what every request gets, whatever its route.
 
-    * Each request gets its own nursery, which outlives the handler: the relay
-      of its committed winner runs there, so the request owns the winner
-      however the response ends — read to the end, abandoned between the
-      headers and the body, or cut by the write timeout (the nursery is
-      cancelled once the application is done, and the relay's own cleanup
-      releases the winner).
+    * Each request gets its own nursery, which outlives the handler: the guard
+      of its committed winner's relay runs there, so the request owns the
+      winner however the response ends — read to the end, abandoned between
+      the headers and the body, or cut by the write timeout (the nursery is
+      cancelled once the application is done, and the guard releases a winner
+      the stream has not).
+    * The response head waits for the first body part, and a stream's last
+      part for the end, so that each pair leaves in one write (``_BodyWatch``).
     * The connection table hears when a request starts and ends, so the
       keep-alive idle timeout applies only between requests.
     * WebSocket upgrades are refused (403): the API has none; providers use
@@ -408,7 +419,9 @@ class EdgeGuard:
         peer = _peer(scope)
         if self.connections is not None:
             self.connections.request_started(peer)
-        body = _BodyWatch(receive, send, _has_body(scope), self.drain)
+        stream = self.connections.stream(peer) if self.connections is not None else None
+        body = _BodyWatch(receive, send, _has_body(scope), self.drain, stream)
+        scope[WRITES_KEY] = body
         try:
             with self.drain.request():
                 if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
@@ -445,22 +458,36 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
 
 
 class _BodyWatch:
-    """Closes the connection after a response that was sent before the request body was read.
+    """The request's ASGI messages on their way between hypercorn and the application.
 
-    An early answer (401 before the body is read, 413 from Content-Length) leaves
-    the unread body on the connection; hypercorn 0.18 then sometimes leaves the
-    connection hanging, so the client's next request on it is never answered.
-    ``Connection: close`` makes the client open a fresh connection instead, and
-    the listener (``server.GuardedStream``) closes this one once the request ends.
+    * Closes the connection after a response that was sent before the request
+      body was read. An early answer (401 before the body is read, 413 from
+      Content-Length) leaves the unread body on the connection; hypercorn 0.18
+      then sometimes leaves the connection hanging, so the client's next request
+      on it is never answered. ``Connection: close`` makes the client open a
+      fresh connection instead, and the listener (``server.GuardedStream``)
+      closes this one once the request ends.
+    * Holds the response head until the first body part, and a stream's last
+      part (:meth:`last_part_next`) until the end, and has the stream write each
+      group as one: a write fewer each, and the head never travels alone ahead
+      of the first content.
     """
 
-    def __init__(self, receive: Any, send: Any, has_body: bool, drain: Drain) -> None:
+    def __init__(self, receive: Any, send: Any, has_body: bool, drain: Drain,
+                 stream: GuardedStream | None = None) -> None:
         self._receive = receive
         self._send = send
         self._drain = drain
+        self._stream = stream
+        self._held: list[dict[str, Any]] = []
+        self._last_next = False
         self.body_read = not has_body
         self.closing = False
         self.started = False
+
+    def last_part_next(self) -> None:
+        """The next body part is the last before the end: hold it for the end's write."""
+        self._last_next = True
 
     async def receive(self) -> dict[str, Any]:
         message: dict[str, Any] = await self._receive()
@@ -482,12 +509,40 @@ class _BodyWatch:
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-        if message["type"] == "http.response.start" and (
-                not self.body_read or self._drain.draining):
-            self.closing = True
-            message = {**message, "headers": [*message.get("headers", ()),
-                                              (b"connection", b"close")]}
-        await self._send(message)
+            if not self.body_read or self._drain.draining:
+                self.closing = True
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"connection", b"close")]}
+            if self._stream is not None:  # it goes out with the first body part
+                self._held.append(message)
+                return
+        elif (message["type"] == "http.response.body" and self._last_next
+              and message.get("more_body", False) and self._stream is not None):
+            self._last_next = False
+            self._held.append(message)
+            return
+        if self._held:
+            await self._send_with_held(message)
+        else:
+            await self._send(message)
+
+    async def _send_with_held(self, message: dict[str, Any]) -> None:
+        """The held messages, then ``message``: hypercorn writes each, the stream sends one."""
+        assert self._stream is not None
+        held, self._held = self._held, []
+        self._stream.holding = True
+        try:
+            for earlier in held:
+                await self._send(earlier)
+        finally:
+            self._stream.holding = False
+        try:
+            await self._send(message)
+        finally:
+            # Nothing stays held: not when hypercorn wrote nothing for ``message`` (an
+            # empty part), nor when its write never came (cancelled on the way).
+            with trio.CancelScope(shield=True):
+                await self._stream.flush()
 
 
 _WHILE_DRAINING = frozenset({"/healthz", "/metrics"})

@@ -25,6 +25,12 @@ the stream under it:
   quart-trio may cancel first), so the stream ends it here once the request is
   over — otherwise the client's next request on it would never be answered.
 
+It also coalesces writes it is told belong together (``GuardedStream.holding``):
+hypercorn writes a response's head, each body part and the chunked terminator
+separately, each a system call and scheduler passes; the ASGI edge holds the head
+for the first body part and a stream's last part for the terminator, so a short
+streamed answer goes out in one write.
+
 The stream learns when requests start and end from :class:`ConnectionTable`,
 which the ASGI edge (``routes.EdgeGuard``) calls with the request's peer
 address — the one thing an ASGI scope and a TCP stream both know.
@@ -32,6 +38,7 @@ address — the one thing an ASGI scope and a TCP stream both know.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -107,6 +114,9 @@ class ConnectionTable:
         for stream in list(self.streams.values()):
             stream.move_deadline()
 
+    def stream(self, peer: Peer | None) -> GuardedStream | None:
+        return self.streams.get(peer) if peer is not None else None
+
     def request_ended(self, peer: Peer | None, *, close: bool = False) -> None:
         """A request is over; ``close`` ends its connection once nothing else is in flight."""
         stream = self.streams.get(peer) if peer is not None else None
@@ -139,6 +149,11 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._writing = trio.Lock()
         self._broken = False
         self._closed = False
+        # While set, writes are kept back and go out with the next one, as one
+        # write: a response head with its first body, a stream's last event
+        # with its terminator (set by the ASGI edge, routes._BodyWatch).
+        self.holding = False
+        self._held: list[bytes] = []
         # The whole connection's budget (set by _connection): it ends a connection whose
         # HTTP layer stopped reading — hypercorn can wait forever on some pipelined input
         # from a peer that then reset — shortly after the read deadline would have.
@@ -184,7 +199,16 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._broken:
             raise trio.BrokenResourceError("consumer stopped reading")
+        if self.holding:
+            self._held.append(bytes(data))
+            return
+        if self._held:
+            data = b"".join([*self._held, data])
+            self._held.clear()
         with trio.move_on_after(self._write_timeout) as scope:
+            # hypercorn's own send lock is held here; ours only keeps send_eof out.
+            # Taken without a trip through the scheduler when free: the write
+            # below is the checkpoint (one scheduler pass per write, not two).
             async with self._writing:
                 await self.inner.send_all(data)
         if scope.cancelled_caught:
@@ -197,7 +221,19 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 
+    async def flush(self) -> None:
+        """Write what :attr:`holding` kept back, if anything still is.
+
+        Called by the ASGI edge, not by hypercorn, so a peer gone by now is not an
+        error here: hypercorn learns of it from its own next read or write.
+        """
+        if self._held:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.send_all(b"")
+            self._held.clear()
+
     async def send_eof(self) -> None:
+        await self.flush()
         async with self._writing:
             await self.inner.send_eof()
 

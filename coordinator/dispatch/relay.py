@@ -1,25 +1,35 @@
 """After the commit: the winner's owner, streaming its events to the consumer.
 
-:func:`relay` runs as its own task in the request's nursery from the moment
-of the commit, and is the one place the winner is closed. It forwards the
-held events and the first content, then every further event, in batches on a
-bounded channel the consumer side reads. What goes wrong now cannot be retried
-(content has been delivered), so it ends the stream with one in-band error
-item: a provider error, a malformed chunk, a disconnect, ``idle_timeout``
-seconds of silence, or the end of a drain. The winner is released as soon as
-the provider's part is over — before the last batch waits for a slow reader —
-with the verdict the ending carries.
+A :class:`Relay` is made at the commit and owns the winner from then on; it is
+the one place the winner is closed, exactly once. Its :meth:`~Relay.batches`
+is what the consumer side (the SSE writer, or the assembly of a whole answer)
+iterates: the held events and the first content, then every further event, in
+batches of what the provider has delivered by then — while a write to the
+consumer is in progress the provider's events pile up, so the next batch grows.
+The consumer's own task reads the provider's stream: there is no task and no
+hand-off between them.
+
+What goes wrong now cannot be retried (content has been delivered), so it ends
+the stream with one in-band error item: a provider error, a malformed chunk, a
+disconnect, ``idle_timeout`` seconds of silence, or the end of a drain. The
+winner is released as soon as the provider's part is over — before the last
+batch waits for a slow reader — with the verdict the ending carries.
+
+The consumer side may also never read, or stop half-way (a client gone between
+the headers and the body, a write timeout): :meth:`~Relay.guard` runs in the
+request's own nursery from the commit, and closes the winner when the request
+ends if the stream has not.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import AsyncGenerator
 
 import attrs
 import trio
 
 from coordinator.protocol import Usage
-from coordinator.providers.connection import ProviderEvent
+from coordinator.providers.connection import EventStream, ProviderEvent
 from coordinator.registry.table import CANCELLED, SUCCESS, Outcome
 
 from .attempt import Dispatcher
@@ -40,68 +50,94 @@ _CONSUMER_LEFT = _Ending(CANCELLED, cancel_provider=True)
 
 def _completed(usage: Usage) -> _Ending:
     return _Ending(SUCCESS, cancel_provider=False, usage=usage)
+
+
 _MAX_BATCH = 64
 
 
-async def relay(dispatcher: Dispatcher, committed: Committed,
-                send: trio.MemorySendChannel[Batch]) -> None:
-    """Own the winner: stream its output into ``send``, then release it, exactly once."""
-    ending: _Ending = _CONSUMER_LEFT
-    last: Batch = []
-    async with send:
+@attrs.define(eq=False)
+class Relay:
+    """The committed winner, owned by its request until closed."""
+
+    dispatcher: Dispatcher
+    committed: Committed
+    _closed: bool = False
+    _done: trio.Event = attrs.field(factory=trio.Event)
+
+    async def guard(self) -> None:
+        """Run in the request's nursery from the commit: the winner is closed however it ends.
+
+        Closes it (the consumer left: cancel sent to the provider) when the request's
+        nursery is cancelled before :meth:`batches` has closed it.
+        """
         try:
-            ending, last = await _pump(dispatcher, committed, send)
+            await self._done.wait()
         finally:
+            await self._close(_CONSUMER_LEFT)
+
+    async def batches(self) -> AsyncGenerator[Batch, None]:
+        """The winner's output; the last batch carries its ending (an End or an in-band error).
+
+        Iterate it inside ``contextlib.aclosing``: leaving early closes the winner
+        at once (the consumer left), not when the garbage collector gets to it.
+        """
+        committed = self.committed
+        ending: _Ending = _CONSUMER_LEFT
+        last: Batch = []
+        try:
+            if committed.usage is not None:  # it completed before any content
+                ending, last = _completed(committed.usage), [*committed.events,
+                                                             End(committed.usage)]
+            else:
+                if committed.events:
+                    yield list(committed.events)
+                while True:
+                    batch, end = await self._next_batch(committed.racer.events)
+                    if end is not None:
+                        ending, last = end, batch
+                        break
+                    yield batch
+        finally:
+            await self._close(ending)
+        yield last
+
+    async def _next_batch(self, events: EventStream) -> tuple[Batch, _Ending | None]:
+        """Wait for the provider's next event; return it with every one already delivered."""
+        event: ProviderEvent | None = None
+        with trio.move_on_after(self.dispatcher.config.idle_timeout) as idle, \
+                self.dispatcher.drain.bounded() as cut:
+            event = await events.next()
+        if idle.cancelled_caught or cut.cancelled_caught:
+            return self._silence(idle.cancelled_caught)
+        batch: Batch = []
+        for ready in events.ready(event, _MAX_BATCH):
+            items, end = _translate(self.committed, ready)
+            batch.extend(items)
+            if end is not None:
+                return batch, end
+        return batch, None
+
+    def _silence(self, idle: bool) -> tuple[Batch, _Ending]:
+        if not idle:  # the drain's deadline: no verdict on the provider, we are leaving
+            return [InBandError("shutdown", "the coordinator is shutting down", 503)], \
+                _CONSUMER_LEFT
+        timeout = self.dispatcher.config.idle_timeout
+        return ([InBandError("timeout", f"no output from the provider for {timeout:g}s",
+                             TIMEOUT)],
+                _Ending(Outcome.failure(TIMEOUT), cancel_provider=True))
+
+    async def _close(self, ending: _Ending) -> None:
+        """Release the winner with the ending's verdict; only the first call does anything."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            committed = self.committed
             evidence = ending.usage and committed.observed(trio.current_time(), ending.usage)
-            await dispatcher.close(committed.racer, ending.outcome, cancel=ending.cancel_provider,
-                                   evidence=evidence or None)
-        with contextlib.suppress(trio.BrokenResourceError):
-            await send.send(last)
-
-
-async def _pump(dispatcher: Dispatcher, committed: Committed,
-                send: trio.MemorySendChannel[Batch]) -> tuple[_Ending, Batch]:
-    """Forward batches until the provider's part ends; return the ending and the last batch."""
-    if committed.usage is not None:
-        return _completed(committed.usage), [*committed.events, End(committed.usage)]
-    events = committed.racer.events
-    try:
-        if committed.events:
-            await _hand_over(send, list(committed.events))
-        while True:
-            event: ProviderEvent | None = None
-            with trio.move_on_after(dispatcher.config.idle_timeout) as idle, \
-                    dispatcher.drain.bounded() as cut:
-                event = await events.next()
-            if idle.cancelled_caught or cut.cancelled_caught:
-                return _silence(dispatcher, idle.cancelled_caught)
-            batch: Batch = []
-            for ready in events.ready(event, _MAX_BATCH):
-                items, end = _translate(committed, ready)
-                batch.extend(items)
-                if end is not None:
-                    return end, batch
-            await _hand_over(send, batch)
-    except trio.BrokenResourceError:  # the consumer side stopped reading
-        return _CONSUMER_LEFT, []
-
-
-async def _hand_over(send: trio.MemorySendChannel[Batch], batch: Batch) -> None:
-    # The channel is a rendezvous. When the writer is already waiting, hand the
-    # batch over without a trip through the scheduler (``send`` would take one even
-    # then); the loop still checkpoints on every ``events.next()``.
-    try:
-        send.send_nowait(batch)
-    except trio.WouldBlock:
-        await send.send(batch)
-
-
-def _silence(dispatcher: Dispatcher, idle: bool) -> tuple[_Ending, Batch]:
-    if not idle:  # the drain's deadline: no verdict on the provider, we are leaving
-        return _CONSUMER_LEFT, [InBandError("shutdown", "the coordinator is shutting down", 503)]
-    return (_Ending(Outcome.failure(TIMEOUT), cancel_provider=True),
-            [InBandError("timeout", "no output from the provider for "
-                         f"{dispatcher.config.idle_timeout:g}s", TIMEOUT)])
+            await self.dispatcher.close(committed.racer, ending.outcome,
+                                        cancel=ending.cancel_provider, evidence=evidence or None)
+        finally:
+            self._done.set()
 
 
 def _translate(
@@ -125,4 +161,3 @@ def _translate(
                     _Ending(Outcome.failure(DISCONNECTED), cancel_provider=True))
         case _:
             return (), None  # a late inference_accepted
-

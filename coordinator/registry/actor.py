@@ -211,9 +211,18 @@ class RegistryClient:
         while not predicate(self.state):
             await self.changed.wait()
 
+    async def _post(self, command: _Command) -> None:
+        # Straight into the mailbox when it has room: ``send`` would pass through the
+        # scheduler even then (a pass per registry message). Asking still checkpoints,
+        # on the reply; a tell is a release or a notice, made from cleanup code.
+        try:
+            self._send.send_nowait(command)
+        except trio.WouldBlock:
+            await self._send.send(command)
+
     async def _ask(self, make: Callable[[Reply], _Command]) -> Any:
         reply, answer = trio.open_memory_channel[Any](1)
-        await self._send.send(make(reply))
+        await self._post(make(reply))
         result = await answer.receive()
         if isinstance(result, RegistryFault):
             raise result
@@ -222,7 +231,7 @@ class RegistryClient:
     async def _tell(self, command: _Command) -> None:
         """Send without expecting an answer; an actor already shut down needs no news."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._send.send(command)
+            await self._post(command)
 
     async def register(self, record: ProviderRecord) -> int | None:
         """Add a provider; return the session it supersedes (the edge closes that one).
@@ -272,9 +281,9 @@ class RegistryClient:
         """A grant, waiting in the queue for up to ``queue_timeout`` when all slots are busy."""
         request = AcquireRequest(job, exclude, avoid_version)
         reply, answer = trio.open_memory_channel[Any](1)
-        await self._send.send(_Acquire(request, reply))
+        await self._post(_Acquire(request, reply))
         result: Decision | RegistryFault = None
-        try:
+        try:  # cancelled before the answer (even at once): withdrawn, and a late grant released
             with trio.move_on_after(self.config.queue_timeout):
                 result = await answer.receive()
         finally:
