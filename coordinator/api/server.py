@@ -209,8 +209,16 @@ class GuardedStream(trio.abc.HalfCloseableStream):
             # hypercorn's own send lock is held here; ours only keeps send_eof out.
             # Taken without a trip through the scheduler when free: the write
             # below is the checkpoint (one scheduler pass per write, not two).
-            async with self._writing:
+            # hypercorn holds its own send lock here; ours only keeps send_eof out. Taken
+            # without a trip through the scheduler when free: the write is the checkpoint.
+            try:
+                self._writing.acquire_nowait()
+            except trio.WouldBlock:
+                await self._writing.acquire()
+            try:
                 await self.inner.send_all(data)
+            finally:
+                self._writing.release()
         if scope.cancelled_caught:
             self._broken = True
             log.info("consumer %s stopped reading for %gs; closing", self.peer,

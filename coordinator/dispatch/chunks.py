@@ -53,8 +53,12 @@ TERMINAL_CHUNK: Final = Chunk(ChunkKind.TERMINAL, ())
 _SSE_FIELDS: Final = ("event:", "id:", "retry:", ":")
 
 
-def parse_chunk(endpoint: Endpoint, payload: str, *, max_depth: int = MAX_EVENT_DEPTH) -> Chunk:
-    """Parse and classify one payload; :class:`ChunkError` when it is not made of events."""
+def parse_chunk(endpoint: Endpoint, payload: str, *, max_depth: int = MAX_EVENT_DEPTH,
+                classify: bool = True) -> Chunk:
+    """Parse and classify one payload; :class:`ChunkError` when it is not made of events.
+
+    Without ``classify`` (after the commit, when only the events matter) a chunk with
+    events is reported as CONTENT without looking at them."""
     text = payload.strip()
     if text == "[DONE]":
         return TERMINAL_CHUNK
@@ -63,9 +67,9 @@ def parse_chunk(endpoint: Endpoint, payload: str, *, max_depth: int = MAX_EVENT_
     events = tuple(_event(data, max_depth) for data in datas if data.strip() != "[DONE]")
     if not events:
         return TERMINAL_CHUNK
-    kinds = {classify_event(endpoint, event) for event in events}
-    kind = ChunkKind.CONTENT if ChunkKind.CONTENT in kinds else ChunkKind.BOILERPLATE
-    return Chunk(kind, events)
+    if not classify or any(classify_event(endpoint, e) is ChunkKind.CONTENT for e in events):
+        return Chunk(ChunkKind.CONTENT, events)
+    return Chunk(ChunkKind.BOILERPLATE, events)
 
 
 def _sse_data(text: str) -> list[str]:

@@ -23,13 +23,16 @@ from .race import Accepted, Broken, Completed, Errored, Events, Observation
 
 
 def observe(event: ProviderEvent, endpoint: Endpoint, cipher: RequestCipher,
-            encrypted: bool) -> Observation:
+            encrypted: bool, *, classify: bool = True) -> Observation:
+    """``classify``: whether a chunk's kind matters (before the commit; after it, every
+    event is simply relayed)."""
     match event:
         case InferenceAccepted():
             return Accepted()
         case InferenceResponseChunk():
             try:
-                chunk = parse_chunk(endpoint, _plaintext(event, cipher, encrypted))
+                chunk = parse_chunk(endpoint, _plaintext(event, cipher, encrypted),
+                                    classify=classify)
             except (DecryptError, ChunkError) as exc:
                 return Broken(f"bad response chunk: {exc}")
             return Events(chunk.kind, chunk.events)

@@ -148,7 +148,7 @@ def _translate(
     if event is None:
         return ((InBandError("disconnected", racer.end_reason(), DISCONNECTED),),
                 _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
-    match racer.observe(event, committed.endpoint):
+    match racer.observe(event, committed.endpoint, committed=True):
         case Events(_, chunk_events):
             return chunk_events, None
         case Completed(usage):

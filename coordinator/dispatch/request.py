@@ -51,9 +51,11 @@ class Racer:
     state: RacerState
     is_backup: bool
 
-    def observe(self, event: ProviderEvent, endpoint: Endpoint) -> Observation:
+    def observe(self, event: ProviderEvent, endpoint: Endpoint, *,
+                committed: bool = False) -> Observation:
         assert self.cipher is not None and self.connection is not None
-        return observe(event, endpoint, self.cipher, self.connection.encrypted_chunks)
+        return observe(event, endpoint, self.cipher, self.connection.encrypted_chunks,
+                       classify=not committed)
 
     def end_reason(self) -> str:
         """Why the provider's stream ended without a terminal frame."""
