@@ -109,6 +109,10 @@ class Relay:
             event = await events.next()
         if idle.cancelled_caught or cut.cancelled_caught:
             return self._silence(idle.cancelled_caught)
+        if event is not None:
+            # One pass through the scheduler lets frames already on their way join
+            # this batch: a write to the consumer costs far more than the pass.
+            await trio.lowlevel.checkpoint()
         batch: Batch = []
         for ready in events.ready(event, _MAX_BATCH):
             items, end = _translate(self.committed, ready)
