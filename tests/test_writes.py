@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from coordinator.api.routes import _BodyWatch
-from coordinator.api.server import ConnectionTable, GuardedStream
+from coordinator.api.server import ConnectionTable, GuardedStream, WriteLock
 from coordinator.lifecycle import Drain
 
 START = {"type": "http.response.start", "status": 200, "headers": []}
@@ -122,3 +123,40 @@ async def test_without_a_stream_nothing_is_held():
     watch.last_part_next()
     await watch.send(_body(b"x"))
     assert sent == [START, _body(b"x")]
+
+
+async def test_a_free_write_lock_is_taken_without_a_scheduler_pass():
+    lock = WriteLock()
+    ran = []
+
+    async def other() -> None:
+        ran.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        async with lock:
+            assert ran == []  # nobody else ran: no pass through the scheduler
+        await trio.testing.wait_all_tasks_blocked()
+    assert ran == [True]
+
+
+async def test_a_held_write_lock_makes_the_next_writer_wait_its_turn():
+    lock = WriteLock()
+    order: list[str] = []
+    release = trio.Event()
+
+    async def writer(name: str, hold: trio.Event | None) -> None:
+        async with lock:
+            order.append(f"{name} in")
+            if hold is not None:
+                await hold.wait()
+            order.append(f"{name} out")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, "first", release)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(writer, "second", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["first in"]
+        release.set()
+    assert order == ["first in", "first out", "second in", "second out"]
