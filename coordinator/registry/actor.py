@@ -326,16 +326,28 @@ async def serve_registry(
     task_status.started(client)
     async with receive:
         async for command in receive:
-            try:
-                actor.handle(command, trio.current_time())
-            except Exception as exc:
-                # One message's failure is that message's: the caller gets a
-                # fault, the table and every other caller carry on.
-                log.error("registry: %s message failed", type(command).__name__, exc_info=True)
-                _answer_fault(command, RegistryFault(f"{type(command).__name__}: {exc!r}"[:300]))
-            finally:
-                client.changed.set()
-                client.changed = trio.Event()
+            _handle_isolated(actor, client, command)
+            # The rest of the mailbox too, before waiting again: one pass through the
+            # scheduler per wake-up, not per message (no message awaits anything).
+            while True:
+                try:
+                    command = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break  # (once closed, the loop above ends)
+                _handle_isolated(actor, client, command)
+
+
+def _handle_isolated(actor: _Actor, client: RegistryClient, command: _Command) -> None:
+    try:
+        actor.handle(command, trio.current_time())
+    except Exception as exc:
+        # One message's failure is that message's: the caller gets a
+        # fault, the table and every other caller carry on.
+        log.error("registry: %s message failed", type(command).__name__, exc_info=True)
+        _answer_fault(command, RegistryFault(f"{type(command).__name__}: {exc!r}"[:300]))
+    finally:
+        client.changed.set()
+        client.changed = trio.Event()
 
 
 def _answer_fault(command: _Command, fault: RegistryFault) -> None:
