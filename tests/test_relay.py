@@ -52,44 +52,38 @@ def _relay(*, usage: Usage | None = None) -> tuple[Relay, _Dispatcher,
 
 async def test_a_winner_nobody_reads_is_closed_when_its_request_ends():
     relay, dispatcher, _ = _relay()
-    async with trio.open_nursery() as request:
-        request.start_soon(relay.guard)
-        await trio.testing.wait_all_tasks_blocked()
-        assert dispatcher.closed == []
-        request.cancel_scope.cancel()  # the response is over, the stream never read
+    assert dispatcher.closed == []
+    with trio.CancelScope() as request:
+        request.cancel()  # the request is over (say, the client left), the stream never read
+        await relay.abandon()
     assert dispatcher.closed == [(CANCELLED, True)]
 
 
 async def test_a_stream_read_to_its_end_closes_the_winner_before_the_last_batch(autojump_clock):
     relay, dispatcher, _ = _relay(usage=Usage(1, 2))
-    async with trio.open_nursery() as request:
-        request.start_soon(relay.guard)
-        batches = []
-        async for batch in relay.batches():
-            # Released before the last batch waits for a (possibly slow) reader.
-            assert dispatcher.closed == [(SUCCESS, False)]
-            batches.append(batch)
-        # The guard ends by itself: nothing left to close.
+    batches = []
+    async for batch in relay.batches():
+        # Released before the last batch waits for a (possibly slow) reader.
+        assert dispatcher.closed == [(SUCCESS, False)]
+        batches.append(batch)
+    await relay.abandon()  # the request ends: nothing left to close
     assert batches == [[ROLE, CONTENT, End(Usage(1, 2))]]
     assert dispatcher.closed == [(SUCCESS, False)]
 
 
 async def test_a_consumer_leaving_half_way_closes_the_winner_at_once():
     relay, dispatcher, _ = _relay()
-    async with trio.open_nursery() as request:
-        request.start_soon(relay.guard)
-        async with contextlib.aclosing(relay.batches()) as batches:
-            assert await batches.__anext__() == [ROLE, CONTENT]
-        assert dispatcher.closed == [(CANCELLED, True)]  # at aclose, not at the request's end
+    async with contextlib.aclosing(relay.batches()) as batches:
+        assert await batches.__anext__() == [ROLE, CONTENT]
+    assert dispatcher.closed == [(CANCELLED, True)]  # at aclose, not at the request's end
+    await relay.abandon()
     assert dispatcher.closed == [(CANCELLED, True)]
 
 
 async def test_a_silent_winner_ends_the_stream_in_band_after_idle_timeout(autojump_clock):
     relay, dispatcher, _send = _relay()
-    async with trio.open_nursery() as request:
-        request.start_soon(relay.guard)
-        started = trio.current_time()
-        batches = [batch async for batch in relay.batches()]
+    started = trio.current_time()
+    batches = [batch async for batch in relay.batches()]
     assert trio.current_time() - started == 60.0
     assert batches[0] == [ROLE, CONTENT]
     [error] = batches[1]
@@ -106,7 +100,6 @@ async def test_the_drain_deadline_ends_the_stream_without_a_verdict(autojump_clo
         dispatcher.drain.begin(trio.current_time())
 
     async with trio.open_nursery() as request:
-        request.start_soon(relay.guard)
         request.start_soon(drain_soon)
         batches = [batch async for batch in relay.batches()]
     [error] = batches[-1]

@@ -50,9 +50,9 @@ from .status import render_status
 log = logging.getLogger(__name__)
 outcomes = logging.getLogger("coordinator.requests")
 
-# The per-request nursery EdgeGuard opens: the guard of a committed winner's relay
-# runs in it, so the request owns its winner however the response ends.
-NURSERY_KEY = "coordinator.request_nursery"
+# The request's relays (its committed winners), which EdgeGuard closes when the request
+# is over if their streams have not: the request owns its winner however it ends.
+RELAYS_KEY = "coordinator.request_relays"
 # The request's _BodyWatch, which a stream tells when its last part comes.
 WRITES_KEY = "coordinator.response_writes"
 
@@ -163,13 +163,13 @@ class Api:
         return response
 
     async def _dispatch(self, ctx: RequestContext, record: dict[str, Any]) -> Relay:
-        """Dispatch; the winner's relay is made at the commit, its guard in the request's nursery."""
-        owner: trio.Nursery = request.scope[NURSERY_KEY]  # type: ignore[literal-required]
+        """Dispatch; the winner's relay is made at the commit, and owned by the request."""
+        owned: list[Relay] = request.scope[RELAYS_KEY]  # type: ignore[literal-required]
         relays: list[Relay] = []
 
         def handover(winner: Committed) -> None:
             relays.append(Relay(self.dispatcher, winner))
-            owner.start_soon(relays[-1].guard)
+            owned.append(relays[-1])
 
         committed: Committed | None = None
         try:
@@ -379,12 +379,10 @@ def create_app(api: Api) -> QuartTrio:
 class EdgeGuard:
     """ASGI wrapper around the application: what every request gets, whatever its route.
 
-    * Each request gets its own nursery, which outlives the handler: the guard
-      of its committed winner's relay runs there, so the request owns the
-      winner however the response ends — read to the end, abandoned between
-      the headers and the body, or cut by the write timeout (the nursery is
-      cancelled once the application is done, and the guard releases a winner
-      the stream has not).
+    * Each request owns the relay of its committed winner, however the
+      response ends — read to the end, abandoned between the headers and the
+      body, or cut by the write timeout: once the application is done, a
+      winner its stream has not released is released here.
     * The response head waits for the first body part, and a stream's last
       part for the end, so that each pair leaves in one write (``_BodyWatch``).
     * The connection table hears when a request starts and ends, so the
@@ -427,10 +425,13 @@ class EdgeGuard:
                 if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
                     await body.error(errors.shutting_down(), scope)
                 else:
-                    async with trio.open_nursery() as owned:
-                        scope[NURSERY_KEY] = owned
+                    relays: list[Relay] = []
+                    scope[RELAYS_KEY] = relays
+                    try:
                         await _isolated(self.app, scope, body)
-                        owned.cancel_scope.cancel(reason="the response is over")  # a relay nobody reads
+                    finally:
+                        for relay in relays:  # a stream nobody read to its end
+                            await relay.abandon()
         finally:
             if self.connections is not None:
                 self.connections.request_ended(peer, close=body.closing)

@@ -16,9 +16,9 @@ winner is released as soon as the provider's part is over — before the last
 batch waits for a slow reader — with the verdict the ending carries.
 
 The consumer side may also never read, or stop half-way (a client gone between
-the headers and the body, a write timeout): :meth:`~Relay.guard` runs in the
-request's own nursery from the commit, and closes the winner when the request
-ends if the stream has not.
+the headers and the body, a write timeout): the request owns its relay from the
+commit, and :meth:`~Relay.abandon` closes the winner when the request ends if
+the stream has not.
 """
 
 from __future__ import annotations
@@ -62,18 +62,10 @@ class Relay:
     dispatcher: Dispatcher
     committed: Committed
     _closed: bool = False
-    _done: trio.Event = attrs.field(factory=trio.Event)
 
-    async def guard(self) -> None:
-        """Run in the request's nursery from the commit: the winner is closed however it ends.
-
-        Closes it (the consumer left: cancel sent to the provider) when the request's
-        nursery is cancelled before :meth:`batches` has closed it.
-        """
-        try:
-            await self._done.wait()
-        finally:
-            await self._close(_CONSUMER_LEFT)
+    async def abandon(self) -> None:
+        """The request is over: close the winner unless :meth:`batches` has (cancel sent)."""
+        await self._close(_CONSUMER_LEFT)
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """The winner's output; the last batch carries its ending (an End or an in-band error).
@@ -135,13 +127,10 @@ class Relay:
         if self._closed:
             return
         self._closed = True
-        try:
-            committed = self.committed
-            evidence = ending.usage and committed.observed(trio.current_time(), ending.usage)
-            await self.dispatcher.close(committed.racer, ending.outcome,
-                                        cancel=ending.cancel_provider, evidence=evidence or None)
-        finally:
-            self._done.set()
+        committed = self.committed
+        evidence = ending.usage and committed.observed(trio.current_time(), ending.usage)
+        await self.dispatcher.close(committed.racer, ending.outcome,
+                                    cancel=ending.cancel_provider, evidence=evidence or None)
 
 
 def _translate(
