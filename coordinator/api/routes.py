@@ -153,8 +153,7 @@ class Api:
             return Response(json.dumps(body), 200, headers, content_type="application/json")
         record.update(result="streaming", status=200)
         response = Response(
-            self._sse(endpoint, relay, record, timing,
-                      request.scope.get(WRITES_KEY)),
+            self._sse(endpoint, relay, record, timing, _writes_of(request.scope)),
             200,
             {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             content_type="text/event-stream",
@@ -165,11 +164,9 @@ class Api:
     async def _dispatch(self, ctx: RequestContext, record: dict[str, Any]) -> Relay:
         """Dispatch; the winner's relay is made at the commit, and owned by the request."""
         owned: list[Relay] = request.scope[RELAYS_KEY]  # type: ignore[literal-required]
-        relays: list[Relay] = []
 
         def handover(winner: Committed) -> None:
-            relays.append(Relay(self.dispatcher, winner))
-            owned.append(relays[-1])
+            owned.append(Relay(self.dispatcher, winner))
 
         committed: Committed | None = None
         try:
@@ -182,11 +179,11 @@ class Api:
             record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
         if committed is None:
             raise errors.shutting_down()
-        return relays[0]
+        return owned[-1]
 
     async def _sse(
         self, endpoint: Endpoint, relay: Relay, record: dict[str, Any], timing: Timing,
-        writes: object = None,
+        writes: _BodyWatch | None = None,
     ) -> AsyncIterator[bytes]:
         """The stream's SSE bytes, a batch per write (``writes``: the request's _BodyWatch)."""
         writer = sse.SseWriter(endpoint)
@@ -195,21 +192,23 @@ class Api:
         try:
             async with contextlib.aclosing(relay.batches()) as batches:
                 async for batch in batches:
+                    last = False  # an ending: nothing comes after this batch
                     for item in batch:
                         if isinstance(item, InBandError):
                             self.metrics.inband_errors.labels(item.reason).inc()
                             log.warning("in-band error after content on %s: %s",
                                         committed.racer.lease.provider_id, item.message)
                             record.update(result="inband_error", error=item.reason)
+                            last = True
                         elif isinstance(item, End):
                             record["result"] = "success"
+                            last = True
                     data = b"".join(writer.frame(item) for item in batch)
-                    last = any(isinstance(item, End | InBandError) for item in batch)
                     if data:
-                        if last and isinstance(writes, _BodyWatch):  # out with the end, at once
+                        if last and writes is not None:  # out with the end, at once
                             writes.last_part_next()
                         yield data
-                    if last:  # nothing comes after an ending
+                    if last:
                         return
         finally:
             _log_outcome(record, timing)
@@ -547,6 +546,12 @@ class _BodyWatch:
 
 
 _WHILE_DRAINING = frozenset({"/healthz", "/metrics"})
+
+
+def _writes_of(scope: Any) -> _BodyWatch | None:
+    """The request's _BodyWatch (absent when the app is driven without EdgeGuard)."""
+    writes = scope.get(WRITES_KEY)
+    return writes if isinstance(writes, _BodyWatch) else None
 
 
 def _has_body(scope: dict[str, Any]) -> bool:

@@ -99,7 +99,7 @@ class ConnectionTable:
             await self._changed.wait()
 
     def request_started(self, peer: Peer | None) -> None:
-        stream = self.streams.get(peer) if peer is not None else None
+        stream = self.stream(peer)
         if stream is not None:
             stream.in_flight += 1
             stream.rearm()
@@ -115,11 +115,12 @@ class ConnectionTable:
             stream.move_deadline()
 
     def stream(self, peer: Peer | None) -> GuardedStream | None:
+        """The open connection of ``peer``, if there is one."""
         return self.streams.get(peer) if peer is not None else None
 
     def request_ended(self, peer: Peer | None, *, close: bool = False) -> None:
         """A request is over; ``close`` ends its connection once nothing else is in flight."""
-        stream = self.streams.get(peer) if peer is not None else None
+        stream = self.stream(peer)
         if stream is not None:
             stream.in_flight -= 1
             stream.closing |= close
