@@ -528,3 +528,48 @@ def test_the_simulator_tells_its_user_why_it_does_not_serve():
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
+
+
+async def test_a_consumer_gone_before_its_answer_is_no_error(caplog):
+    """quart-trio 0.13 raises ``ClientDisconnectedError`` out of the app when the
+    hang-up is heard between the handler's return and the response's first write
+    (CI found it as a raw request closed right after its body). The consumer
+    left: nothing is written, nothing is logged as an error."""
+    from quart import request as quart_request
+    from quart_trio import QuartTrio
+
+    from coordinator.api.routes import EdgeGuard
+
+    app = QuartTrio("edge-test")
+
+    @app.post("/echo")
+    async def echo() -> tuple[str, int]:
+        await quart_request.get_data()
+        return "late answer", 400
+
+    # The body and the hang-up arrive in one step: the handler, already woken
+    # by the body, returns after quart-trio has marked the consumer gone.
+    messages = [{"type": "http.request", "body": b"x", "more_body": False},
+                {"type": "http.disconnect"}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        if messages:
+            return messages.pop(0)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/echo", "raw_path": b"/echo",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2), "extensions": {},
+             "headers": [(b"host", b"edge"), (b"content-length", b"1")]}
+    with caplog.at_level("DEBUG", logger="coordinator"):
+        await EdgeGuard(app)(scope, receive, send)
+    errors_logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors_logged == []
+    assert not any(m.get("status") == 500 for m in sent)
+    assert "consumer left before its answer was sent" in caplog.text

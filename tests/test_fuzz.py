@@ -157,5 +157,9 @@ def test_hostile_frames_after_admission(puppet_world: Campaign, case: InflightCa
 @example(RawCase((b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + _WS + b"Sec-WebSocket-Version: 13\r\n\r\n",)))
 @example(RawCase((b"G", b"ET /healthz HTTP/1.0\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
                  reset=True, read=False))
+@example(RawCase((b"POST /v1/chat/completions HTTP/1.1\r\nHost: fuzz\r\nAuthorization: Bearer test-key\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 84\r\n\r\n\x00\"model\": \"m1\", "
+                  b"\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}], \"stream\": false}",),
+                 read=False))
 def test_hostile_http_bytes(live_world: Campaign, case: RawCase) -> None:
     live_world.example(raw_scenario(case), repr(case))

@@ -19,6 +19,7 @@ import attrs
 import h11
 import trio
 from quart import Response, request
+from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -440,11 +441,16 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
     """Run the application; what escapes it becomes an error response, not a crash.
 
     Quart raises some HTTP errors outside its handlers (werkzeug's ``BadHost``
-    for a Host header that does not encode); they get their own status. Anything
-    else is a bug: logged, and a 500 in the family's shape.
+    for a Host header that does not encode); they get their own status. A
+    consumer that left is not an error: quart-trio 0.13 raises
+    ``ClientDisconnectedError`` when the hang-up lands between the handler's
+    return and the response's first write, and there is no one to answer.
+    Anything else is a bug: logged, and a 500 in the family's shape.
     """
     try:
         await app(scope, body.receive, body.send)
+    except* ClientDisconnectedError:
+        log.debug("consumer left before its answer was sent")
     except* HTTPException as group:
         exc = group.exceptions[0]
         assert isinstance(exc, HTTPException)
