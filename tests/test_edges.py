@@ -531,10 +531,11 @@ def test_the_simulator_tells_its_user_why_it_does_not_serve():
 
 
 async def test_a_consumer_gone_before_its_answer_is_no_error(caplog):
-    """quart-trio 0.13 raises ``ClientDisconnectedError`` out of the app when the
-    hang-up is heard between the handler's return and the response's first write
-    (CI found it as a raw request closed right after its body). The consumer
-    left: nothing is written, nothing is logged as an error."""
+    """quart 0.23 (Python 3.13) raises ``ClientDisconnectedError`` out of the app
+    when the hang-up is heard between the handler's return and the response's
+    first write (CI found it as a raw request closed right after its body). The
+    consumer left: nothing is logged as an error and no 500 is attempted."""
+    import quart.wrappers.base
     from quart import request as quart_request
     from quart_trio import QuartTrio
 
@@ -572,4 +573,5 @@ async def test_a_consumer_gone_before_its_answer_is_no_error(caplog):
     errors_logged = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors_logged == []
     assert not any(m.get("status") == 500 for m in sent)
-    assert "consumer left before its answer was sent" in caplog.text
+    if hasattr(quart.wrappers.base, "ClientDisconnectedError"):  # quart 0.23 raises it
+        assert "consumer left before its answer was sent" in caplog.text

@@ -17,9 +17,9 @@ from typing import Any
 
 import attrs
 import h11
+import quart.wrappers.base
 import trio
 from quart import Response, request
-from quart.wrappers.base import ClientDisconnectedError
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -49,6 +49,12 @@ from .server import ConnectionTable, GuardedStream
 from .status import render_status
 
 log = logging.getLogger(__name__)
+
+# quart 0.23 (with quart-trio 0.13, Python >= 3.13) raises this when the consumer
+# hangs up before the response's first write; quart 0.22 has no such error.
+_CONSUMER_GONE: tuple[type[Exception], ...] = tuple(
+    error for error in (getattr(quart.wrappers.base, "ClientDisconnectedError", None),)
+    if error is not None)
 outcomes = logging.getLogger("coordinator.requests")
 
 # The request's relays (its committed winners), which EdgeGuard closes when the request
@@ -442,14 +448,14 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
 
     Quart raises some HTTP errors outside its handlers (werkzeug's ``BadHost``
     for a Host header that does not encode); they get their own status. A
-    consumer that left is not an error: quart-trio 0.13 raises
+    consumer that left is not an error: quart 0.23 raises
     ``ClientDisconnectedError`` when the hang-up lands between the handler's
     return and the response's first write, and there is no one to answer.
     Anything else is a bug: logged, and a 500 in the family's shape.
     """
     try:
         await app(scope, body.receive, body.send)
-    except* ClientDisconnectedError:
+    except* _CONSUMER_GONE:
         log.debug("consumer left before its answer was sent")
     except* HTTPException as group:
         exc = group.exceptions[0]
