@@ -34,6 +34,10 @@ from coordinator.registry.actor import RegistryClient, serve_registry
 log = logging.getLogger(__name__)
 
 GOING_AWAY = 1001
+# A provider streaming for many requests at once sends many small frames; one
+# read of up to this much takes them all in one wake-up (trio-websocket reads
+# 4 KiB at a time by default). Only what arrived is held: nothing is reserved.
+PROVIDER_READ_BYTES = 64 * 1024
 
 
 @attrs.frozen
@@ -163,6 +167,7 @@ async def serve(
             # Until a provider is admitted only a small frame is accepted;
             # the edge raises the limit after admission.
             max_message_size=config.register_frame_bytes,
+            receive_buffer_size=PROVIDER_READ_BYTES,
             connect_timeout=config.register_timeout,
         )
         await nursery.start(ws_server.run)
