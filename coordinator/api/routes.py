@@ -49,13 +49,12 @@ from .server import ConnectionTable, GuardedStream
 from .status import render_status
 
 log = logging.getLogger(__name__)
+outcomes = logging.getLogger("coordinator.requests")
 
 # quart 0.23 (with quart-trio 0.13, Python >= 3.13) raises this when the consumer
 # hangs up before the response's first write; quart 0.22 has no such error.
-_CONSUMER_GONE: tuple[type[Exception], ...] = tuple(
-    error for error in (getattr(quart.wrappers.base, "ClientDisconnectedError", None),)
-    if error is not None)
-outcomes = logging.getLogger("coordinator.requests")
+_gone = getattr(quart.wrappers.base, "ClientDisconnectedError", None)
+_CONSUMER_GONE: tuple[type[Exception], ...] = (_gone,) if _gone is not None else ()
 
 # The request's relays (its committed winners), which EdgeGuard closes when the request
 # is over if their streams have not: the request owns its winner however it ends.
