@@ -64,12 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,load}")
     for name, text in (("serve", "run the coordinator"),
                        ("demo", "run the coordinator with simulated providers on loopback")):
+        keys = ("COORDINATOR_API_KEYS, COORDINATOR_ADMIN_KEYS, COORDINATOR_PROVIDER_TOKENS, "
+                if name == "serve" else "")
+        secrets_note = ("" if name == "serve" else " The demo makes its own API key, admin key "
+                        "and provider token each run and prints them; those variables are "
+                        "not used.")
         p = sub.add_parser(
             name, help=text, description=text + ". Every setting also comes from a "
-            "COORDINATOR_<NAME> environment variable (docs/configuration.md), e.g. "
-            "COORDINATOR_API_KEYS, COORDINATOR_ADMIN_KEYS, COORDINATOR_PROVIDER_TOKENS, "
+            "COORDINATOR_<NAME> environment variable (docs/configuration.md), e.g. " + keys +
             "COORDINATOR_MAX_BODY_BYTES, COORDINATOR_QUEUE_MAX, COORDINATOR_DRAIN_TIMEOUT; "
-            "flags win over variables.")
+            "flags win over variables." + secrets_note)
         p.add_argument("--host", default=None, metavar="ADDR",
                        help="HTTP bind address (default: 127.0.0.1, COORDINATOR_HTTP_HOST)")
         p.add_argument("--port", type=_port, default=None,

@@ -16,6 +16,9 @@ from typing import Any
 import attrs
 
 from coordinator import sizes
+from coordinator.protocol.crypto import load_verify_key
+from coordinator.registry.traits import TRAIT_NAMES
+from coordinator.registry.versions import parse_version
 
 
 def _pairs(value: Any, what: str) -> Mapping[str, str]:
@@ -34,11 +37,26 @@ def _pairs(value: Any, what: str) -> Mapping[str, str]:
 
 
 def _floors(value: Any) -> Mapping[str, str]:
-    return _pairs(value, "trait=version")
+    floors = _pairs(value, "trait=version")
+    for trait, version in floors.items():
+        # A misspelled trait would otherwise drop the floor it meant (the default
+        # tools=0.6.3 included) without a word.
+        if trait not in TRAIT_NAMES:
+            raise ValueError(f"{trait!r} is not a trait ({', '.join(TRAIT_NAMES)})")
+        if parse_version(version) is None:
+            raise ValueError(f"{version!r} is not a version (MAJOR[.MINOR[.PATCH]])")
+    return floors
 
 
 def _bindings(value: Any) -> Mapping[str, str]:
-    return _pairs(value, "provider_id=signing_key")
+    bindings = _pairs(value, "provider_id=signing_key")
+    for provider_id, key in bindings.items():
+        try:
+            load_verify_key(key)
+        except ValueError as exc:
+            raise ValueError(f"the key bound to {provider_id!r} is not an Ed25519 public "
+                             f"key in base64 ({exc})") from None
+    return bindings
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -66,6 +84,9 @@ class Config:
     max_tokens_limit: int = 1_000_000
     request_buffer_chunks: int = 256
     request_buffer_bytes: int = 8 * 1024 * 1024
+    # A non-streaming answer is held whole until it completes: this bounds it (its events'
+    # JSON, in bytes). Streamed answers flow through and are bounded by the buffer above.
+    max_response_bytes: int = 16 * 1024 * 1024
     # -- consumer connections
     max_connections: int = 1000
     keep_alive_timeout: float = 5.0
@@ -90,7 +111,6 @@ class Config:
     cancel_send_timeout: float = 2.0
     close_timeout: float = 1.0
     withdraw_timeout: float = 5.0
-    cleanup_timeout: float = 10.0
     drain_timeout: float = 30.0
     # -- routing health
     breaker_strikes: int = 2
@@ -143,8 +163,8 @@ class Config:
         if self.redis_url and self.identity_pins_file:
             problems.append("identity_pins_file: not used with redis_url (the pins live in "
                             "Redis); set one or the other")
-        problems += sizes.check(self.max_body_bytes, self.max_frame_bytes,
-                                self.register_frame_bytes, self.request_buffer_bytes)
+        problems += sizes.check(self.max_frame_bytes, self.register_frame_bytes,
+                                self.request_buffer_bytes)
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -199,7 +219,7 @@ _PORTS = frozenset({"http_port", "provider_port", "cluster_port", "advertise_por
 _FRACTIONS = frozenset({"backup_fraction", "model_memory_fraction", "hedge_budget"})
 _AT_LEAST_ONE = frozenset({
     "max_body_bytes", "max_frame_bytes", "max_json_depth", "max_tokens_limit",
-    "request_buffer_chunks", "max_connections", "max_attempts", "breaker_strikes",
+    "request_buffer_chunks", "max_response_bytes", "max_connections", "max_attempts", "breaker_strikes",
     "default_provider_slots", "max_provider_slots", "max_pending_providers",
     "max_models_per_provider", "max_identity_pins", "outpaced_strikes",
 })
@@ -208,23 +228,31 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _name_variables(message: str, environ: Mapping[str, str]) -> str:
-    """Say ``COORDINATOR_X`` for settings that came from the environment."""
+    """Say ``COORDINATOR_X`` for settings that came from the environment (each problem)."""
+    return "; ".join(_name_variable(problem, environ) for problem in message.split("; "))
+
+
+def _name_variable(problem: str, environ: Mapping[str, str]) -> str:
     for field in attrs.fields(Config):
         variable = f"COORDINATOR_{field.name.upper()}"
-        if variable in environ and message.startswith(f"{field.name}:"):
-            return f"{variable}={environ[variable]!r}" + message[len(field.name):]
-    return message
+        if variable in environ and problem.startswith(f"{field.name}:"):
+            return f"{variable}={environ[variable]!r}" + problem[len(field.name):]
+    return problem
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A warning for each ``COORDINATOR_*`` variable that names no setting."""
     environ = os.environ if environ is None else environ
-    known = [f"COORDINATOR_{f.name.upper()}" for f in attrs.fields(Config)]
+    known = [f.name.upper() for f in attrs.fields(Config)]
     warnings = []
     for name in sorted(environ):
-        if name.startswith("COORDINATOR_") and name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+        setting = name.removeprefix("COORDINATOR_")
+        if setting != name and setting not in known:
+            # Compared without the common prefix, which made every name look alike.
+            close = difflib.get_close_matches(setting, known, n=1)
+            hint = f"; did you mean COORDINATOR_{close[0]}?" if close else ""
+            if setting == "LOG_LEVEL":
+                hint = "; the log level is the --log-level flag"
             warnings.append(f"{name} is not a coordinator setting{hint}")
     return warnings
 

@@ -52,14 +52,16 @@ def provider_socket_limit(max_frame_bytes: int) -> int:
     return 2 * max_frame_bytes
 
 
-def check(max_body_bytes: int, max_frame_bytes: int, register_frame_bytes: int,
+def check(max_frame_bytes: int, register_frame_bytes: int,
           request_buffer_bytes: int) -> list[str]:
-    """What is inconsistent about a configuration's sizes (empty when all is well)."""
+    """What is inconsistent about a configuration's sizes (empty when all is well).
+
+    Each size on its own (at least 1) is checked with every other setting."""
     problems = []
-    if max_body_bytes < 1:
-        problems.append("max_body_bytes must be positive")
     if not 1024 <= register_frame_bytes <= max_frame_bytes:
-        problems.append("register_frame_bytes must be between 1024 and max_frame_bytes")
+        problems.append(f"register_frame_bytes: must be between 1024 and max_frame_bytes "
+                        f"({max_frame_bytes}), not {register_frame_bytes}")
     if request_buffer_bytes < max_frame_bytes:
-        problems.append("request_buffer_bytes must hold at least one frame (>= max_frame_bytes)")
+        problems.append(f"request_buffer_bytes: must hold at least one frame (>= "
+                        f"max_frame_bytes, {max_frame_bytes}), not {request_buffer_bytes}")
     return problems

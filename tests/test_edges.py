@@ -429,6 +429,16 @@ def test_a_signal_drains_and_exits_0_without_a_traceback(signum):
     ([], {"COORDINATOR_SPECULATIVE_BACKUP": "maybe"}, "COORDINATOR_SPECULATIVE_BACKUP"),
     ([], {"COORDINATOR_TTFT_BASE": "-5"}, "COORDINATOR_TTFT_BASE"),
     ([], {"COORDINATOR_BACKUP_FRACTION": "2"}, "COORDINATOR_BACKUP_FRACTION"),
+    # A misspelled trait silently dropped the floor it meant (the default tools floor too).
+    ([], {"COORDINATOR_CAPABILITY_FLOORS": "tool=0.6.3"}, "'tool' is not a trait"),
+    ([], {"COORDINATOR_CAPABILITY_FLOORS": "tools=abc"}, "'abc' is not a version"),
+    # A binding whose key is no key was a traceback from inside the running app.
+    ([], {"COORDINATOR_PROVIDER_BINDINGS": "x=notbase64"}, "COORDINATOR_PROVIDER_BINDINGS"),
+    ([], {"COORDINATOR_PROVIDER_BINDINGS": "x=QUJD"}, "must be 32 bytes"),
+    # Sizes that contradict each other name the variable set and the values.
+    ([], {"COORDINATOR_REGISTER_FRAME_BYTES": "2000", "COORDINATOR_MAX_FRAME_BYTES": "1500"},
+     "COORDINATOR_REGISTER_FRAME_BYTES='2000': must be between 1024 and max_frame_bytes "
+     "(1500), not 2000"),
 ])
 def test_operator_errors_are_one_line_and_exit_2(args, env, names):
     process = _run_coordinator("serve", "--provider-port", "0", *args, env=env)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from coordinator.dispatch import race
 from coordinator.dispatch.race import Phase, RacerState
 from coordinator.protocol import ModelInfo, Usage
+from coordinator.providers.admission import MAX_DECODE_TPS
 from coordinator.registry import scheduler
 from coordinator.registry.hedging import MIN_SAMPLES, HedgeBudget, hedge_delay
 from coordinator.registry.speed import (
@@ -147,6 +148,19 @@ def test_outpaced_and_observed_evidence_from_the_racer():
     assert race.outpaced(state, 4.0, lost=True) is None  # a cold load says nothing
     seen = race.observed(1.0, 1.5, 3.5, Usage(10, 41), prompt_tokens=300)
     assert seen == Observed(0.5, 20.5, 300)
+
+
+def test_a_provider_claiming_a_billion_tokens_is_no_faster_than_one_may_declare():
+    # The token count is the provider's word: an observed rate above the declared
+    # ceiling would let one liar draw a whole model's traffic (probe, 82 of 90 requests).
+    seen = race.observed(1.0, 1.5, 2.5, Usage(10, 10**9), prompt_tokens=10)
+    assert seen.decode_tps == MAX_DECODE_TPS
+    liar, honest = _record("liar", 100.0), _record("honest", MAX_DECODE_TPS)
+    job = Job("r", "m", prompt_tokens=10, max_tokens=1000)
+    for _ in range(TRUST_AFTER):
+        liar.speeds.setdefault("m", ProviderSpeed()).observe(seen.ttfc, seen.decode_tps)
+        honest.speeds.setdefault("m", ProviderSpeed()).observe(seen.ttfc, MAX_DECODE_TPS)
+    assert scheduler.job_cost(liar, job) == scheduler.job_cost(honest, job)
 
 
 # ---- the registry learning ------------------------------------------------------------

@@ -9,6 +9,7 @@ serves the next request.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -23,7 +24,7 @@ import trio.testing
 import trio_websocket
 
 from coordinator.app import serve
-from coordinator.cluster.peer import PeerServer
+from coordinator.cluster.peer import PeerLink, PeerServer
 from coordinator.protocol import (
     EncryptedPayload,
     InferenceComplete,
@@ -424,6 +425,24 @@ async def test_odd_chunks_on_non_streaming_requests_are_tolerated(autojump_clock
     assert not errors.records
 
 
+async def test_a_non_streaming_answer_is_bounded_and_the_provider_stopped(autojump_clock):
+    # A non-streaming answer is held whole until it completes: a provider that kept
+    # streaming content grew the coordinator's memory 1:1 with what it sent (probe).
+    async with open_harness(max_response_bytes=4096, speculative_backup=False) as h:
+        provider = await h.add_provider("p", behaviour=Behaviour(token_interval=0.01,
+                                                                   tokens=1000))
+        result = await h.chat(stream=False)
+        assert result.status == 502, result.body
+        assert result.json()["error"]["code"] == "response_too_large"
+        await h.until(lambda: any(entry[1] == "cancel" for entry in provider.log))
+        await h.assert_quiescent()
+        # The same answer streamed flows through: only what is held is bounded.
+        streamed = await h.chat(stream=True)
+        assert streamed.status == 200 and b"data: [DONE]" in streamed.body
+        provider.behaviour = Behaviour(tokens=5)
+        assert (await h.chat(stream=False)).status == 200
+
+
 @pytest.mark.parametrize("usage", [
     '{"prompt_tokens":-1000,"completion_tokens":3}',
     '{"prompt_tokens":1,"completion_tokens":' + "9" * 4300 + "}",
@@ -752,6 +771,51 @@ async def _memory_upgrade(h: Harness, nursery: trio.Nursery, serve: Any = None) 
     nursery.start_soon(serve or h._serve_edge, nursery, server)
     await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE)
     return await client.receive_some(1000)
+
+
+class _Said(logging.Handler):
+    """Records a logger's warnings; ``event`` is set at the first."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.event = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.event.set()
+
+
+async def test_a_link_refused_for_its_cluster_token_says_so_once(errors):
+    # A wrong token looked healthy: requests for the other instance's providers failed
+    # with "instance … is gone" and neither side said why.
+    said, logger = _Said(), logging.getLogger("coordinator.cluster.peer")
+    logger.addHandler(said)
+    try:
+        async with open_harness(cluster_token="right") as h, trio.open_nursery() as nursery:
+            peers = PeerServer(h.coordinator.config, h.registry,
+                               h.coordinator.dispatcher.directory)
+            served, handled = trio.open_memory_channel[None](3)
+
+            async def handle(request: trio_websocket.WebSocketRequest) -> None:
+                await peers.handle(request)
+                served.send_nowait(None)
+
+            server = await nursery.start(functools.partial(
+                trio_websocket.serve_websocket, handle, "127.0.0.1", 0, ssl_context=None))
+            link = PeerLink("b", f"ws://127.0.0.1:{server.port}/", me="a", token="wrong")
+            await nursery.start(link.run)
+            for _ in range(3):
+                await link._open()
+                with trio.fail_after(10):
+                    await handled.receive()  # refused and closed
+                    await said.event.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logger.removeHandler(said)
+    [warning] = said.records
+    assert "instance b refused this instance's link (not a cluster member)" in \
+        warning.getMessage() and "COORDINATOR_CLUSTER_TOKEN" in warning.getMessage()
 
 
 async def test_links_that_never_say_hello_are_capped_like_providers_in_admission(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import orjson
+
 from coordinator import errors
 from coordinator.dispatch.chunks import Event
 from coordinator.dispatch.items import End, InBandError
@@ -27,9 +29,15 @@ def refusal_error(refused: Refused) -> errors.ApiError:
             return errors.unavailable(refused.detail)
 
 
-async def collect(relay: Relay, metrics: Metrics) -> tuple[list[Event], Usage]:
-    """Non-streaming: the winner's whole output, or an ApiError if it fails mid-way."""
+async def collect(relay: Relay, metrics: Metrics,
+                  max_bytes: int) -> tuple[list[Event], Usage]:
+    """Non-streaming: the winner's whole output, or an ApiError if it fails mid-way.
+
+    The output is held until it completes, so it is bounded: past ``max_bytes`` of
+    events (their JSON) the request fails with 502 and the provider is told to stop.
+    """
     events: list[Event] = []
+    held = 0
     async with contextlib.aclosing(relay.batches()) as batches:
         async for batch in batches:
             for item in batch:
@@ -46,5 +54,13 @@ async def collect(relay: Relay, metrics: Metrics) -> tuple[list[Event], Usage]:
                             f"provider failed after it began answering: {message}",
                             "provider_error", "timeout" if timeout else "provider_error")
                     case _:
+                        held += len(orjson.dumps(item))
+                        if held > max_bytes:
+                            metrics.inband_errors.labels("response_too_large").inc()
+                            raise errors.ApiError(
+                                502, f"the provider's answer exceeds {max_bytes} bytes, the "
+                                "most a non-streaming answer may hold (max_response_bytes); "
+                                "ask for it with stream: true", "provider_error",
+                                "response_too_large")
                         events.append(item)
     raise errors.ApiError(502, "provider stream ended without completing", "provider_error")

@@ -153,7 +153,7 @@ class Api:
             headers["X-Provider-Instance"] = link.instance
             record["instance"] = link.instance
         if not parsed.stream:
-            chunks, usage = await collect(relay, self.metrics)
+            chunks, usage = await collect(relay, self.metrics, self.config.max_response_bytes)
             record.update(result="success", status=200)
             body = assemble(endpoint, chunks, usage, request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")

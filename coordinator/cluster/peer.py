@@ -243,6 +243,7 @@ class PeerLink:
     _opening: trio.Lock = attrs.field(factory=trio.Lock)
     _requests: dict[str, RemoteConnection] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = None
+    _refused: bool = False  # said once until a link is accepted again
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a nursery for the link's reader; cancelled when the link is dropped."""
@@ -283,8 +284,9 @@ class PeerLink:
         try:
             while True:
                 self._on_message(await ws.get_message())
-        except trio_websocket.ConnectionClosed:
-            pass
+                self._refused = False
+        except trio_websocket.ConnectionClosed as exc:
+            self._note_refusal(exc.reason)
         finally:
             # Every request on this link ends as if its provider had disconnected.
             for connection in set(self._requests.values()):
@@ -292,6 +294,15 @@ class PeerLink:
                     connection.deliver(request_id, _instance_gone(
                         request_id, f"instance {self.instance} is gone"))
             self._requests.clear()
+
+    def _note_refusal(self, reason: trio_websocket.CloseReason | None) -> None:
+        # Without this a wrong cluster token looked healthy: every request to the other
+        # instance's providers failed with "instance … is gone" and nothing said why.
+        if reason is None or reason.code != POLICY_VIOLATION or self._refused:
+            return
+        self._refused = True
+        log.warning("instance %s refused this instance's link (%s): is COORDINATOR_CLUSTER_TOKEN "
+                    "the same on every instance?", self.instance, reason.reason)
 
     def _on_message(self, raw: str | bytes) -> None:
         message = _message(raw)

@@ -29,6 +29,7 @@ from coordinator import errors
 from coordinator.config import Config
 from coordinator.dispatch.chunks import ChunkKind, Event
 from coordinator.protocol import Usage
+from coordinator.providers.admission import MAX_DECODE_TPS
 from coordinator.registry.table import CANCELLED, Observed, Outcome, Outpaced
 
 DISCONNECTED: Final = 502
@@ -282,10 +283,14 @@ def outpaced(state: RacerState, now: float, *, lost: bool) -> Outpaced | None:
 
 def observed(sent_at: float, committed_at: float, ended_at: float, usage: Usage | None,
              prompt_tokens: int) -> Observed:
-    """What a completed winner showed of its provider's speed."""
+    """What a completed winner showed of its provider's speed.
+
+    The token count is the provider's own word, so the rate is held to what a provider
+    may declare: a provider claiming 10^9 tokens must not look faster than any other.
+    """
     decoding = ended_at - committed_at
     tokens = usage.completion_tokens if usage is not None else 0
-    rate = tokens / decoding if decoding > 0 and tokens > 1 else None
+    rate = min(tokens / decoding, MAX_DECODE_TPS) if decoding > 0 and tokens > 1 else None
     return Observed(committed_at - sent_at, rate, prompt_tokens)
 
 

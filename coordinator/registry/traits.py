@@ -16,6 +16,8 @@ MEDIA_PART_TYPES: Final = frozenset(
     {"image_url", "image", "input_image", "video", "video_url", "input_video"}
 )
 _MAX_SCAN_DEPTH: Final = 12
+# What a capability floor (config ``capability_floors``) may name.
+TRAIT_NAMES: Final = ("tools", "vision")
 
 
 @attrs.frozen
