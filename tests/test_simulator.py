@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from coordinator.loadgen.load import Mix, run_load, summary
+from coordinator.loadgen.load import PATHS, Mix, run_load, summary
 from provider_sim.behaviours import Behaviour, Fault, parse_behaviour
 from provider_sim.fleet import load_fleet
 from provider_sim.http import serve_http
@@ -226,11 +226,30 @@ async def test_load_generator_smoke_against_the_demo_fleet():
         report = await run_load(running.http_url, key="test-key", model="sim-chat-small",
                                 concurrency=4, duration=2.0, requests=40,
                                 mix=Mix(stream=0.5, tools=0.5, images=0.0), show_progress=False)
+        # Every endpoint gets bodies of its own shape, and its streams' own ending.
+        others = {path: await run_load(running.http_url, key="test-key",
+                                       model="sim-vision-large", concurrency=2, duration=2.0,
+                                       requests=12, mix=Mix(stream=0.5, tools=0.5, images=0.5),
+                                       path=path, show_progress=False)
+                  for path in PATHS}
     assert report["requests"] == 40 and report["ok"] == 40
     assert report["success_rate"] == 1.0 and not report["errors"]
     assert report["first_byte_ms"]["p50"] > 0
     assert report["coordinator"]['coordinator_dispatch_total{result="success"}'] == 40
     assert "40 requests" in summary(report)
+    for path, other in others.items():
+        assert other["ok"] == 12 and not other["errors"], (path, other["errors"])
+
+
+async def test_load_generator_without_a_key_sends_no_authorization():
+    # An empty key made an illegal "Bearer " header: the run died on its first request.
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_http, "127.0.0.1", 0, Behaviour(), 5)
+        report = await run_load(url, key="", model="m", concurrency=2, duration=2.0,
+                                requests=6, mix=Mix(stream=0.5, tools=0.0),
+                                show_progress=False)
+        nursery.cancel_scope.cancel()
+    assert report["ok"] == 6 and not report["errors"]
 
 
 async def test_load_generator_refuses_non_loopback():

@@ -25,9 +25,11 @@ import trio
 
 from .client import ConnectionLost, HttpConnection
 
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
-    "type": "object", "properties": {"q": {"type": ["string", "null"]}}}}}
+IMAGE_DATA = "iVBORw0KGgo="
+IMAGE_URL = f"data:image/png;base64,{IMAGE_DATA}"
+IMAGE = {"type": "image_url", "image_url": {"url": IMAGE_URL}}
+LOOKUP = {"type": "object", "properties": {"q": {"type": ["string", "null"]}}}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": LOOKUP}}
 
 
 @attrs.frozen
@@ -59,30 +61,67 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+TRANSPORT_BACKOFF = 0.1  # seconds a consumer waits after a connection fails
+
+
 def require_loopback(url: str) -> tuple[str, int]:
+    """The URL's host and port; SystemExit with a reason unless it is on loopback."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    port = parts.port or 80
-    for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    try:
+        port = parts.port or 80
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"cannot load {url}: {exc}") from None
+    for info in infos:
         if not ipaddress.ip_address(info[4][0]).is_loopback:
             raise SystemExit(f"refusing to load {host}: load runs target loopback only")
     return host, port
 
 
+CHAT, COMPLETIONS, RESPONSES, MESSAGES = (
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+PATHS = (CHAT, COMPLETIONS, RESPONSES, MESSAGES)
+RESPONSES_TOOL = {"type": "function", "name": "lookup", "parameters": LOOKUP}
+MESSAGES_TOOL = {"name": "lookup", "input_schema": LOOKUP}
+
+
 def make_body(model: str, mix: Mix, rng: random.Random, tokens: int,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    content: Any = "Say something."
-    if rng.random() < mix.images:
-        content = [{"type": "text", "text": "What is this?"}, IMAGE]
-    body: dict[str, Any] = {"model": model, "max_tokens": tokens,
-                            "stream": rng.random() < mix.stream,
-                            "messages": [{"role": "user", "content": content}]}
-    if rng.random() < mix.tools:
-        body["tools"] = [TOOL]
+              extra: dict[str, Any] | None = None, path: str = CHAT) -> dict[str, Any]:
+    """One request body in the shape ``path`` takes (images and tools where it has them)."""
+    stream = rng.random() < mix.stream
+    image, tools = rng.random() < mix.images, rng.random() < mix.tools
+    body: dict[str, Any] = {"model": model, "stream": stream}
+    if path == COMPLETIONS:
+        body.update(prompt="Say something.", max_tokens=tokens)
+    elif path == RESPONSES:
+        body.update(input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            *([{"type": "input_image", "image_url": IMAGE_URL}] if image else [])]}],
+            max_output_tokens=tokens)
+        if tools:
+            body["tools"] = [RESPONSES_TOOL]
+    elif path == MESSAGES:
+        content: Any = "Say something."
+        if image:
+            content = [{"type": "text", "text": "What is this?"},
+                       {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                    "data": IMAGE_DATA}}]
+        body.update(max_tokens=tokens, messages=[{"role": "user", "content": content}])
+        if tools:
+            body["tools"] = [MESSAGES_TOOL]
+    else:
+        content = [{"type": "text", "text": "What is this?"}, IMAGE] if image else "Say something."
+        body.update(max_tokens=tokens, messages=[{"role": "user", "content": content}])
+        if tools:
+            body["tools"] = [TOOL]
     return {**body, **(extra or {})}
 
 
-def classify_reply(status: int, body: bytes, stream: bool) -> str | None:
+_FINAL_EVENTS = {MESSAGES: "message_stop", RESPONSES: "response.completed"}
+
+
+def classify_reply(status: int, body: bytes, stream: bool, path: str = CHAT) -> str | None:
     """None for a clean answer; otherwise the kind of error the consumer saw."""
     if status != 200:
         try:
@@ -93,6 +132,11 @@ def classify_reply(status: int, body: bytes, stream: bool) -> str | None:
         return f"http_{status}:{kind}"
     if stream:
         text = body.decode(errors="replace")
+        final = _FINAL_EVENTS.get(path)
+        if final is not None:  # these streams end with a final event; errors are events
+            if "event: error" in text:
+                return "inband_error"
+            return None if f"event: {final}" in text else "truncated_stream"
         if 'data: {"error"' in text:
             return "inband_error"
         if not text.rstrip().endswith("data: [DONE]"):
@@ -104,20 +148,24 @@ async def consumer(host: str, port: int, path: str, key: str, model: str, mix: M
                    tokens: int, rng: random.Random, stats: Stats, deadline: float,
                    budget: list[int], extra: dict[str, Any] | None = None) -> None:
     conn = HttpConnection(host, port)
-    headers = [("authorization", f"Bearer {key}"), ("content-type", "application/json")]
+    headers = [("content-type", "application/json")]
+    if key:  # no key: a target that needs none (a provider's own HTTP mode)
+        headers.append(("authorization", f"Bearer {key}"))
     try:
         while trio.current_time() < deadline and budget[0] > 0:
             budget[0] -= 1
             stats.started_requests += 1
-            body = make_body(model, mix, rng, tokens, extra)
+            body = make_body(model, mix, rng, tokens, extra, path)
             try:
                 reply = await conn.request("POST", path, headers, json.dumps(body).encode())
             except (OSError, ConnectionLost, trio.BrokenResourceError) as exc:
                 stats.done += 1
                 stats.record_error(f"transport:{type(exc).__name__}")
+                # A server that refuses connections (draining, gone) is not hammered.
+                await trio.sleep(TRANSPORT_BACKOFF)
                 continue
             stats.done += 1
-            kind = classify_reply(reply.status, reply.body, bool(body["stream"]))
+            kind = classify_reply(reply.status, reply.body, bool(body["stream"]), path)
             if kind is None:
                 stats.ok += 1
                 stats.first_byte.append(reply.first_byte)
@@ -257,8 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target, loopback only (default: an embedded coordinator and fleet)")
     parser.add_argument("--key", default="", help="API key for --url (default: none)")
     parser.add_argument("--model", default="sim-chat-small", help="model (default: %(default)s)")
-    parser.add_argument("--path", default="/v1/chat/completions",
-                        help="endpoint (default: %(default)s)")
+    parser.add_argument("--path", default=CHAT, choices=PATHS,
+                        help="endpoint; bodies take its shape (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="concurrent consumers (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=10.0,
@@ -327,6 +375,8 @@ def run_from_args(args: argparse.Namespace) -> None:
     from provider_sim.signals import until_signalled
 
     embedded = args.url is None
+    if not embedded:
+        require_loopback(args.url)  # here, so a refusal is one line, not a traceback
     report = (trio.run(until_signalled, run_embedded, args) if embedded
               else trio.run(until_signalled, _run, args, args.url, args.key))
     if report is None:
