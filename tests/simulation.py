@@ -341,6 +341,8 @@ def _check_routing(world: World) -> None:
     primaries: list[float] = []
     backups: list[float] = []
     for event, now, details in sorted(world.audit, key=lambda e: e[1]):
+        if event == "cold_backup":
+            continue  # a primary loading a cold model: outside the hedge budget
         if event in ("primary", "backup"):
             (primaries if event == "primary" else backups).append(now)
             if event == "backup":

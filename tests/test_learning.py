@@ -34,7 +34,7 @@ from coordinator.registry.traits import LOW_DETAIL_IMAGE_TOKENS, estimate_prompt
 from coordinator.registry.versions import parse_version
 from provider_sim.behaviours import Behaviour, Fault
 
-from .harness import ADMIN_KEY, make_config, open_harness
+from .harness import ADMIN_KEY, MODEL, make_config, open_harness
 
 # ---- the pure rules -----------------------------------------------------------------
 
@@ -145,7 +145,8 @@ def test_outpaced_and_observed_evidence_from_the_racer():
     assert race.outpaced(state, 4.0, lost=True) == Outpaced(3.0, boilerplate_only=True)
     assert race.outpaced(state, 4.0, lost=False) is None  # cancelled, not outpaced
     state.phase = Phase.ACCEPTED
-    assert race.outpaced(state, 4.0, lost=True) is None  # a cold load says nothing
+    # Loading a cold model while the other racer served: slow now, not sick (no strike).
+    assert race.outpaced(state, 4.0, lost=True) == Outpaced(3.0, boilerplate_only=False)
     seen = race.observed(1.0, 1.5, 3.5, Usage(10, 41), prompt_tokens=300)
     assert seen == Observed(0.5, 20.5, 300)
 
@@ -303,6 +304,39 @@ async def test_a_zombie_is_learned_and_no_longer_chosen_first(autojump_clock):
         page = await h.request("/status", method="GET",
                                headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert "tok/s observed" in page.body.decode() and "tok/s declared" in page.body.decode()
+        await h.assert_quiescent()
+
+
+async def test_a_primary_loading_a_cold_model_gets_its_backup_past_a_spent_budget(
+        autojump_clock):
+    """A provider that answers "accepted" and then nothing (probe): once the hedge budget
+    was spent its consumers waited up to the 600 s cold-load budget, and losing a race
+    while "accepted" taught routing nothing, so it stayed first choice."""
+    async with open_harness(hedge_budget=0.01, hedge_window=10.0,
+                            adaptive_hedging=False) as h:
+        cold = await h.add_provider("cold", behaviour=Behaviour(Fault.STALL, accepted_delay=0.0),
+                                    decode_tps=100_000)
+        await h.add_provider("good", decode_tps=1000)
+        took: list[float] = []
+
+        async def one() -> None:
+            started = trio.current_time()
+            result = await h.chat(stream=False)
+            assert result.status == 200 and result.headers["x-provider-id"] == "good"
+            took.append(trio.current_time() - started)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(one)
+        sent_to_cold = len([e for _, e, _ in cold.log if e == "received"])
+        assert sent_to_cold >= 3  # past the burst of 2 the budget allows
+        assert max(took) < 3.0  # each at its hedge time (2.5 s), none waiting for the window
+        assert h.state.providers["cold"].speeds[MODEL].penalty > 0  # slow now: routed around
+        started = trio.current_time()
+        assert (await h.chat(stream=False)).headers["x-provider-id"] == "good"
+        assert trio.current_time() - started < 1.0
+        assert len([e for _, e, _ in cold.log if e == "received"]) == sent_to_cold
+        assert not h.state.breaker._recent.get(("cold", MODEL, "base"))  # no strike
         await h.assert_quiescent()
 
 

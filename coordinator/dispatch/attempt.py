@@ -55,6 +55,7 @@ class _Attempt:
     winner: Committed | None = None
     failures: list[Failure] = attrs.field(factory=list)
     primary_settled: trio.Event = attrs.field(factory=trio.Event)
+    primary: Racer | None = None
 
 
 @attrs.define(eq=False)
@@ -119,7 +120,9 @@ class Dispatcher:
                 await attempt.primary_settled.wait()
             if attempt.primary_settled.is_set():
                 return
-            if (backup := await self.registry.try_acquire(attempt.ctx.job, exclude)) is not None:
+            cold = attempt.primary is not None and attempt.primary.state.phase is Phase.ACCEPTED
+            if (backup := await self.registry.try_acquire(attempt.ctx.job, exclude,
+                                                          cold_primary=cold)) is not None:
                 self.metrics.speculative.inc()
                 log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
                          backup.lease.provider_id)
@@ -139,6 +142,8 @@ class Dispatcher:
         deadline = deadlines.backup_ttft(trio.current_time()) if is_backup else deadlines.ttft
         state = RacerState(lease.provider_id, lease.version, deadline)
         racer = Racer(lease, connection, events, cipher, state, is_backup)
+        if not is_backup:
+            attempt.primary = racer
         attempt.ctx.providers_tried.append(lease.provider_id)
         attempt.nursery.start_soon(self._run_racer, attempt, racer)
 

@@ -275,9 +275,14 @@ def loser_verdict(phase: Phase, *, timed_out: bool) -> Outcome:
 
 
 def outpaced(state: RacerState, now: float, *, lost: bool) -> Outpaced | None:
-    """What losing to the other racer says of this one: slowness, if it had sent no content."""
-    if not lost or state.phase not in (Phase.SENT, Phase.PREAMBLE):
-        return None  # never sent, or loading a cold model: no evidence of slowness
+    """What losing to the other racer says of this one: slowness, if it had sent no content.
+
+    A racer loading a cold model ("accepted") is slow by its own word, not sick: it earns
+    the decaying penalty (routing looks elsewhere while it loads, and away from a provider
+    that says "accepted" to everything), never a strike.
+    """
+    if not lost or state.phase not in (Phase.SENT, Phase.PREAMBLE, Phase.ACCEPTED):
+        return None  # never sent: no evidence of slowness
     return Outpaced(now - state.sent_at, boilerplate_only=state.phase is Phase.PREAMBLE)
 
 

@@ -81,6 +81,7 @@ class _TryAcquire:
 
     request: AcquireRequest
     reply: Reply
+    cold_primary: bool = False  # the primary is loading a cold model: past the hedge budget
 
 
 @attrs.frozen
@@ -147,8 +148,8 @@ class _Actor:
                     self.waiting[request.ticket] = reply
                 else:
                     reply.send_nowait(decision)
-            case _TryAcquire(request, reply):
-                reply.send_nowait(state.try_acquire(request, now))
+            case _TryAcquire(request, reply, cold_primary):
+                reply.send_nowait(state.try_acquire(request, now, cold_primary=cold_primary))
             case _Release(lease, outcome, evidence):
                 state.release(lease, outcome, now, evidence)
                 self._answer_drained(now)
@@ -267,12 +268,14 @@ class RegistryClient:
     async def shared(self, **news: Any) -> None:
         await self._tell(_Shared(**news))
 
-    async def try_acquire(self, job: Job, exclude: frozenset[str]) -> Grant | None:
+    async def try_acquire(self, job: Job, exclude: frozenset[str], *,
+                          cold_primary: bool = False) -> Grant | None:
         """A free eligible provider now, or None. Never queues (the backup path)."""
         # Shielded, so a grant is never dropped on the floor when the caller is
         # cancelled meanwhile: the caller records it at once and its cleanup releases it.
         with trio.CancelScope(shield=True):
-            result = await self._ask(lambda reply: _TryAcquire(AcquireRequest(job, exclude), reply))
+            result = await self._ask(lambda reply: _TryAcquire(
+                AcquireRequest(job, exclude), reply, cold_primary))
         return result  # type: ignore[no-any-return]
 
     async def acquire(

@@ -366,19 +366,28 @@ class RegistryState:
         recent = self.recent_ttfc.get((job.model, speed.size_class(job.prompt_tokens)))
         return hedging.hedge_delay(recent, fixed=fixed, floor=c.hedge_floor)
 
-    def try_acquire(self, request: AcquireRequest, now: float) -> Grant | None:
+    def try_acquire(self, request: AcquireRequest, now: float, *,
+                    cold_primary: bool = False) -> Grant | None:
         """A free eligible provider now, or None. Never queues (the backup path).
 
-        A backup also needs room in the hedge budget; without it, none is started.
+        A backup also needs room in the hedge budget; without it, none is started —
+        unless the primary said it is loading the model (``cold_primary``): the budget
+        keeps a slow fleet from doubling its load, and a cold load is not slowness to
+        wait out (one provider answering "accepted" to everything held consumers for
+        minutes once the budget was spent). Such a backup is outside the budget: it
+        neither needs room in it nor uses any.
         """
-        if not self.hedge_budget.allows(now):
+        if not cold_primary and not self.hedge_budget.allows(now):
             self.metrics.hedge_budget_exhausted.inc()
             return None
         decision = self.decide(request, now)
         if not isinstance(decision, Grant):
             return None
-        self.hedge_budget.spend(now)
-        self._note("backup", now, lease=decision.lease)
+        if cold_primary:
+            self._note("cold_backup", now, lease=decision.lease)
+        else:
+            self.hedge_budget.spend(now)
+            self._note("backup", now, lease=decision.lease)
         return decision
 
     def withdraw(self, ticket: object, now: float) -> None:
