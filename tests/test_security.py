@@ -114,6 +114,20 @@ async def test_deeply_nested_heartbeat_after_admission_is_one_rejected_frame(
     assert not errors.records
 
 
+async def test_a_provider_sending_garbage_in_a_loop_is_counted_not_logged_each_time(
+        autojump_clock, caplog):
+    async with open_harness() as h:
+        provider = await h.add_provider("p")
+        assert provider.current_ws is not None
+        for _ in range(50):
+            await provider.current_ws.send_message("not json")
+        await _still_serves(h)  # its answer came after them on the same socket
+        assert h.coordinator.metrics.frames_rejected.labels("malformed")._value.get() == 50
+    said = [r for r in caplog.records if r.name == "coordinator.providers.edge"
+            and r.levelno == logging.WARNING and "rejected frame" in r.getMessage()]
+    assert len(said) == 11 and "counted" in said[-1].getMessage()
+
+
 @pytest.mark.parametrize("token", ["é", "\ud800", "x" * 10_000])
 async def test_odd_provider_tokens_are_refused_with_1008(autojump_clock, errors, token):
     async with open_harness() as h:

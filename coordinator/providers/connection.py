@@ -163,6 +163,7 @@ class ProviderConnection:
     # Why a stream ended early, for streams the connection closed on its own.
     _ended: dict[str, str] = attrs.field(factory=dict)
     closed: bool = False
+    rejected: int = 0  # frames rejected this session (the edge logs only the first few)
     superseded: trio.Event = attrs.field(factory=trio.Event)
     remote = False  # a provider connected to another instance (cluster/peer.py)
     instance = ""  # which instance, when remote

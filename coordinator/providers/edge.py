@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 503
+LOGGED_REJECTIONS = 10  # rejected frames a session may have logged (all are counted)
 _sessions = itertools.count(1)
 
 
@@ -340,7 +341,15 @@ class ProviderEdge:
 
     def _reject(self, connection: ProviderConnection, reason: str, detail: str) -> None:
         self.metrics.frames_rejected.labels(reason).inc()
-        log.warning("provider %s: rejected frame (%s)", connection.provider_id, detail[:200])
+        # Logged for the first few of a session, counted for all: a provider sending
+        # garbage in a loop must not fill the operator's disk (500 frames, 65 KB of log).
+        connection.rejected += 1
+        if connection.rejected <= LOGGED_REJECTIONS:
+            log.warning("provider %s: rejected frame (%s)", connection.provider_id, detail[:200])
+        if connection.rejected == LOGGED_REJECTIONS:
+            log.warning("provider %s: further rejected frames of this session are counted "
+                        "(coordinator_provider_frames_rejected_total), not logged",
+                        connection.provider_id)
 
 
 async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str,
