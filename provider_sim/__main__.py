@@ -47,12 +47,15 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(message)s")
     if args.command == "fleet":
         members: list[FleetMember]
-        if args.file:
-            members, _ = load_fleet(args.file, token=args.token)
-        else:
-            members = [FleetMember(p) for p in demo_fleet(
-                args.n, args.token or "demo-provider-token",
-                parse_behaviour(args.behaviour), args.seed)]
+        try:
+            if args.file:
+                members, _ = load_fleet(args.file, token=args.token)
+            else:
+                members = [FleetMember(p) for p in demo_fleet(
+                    args.n, args.token or "demo-provider-token",
+                    parse_behaviour(args.behaviour), args.seed)]
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            parser.error(str(exc))  # one line and exit 2, not a traceback
         for member in members:
             member.provider.sse_chunks = member.provider.sse_chunks or args.sse_chunks
             member.provider.events_per_frame = max(member.provider.events_per_frame,
@@ -65,10 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .http import serve_http
 
+        try:
+            behaviour = parse_behaviour(args.behaviour)
+        except ValueError as exc:
+            parser.error(str(exc))
+
         async def serve_and_say() -> None:
             async with trio.open_nursery() as nursery:
-                url = await nursery.start(serve_http, args.host, args.port,
-                                          parse_behaviour(args.behaviour), args.tokens)
+                url = await nursery.start(serve_http, args.host, args.port, behaviour,
+                                          args.tokens)
                 print(f"simulated provider (OpenAI-compatible) on {url}", flush=True)
 
         trio.run(until_signalled, serve_and_say)

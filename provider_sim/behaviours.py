@@ -57,13 +57,21 @@ HEALTHY = Behaviour()
 def parse_behaviour(spec: str) -> Behaviour:
     """``fault[:key=value,...]``, e.g. ``role_then_error:status=500`` (CLI and fleet files)."""
     name, _, rest = spec.partition(":")
-    fields: dict[str, object] = {"fault": Fault(name.strip())}
+    try:
+        fault = Fault(name.strip())
+    except ValueError:
+        raise ValueError(f"unknown behaviour {name.strip()!r} (known: "
+                         f"{', '.join(f.value for f in Fault)})") from None
+    fields: dict[str, object] = {"fault": fault}
     for pair in filter(None, (p.strip() for p in rest.split(","))):
         key, _, value = pair.partition("=")
         attr = attrs.fields_dict(Behaviour).get(key)
         if attr is None or key == "fault":
             raise ValueError(f"unknown behaviour field {key!r}")
-        fields[key] = _coerce(attr.type, value)
+        try:
+            fields[key] = _coerce(attr.type, value)
+        except ValueError:
+            raise ValueError(f"behaviour field {key}={value!r}: expected {attr.type}") from None
     return Behaviour(**fields)  # type: ignore[arg-type]
 
 

@@ -14,6 +14,9 @@ A fleet file::
     pace = true               # delays follow the rates
     sse_chunks = false        # frame chunk payloads as SSE ("data: {...}\\n\\n")
     max_request_bytes = 1048576  # the largest request frame accepted (declared in register)
+    max_concurrency = 8       # declared in register
+    memory_gb = 64.0
+    events_per_frame = 1      # up to this many ready events in one frame (SSE-framed)
     behaviour = "healthy"     # fault[:key=value,...]
     script = ["role_then_error:status=500"]   # consumed one per request first
     churn = { every = 60.0, down_for = 5.0 }  # drop the socket and come back
@@ -23,11 +26,16 @@ A fleet file::
     snapshot = "provider_sim/snapshots/gemma-upper"  # template + template_render_ok
     vision = false
     size_bytes = 4000000000
+    model_type = "chat"
+    quantization = "4bit"
+    template_render_ok = true # without a snapshot
     behaviour = "stall"       # this model's default
 
     [provider.fault_mix]      # per request, with these probabilities (seeded)
     "role_then_error:status=500" = 0.05
     "stall_after_role" = 0.01
+
+Any other key is an error (a misspelled one would otherwise be ignored in silence).
 """
 
 from __future__ import annotations
@@ -108,7 +116,24 @@ def demo_fleet(n: int = 4, token: str = "demo-provider-token",
     ]
 
 
+_FILE_KEYS = frozenset({"seed", "token", "provider"})
+_PROVIDER_KEYS = frozenset({
+    "id", "count", "version", "decode_tps", "prefill_tps", "pace", "sse_chunks",
+    "max_request_bytes", "max_concurrency", "memory_gb", "events_per_frame", "behaviour",
+    "script", "churn", "model", "fault_mix"})
+_MODEL_KEYS = frozenset({"id", "snapshot", "vision", "size_bytes", "model_type",
+                         "quantization", "template_render_ok", "behaviour"})
+
+
+def _known(spec: dict[str, Any], keys: frozenset[str], where: str) -> None:
+    unknown = sorted(set(spec) - keys)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(sorted(keys))})")
+
+
 def _model(spec: dict[str, Any], base: Path) -> tuple[ModelInfo, str | None, Behaviour | None]:
+    _known(spec, _MODEL_KEYS, f"model {spec.get('id', '?')!r}")
     template = None
     render_ok = spec.get("template_render_ok")
     vision = spec.get("vision")
@@ -128,14 +153,21 @@ def _model(spec: dict[str, Any], base: Path) -> tuple[ModelInfo, str | None, Beh
 
 
 def load_fleet(path: Path | str, *, token: str | None = None) -> tuple[list[FleetMember], dict[str, Any]]:
-    """Members described by a TOML fleet file, and its top-level settings."""
+    """Members described by a TOML fleet file, and its top-level settings.
+
+    Raises ``ValueError`` (or ``OSError``) saying what in the file is wrong."""
     path = Path(path)
-    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not TOML ({exc})") from None
+    _known(doc, _FILE_KEYS, str(path))
     base = Path.cwd()
     seed = int(doc.get("seed", 0))
     token = token or str(doc.get("token", "demo-provider-token"))
     members: list[FleetMember] = []
     for p_index, spec in enumerate(doc.get("provider", [])):
+        _known(spec, _PROVIDER_KEYS, f"provider {spec.get('id', p_index)!r}")
         models = [_model(m, base) for m in spec.get("model", [])] or [
             (m, None, None) for m in DEMO_MODELS]
         count = int(spec.get("count", 1))

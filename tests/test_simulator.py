@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -219,6 +220,22 @@ async def test_http_mode_serves_the_same_behaviours():
             failed = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
             assert failed.status_code == 503
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ('[[provider]]\nid = "x"\nbehavior = "stall"\n', "unknown key(s) 'behavior'"),
+    ('[[provider]]\nid = "x"\n[[provider.model]]\nid = "m"\nvison = true\n', "'vison'"),
+    ('tokn = "t"\n', "'tokn'"),
+    ('token =\n', "not TOML"),
+    ('[[provider]]\nbehaviour = "bogus"\n', "unknown behaviour 'bogus'"),
+    ('[[provider]]\nbehaviour = "healthy:tokens=abc"\n', "tokens='abc'"),
+])
+def test_a_fleet_file_that_is_wrong_says_where(tmp_path, text, says):
+    # A misspelled key was ignored in silence, and the rest were tracebacks.
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_fleet(path)
 
 
 async def test_load_generator_smoke_against_the_demo_fleet():
