@@ -17,6 +17,9 @@ import struct
 from typing import Any
 
 import attrs
+import h2.config
+import h2.connection
+import h2.settings
 import nacl.signing
 import pytest
 import trio
@@ -554,6 +557,49 @@ async def test_connection_cap_queues_new_connections(autojump_clock):
         await late.send_all(_post())
         assert (await _read_response(late)).startswith(b"HTTP/1.1 200")
         assert trio.current_time() - start >= 5.0  # served once an idle one was closed
+        nursery.cancel_scope.cancel()
+
+
+async def _h2_stalled(address: tuple[str, int], path: str, headers: list[tuple[str, str]],
+                      body: bytes = b"") -> trio.SocketStream:
+    """An HTTP/2 (h2c) connection asking for ``path`` with a flow-control window of 0."""
+    stream = await trio.open_tcp_stream(*address)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    conn.send_headers(1, [(":method", "POST" if body else "GET"), (":path", path),
+                          (":scheme", "http"), (":authority", "x"), *headers],
+                      end_stream=not body)
+    if body:
+        conn.send_data(1, body, end_stream=True)
+    await stream.send_all(conn.data_to_send())
+    return stream
+
+
+async def test_http2_consumers_that_give_no_window_cannot_hold_the_connections(
+        autojump_clock, errors):
+    # hypercorn waits for an HTTP/2 stream's window without writing, so the listener's
+    # write timeout never fired: max_connections such consumers locked everyone out.
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_connections=2, write_timeout=30.0,
+                                     keep_alive_timeout=5.0)
+        address = _address(running.http_url)
+        chat = json.dumps({"model": "sim-chat-small", "stream": True,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        stalled = [await _h2_stalled(address, "/healthz", []),
+                   await _h2_stalled(address, "/v1/chat/completions",
+                                     [("authorization", f"Bearer {API_KEY}")], chat)]
+        start = trio.current_time()
+        for stream in stalled:
+            with trio.fail_after(120):
+                while await stream.receive_some(65536):  # until the server closes it
+                    pass
+        assert 30.0 <= trio.current_time() - start < 40.0  # write_timeout, then idle
+        await running.registry.wait_for(lambda state: not any(
+            r.leases for r in state.providers.values()))
+        fresh = await trio.open_tcp_stream(*address)
+        await fresh.send_all(_post())
+        assert (await _read_response(fresh)).startswith(b"HTTP/1.1 200")
         nursery.cancel_scope.cancel()
 
 

@@ -63,6 +63,10 @@ RELAYS_KEY = "coordinator.request_relays"
 WRITES_KEY = "coordinator.response_writes"
 
 
+class ConsumerStalled(Exception):
+    """An HTTP/2 consumer gave its stream no flow-control window for ``write_timeout``."""
+
+
 @attrs.define(eq=False)
 class Api:
     config: Config
@@ -423,7 +427,8 @@ class EdgeGuard:
         if self.connections is not None:
             self.connections.request_started(peer)
         stream = self.connections.stream(peer) if self.connections is not None else None
-        body = _BodyWatch(receive, send, _has_body(scope), self.drain, stream)
+        body = _BodyWatch(receive, send, _has_body(scope), self.drain, stream,
+                          _stall_limit(scope, stream))
         scope[WRITES_KEY] = body
         try:
             with self.drain.request():
@@ -456,6 +461,8 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
         await app(scope, body.receive, body.send)
     except* _CONSUMER_GONE:
         log.debug("consumer left before its answer was sent")
+    except* ConsumerStalled as group:
+        log.info("%s; its stream is cut", group.exceptions[0])
     except* HTTPException as group:
         exc = group.exceptions[0]
         assert isinstance(exc, HTTPException)
@@ -485,9 +492,10 @@ class _BodyWatch:
     """
 
     def __init__(self, receive: Any, send: Any, has_body: bool, drain: Drain,
-                 stream: GuardedStream | None = None) -> None:
+                 stream: GuardedStream | None = None, stall_limit: float | None = None) -> None:
         self._receive = receive
         self._send = send
+        self._stall_limit = stall_limit
         self._drain = drain
         self._stream = stream
         self._held: list[dict[str, Any]] = []
@@ -518,6 +526,15 @@ class _BodyWatch:
         await self.send({"type": "http.response.body", "body": error_json(error, family).encode()})
 
     async def send(self, message: dict[str, Any]) -> None:
+        if self._stall_limit is None:
+            return await self._pass(message)
+        with trio.move_on_after(self._stall_limit) as stalled:
+            await self._pass(message)
+        if stalled.cancelled_caught:
+            raise ConsumerStalled(f"consumer gave its HTTP/2 stream no window for "
+                                  f"{self._stall_limit:g}s")
+
+    async def _pass(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             if not self.body_read or self._drain.draining:
@@ -575,6 +592,20 @@ def _has_body(scope: dict[str, Any]) -> bool:
         if name.lower() == b"content-length":
             return bool(value.strip() != b"0")
     return False
+
+
+def _stall_limit(scope: dict[str, Any], stream: GuardedStream | None) -> float | None:
+    """How long an HTTP/2 response may wait on the consumer's flow control.
+
+    Over HTTP/1 a consumer that stops reading blocks a socket write, which the listener
+    bounds (``write_timeout``). Over HTTP/2 hypercorn waits for the stream's window
+    without writing: with no bound, one consumer advertising a window of 0 held each
+    connection (and its handler) for good, and ``max_connections`` of them locked
+    everyone out.
+    """
+    if scope.get("http_version") != "2" or stream is None:
+        return None
+    return stream.write_timeout
 
 
 def _peer(scope: dict[str, Any]) -> tuple[str, int] | None:

@@ -164,6 +164,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self.closing = False  # a response said "Connection: close": end after it
         self._table = table
         self._write_timeout = write_timeout
+        self.write_timeout = write_timeout  # also what an HTTP/2 stream may stall (routes)
         self._on_close = on_close
         self._idle_since = trio.current_time()
         self._head_since: float | None = None  # when the next request's first byte came
