@@ -582,3 +582,27 @@ async def test_a_consumer_gone_before_its_answer_is_no_error(caplog):
     assert not any(m.get("status") == 500 for m in sent)
     if _CONSUMER_GONE:  # quart 0.23 raises it
         assert "consumer left before its answer was sent" in caplog.text
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop(autojump_clock, monkeypatch):
+    # A 7.5 MB body of tiny nested arrays took seconds of pure Python to parse: on the
+    # event loop it stalled every other request (/healthz waited 15.8 s under four).
+    from coordinator.api import routes
+
+    threads: list[bool] = []
+    prepare = routes.Api._prepare
+
+    def watched(self: routes.Api, *args: object) -> object:
+        threads.append(threading.current_thread() is not threading.main_thread())
+        return prepare(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routes.Api, "_prepare", watched)
+    monkeypatch.setattr(routes, "PARSE_IN_THREAD_BYTES", 200)
+    async with open_harness() as h:
+        await h.add_provider("p")
+        small = await h.chat(stream=False)
+        large = await h.chat(stream=False, x=[[[1]]] * 100)
+        broken = await h.request("/v1/chat/completions", raw=b'{"model": "m1", ' + b" " * 300)
+    assert small.status == 200 and large.status == 200, large.body
+    assert broken.status == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+    assert threads == [False, True, True]  # small on the loop; large and broken in a thread

@@ -157,6 +157,19 @@ async def test_a_content_part_whose_type_is_not_a_string_is_no_500(autojump_cloc
     assert not errors.records
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e999", b"1.7976931348623159e308"])
+async def test_a_number_too_large_for_a_float_is_a_400(autojump_clock, errors, number):
+    # It parsed to infinity and reached the provider as the bare word Infinity (not
+    # JSON): a strict provider fails such a request, and its failures are strikes.
+    async with open_harness() as h:
+        await h.add_provider("p")
+        reply = await h.request("/v1/chat/completions", raw=b'{"model":"m1","temperature":%s,'
+                                b'"messages":[{"role":"user","content":"x"}]}' % number)
+        assert reply.status == 400 and "out of range" in reply.json()["error"]["message"]
+        assert (await h.chat(stream=False, temperature=1e308)).status == 200
+    assert not errors.records
+
+
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "max_output_tokens"])
 async def test_huge_max_tokens_is_a_400_and_the_registry_lives(autojump_clock, errors, field):
     async with open_harness() as h:
@@ -277,6 +290,9 @@ async def test_an_operator_can_remove_a_pin_and_bind_ids_up_front(autojump_clock
         await h.wait_gone("prov-A")
         admin = {"authorization": f"Bearer {ADMIN_KEY}"}
         assert (await h.request("/v1/admin/providers/prov-A/pin", method="DELETE")).status == 401
+        # Not with the key in the URL, which the status page takes: a link must not act.
+        assert (await h.request(f"/v1/admin/providers/prov-A/pin?key={ADMIN_KEY}",
+                                method="DELETE")).status == 401
         removed = await h.request("/v1/admin/providers/prov-A/pin", method="DELETE", headers=admin)
         assert removed.status == 200 and removed.json()["pin"] == "removed"
         again = await h.request("/v1/admin/providers/prov-A/pin", method="DELETE", headers=admin)
@@ -541,6 +557,39 @@ async def test_idle_keep_alive_connections_are_closed(autojump_clock):
         start = trio.current_time()
         assert await stream.receive_some(100) == b""  # the server closed it
         assert 5.0 <= trio.current_time() - start < 6.0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /healthz HTTP/1.0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+])
+async def test_a_client_that_asks_to_close_is_not_kept_waiting(autojump_clock, request_head):
+    # Clients that read to the end of the connection waited keep_alive_timeout for it.
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, keep_alive_timeout=5.0)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        start = trio.current_time()
+        await stream.send_all(request_head)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+        assert data.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")) and b'"status"' in data
+        assert trio.current_time() - start < 1.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_body_that_never_arrives_is_a_408(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                              b"Authorization: Bearer " + API_KEY.encode() +
+                              b"\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+        start = trio.current_time()
+        head = await _read_response(stream)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert 60.0 <= trio.current_time() - start < 61.0
         nursery.cancel_scope.cancel()
 
 

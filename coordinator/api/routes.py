@@ -44,7 +44,7 @@ from . import sse
 from .assemble import assemble
 from .errors import Family, error_body, error_headers, error_json
 from .outcomes import collect, refusal_error
-from .requests import parse_body, validate
+from .requests import ParsedRequest, parse_body, validate
 from .server import ConnectionTable, GuardedStream
 from .status import render_status
 
@@ -59,6 +59,8 @@ _CONSUMER_GONE: tuple[type[Exception], ...] = (_gone,) if _gone is not None else
 # The request's relays (its committed winners), which EdgeGuard closes when the request
 # is over if their streams have not: the request owns its winner however it ends.
 RELAYS_KEY = "coordinator.request_relays"
+# Bodies larger than this are parsed in a worker thread (Api._prepare).
+PARSE_IN_THREAD_BYTES = 256 * 1024
 # The request's _BodyWatch, which a stream tells when its last part comes.
 WRITES_KEY = "coordinator.response_writes"
 
@@ -77,6 +79,8 @@ class Api:
     drain: Drain = attrs.field(factory=Drain)
     shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
     pins: SharedPins | None = None  # with several instances: the fleet-wide pins
+    _parse_threads: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(1), init=False)
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
@@ -87,13 +91,16 @@ class Api:
             offered = auth[7:].strip()
         return matches_any(offered, keys)
 
-    def _admin(self) -> errors.ApiError | None:
-        """None for a request carrying an admin key (header, or ``?key=`` for browsers)."""
+    def _admin(self, *, in_url: bool = True) -> errors.ApiError | None:
+        """None for a request carrying an admin key (header, or ``?key=`` for browsers).
+
+        ``in_url=False`` for what changes state: a key in a URL ends up in logs and
+        histories, and a link must not be able to act."""
         if not self.config.admin_keys:
             return errors.ApiError(403, "no admin key is configured", "permission_error",
                                    "admin_disabled")
-        if self._authorized(self.config.admin_keys) or matches_any(
-                request.args.get("key", ""), self.config.admin_keys):
+        if self._authorized(self.config.admin_keys) or (in_url and matches_any(
+                request.args.get("key", ""), self.config.admin_keys)):
             return None
         return errors.ApiError(401, "admin key required", "authentication_error", "admin_only")
 
@@ -126,20 +133,16 @@ class Api:
         if not self._authorized(self.config.api_keys):
             raise errors.unauthorized()
         raw = await _read_body(self.config.max_body_bytes)
-        raw = normalize_tool_schemas(raw, limit=self.config.max_body_bytes)
-        parsed = validate(endpoint, parse_body(raw, self.config.max_json_depth),
-                          max_tokens_limit=self.config.max_tokens_limit)
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            # Seconds of pure Python for a large body of an odd shape: in a worker
+            # thread, the event loop (every other request) keeps its turns.
+            # One such thread at a time: under the GIL more would only take more turns
+            # from the event loop, not finish sooner.
+            parsed, plaintext, job = await trio.to_thread.run_sync(
+                self._prepare, endpoint, raw, request_id, limiter=self._parse_threads)
+        else:
+            parsed, plaintext, job = self._prepare(endpoint, raw, request_id)
         record["model"] = parsed.model
-        plaintext = inner_request(parsed.body, endpoint)
-        job = Job(
-            request_id=request_id,
-            model=parsed.model,
-            traits=traits_of(parsed.body),
-            prompt_tokens=estimate_prompt_tokens(parsed.body, self.config.image_prompt_tokens),
-            max_tokens=parsed.max_tokens,
-            allowlist=parsed.allowlist,
-            request_bytes=sizes.request_frame_bound(len(plaintext)),
-        )
         ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
         relay = await self._dispatch(ctx, record)
@@ -170,6 +173,26 @@ class Api:
         )
         response.timeout = None
         return response
+
+    def _prepare(self, endpoint: Endpoint, raw: bytes,
+                 request_id: str) -> tuple[ParsedRequest, bytes, Job]:
+        """The body read, repaired, parsed and checked; what the provider gets; the job.
+
+        Pure and thread-safe: called in a worker thread for large bodies."""
+        raw = normalize_tool_schemas(raw, limit=self.config.max_body_bytes)
+        parsed = validate(endpoint, parse_body(raw, self.config.max_json_depth),
+                          max_tokens_limit=self.config.max_tokens_limit)
+        plaintext = inner_request(parsed.body, endpoint)
+        job = Job(
+            request_id=request_id,
+            model=parsed.model,
+            traits=traits_of(parsed.body),
+            prompt_tokens=estimate_prompt_tokens(parsed.body, self.config.image_prompt_tokens),
+            max_tokens=parsed.max_tokens,
+            allowlist=parsed.allowlist,
+            request_bytes=sizes.request_frame_bound(len(plaintext)),
+        )
+        return parsed, plaintext, job
 
     async def _dispatch(self, ctx: RequestContext, record: dict[str, Any]) -> Relay:
         """Dispatch; the winner's relay is made at the commit, and owned by the request."""
@@ -276,7 +299,7 @@ class Api:
 
     async def admin_unpin(self, provider_id: str) -> Response:
         """Forget the key an explicit provider id was pinned to (a provider changing keys)."""
-        refused = self._admin()
+        refused = self._admin(in_url=False)
         if refused is not None:
             return error_response(refused, Family.OPENAI)
         outcome = self.identities.unpin(provider_id)
@@ -322,6 +345,9 @@ async def _read_body(limit: int) -> bytes:
     except HTTPException as exc:
         if exc.code == 413:
             raise errors.too_large(limit) from None
+        if exc.code == 408:  # the body did not arrive within quart's BODY_TIMEOUT
+            raise errors.ApiError(408, "the request body did not arrive in time",
+                                  "invalid_request_error", "request_timeout") from None
         raise errors.bad_request(f"could not read the request body: {exc.description}") from None
     if isinstance(raw, str):
         raw = raw.encode()
@@ -429,6 +455,8 @@ class EdgeGuard:
         stream = self.connections.stream(peer) if self.connections is not None else None
         body = _BodyWatch(receive, send, _has_body(scope), self.drain, stream,
                           _stall_limit(scope, stream))
+        # A client that asked for the connection to close waited keep_alive_timeout for it.
+        body.closing = _asks_to_close(scope)
         scope[WRITES_KEY] = body
         try:
             with self.drain.request():
@@ -592,6 +620,16 @@ def _has_body(scope: dict[str, Any]) -> bool:
         if name.lower() == b"content-length":
             return bool(value.strip() != b"0")
     return False
+
+
+def _asks_to_close(scope: dict[str, Any]) -> bool:
+    """HTTP/1.1 with ``Connection: close``, or HTTP/1.0 without ``keep-alive``."""
+    version = scope.get("http_version")
+    if version not in ("1.0", "1.1"):
+        return False
+    tokens = {token.strip().lower() for name, value in scope.get("headers", ())
+              if name.lower() == b"connection" for token in value.split(b",")}
+    return b"close" in tokens or (version == "1.0" and b"keep-alive" not in tokens)
 
 
 def _stall_limit(scope: dict[str, Any], stream: GuardedStream | None) -> float | None:

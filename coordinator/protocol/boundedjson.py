@@ -18,6 +18,7 @@ outside text goes through this module, which turns all of that into one
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Final, NoReturn
 
 import orjson
@@ -41,11 +42,20 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 parses to infinity, which no JSON can carry on: it would reach the provider
+    # as the bare word Infinity, and a strict parser there fails the request.
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonLimitError(f"the number {text[:40]} is out of range")
+    return value
+
+
 def loads(text: str | bytes, *, max_depth: int | None = None) -> Any:
     """Parse ``text``; raise :class:`JsonLimitError` for anything off or nested past ``max_depth``."""
     try:
         value = json.loads(text, parse_constant=_reject_constant,
-                           parse_int=_bounded_int)
+                           parse_int=_bounded_int, parse_float=_finite_float)
     except RecursionError:
         raise JsonLimitError("JSON nested too deeply") from None
     except JsonLimitError:
