@@ -16,9 +16,8 @@ from typing import Any
 import attrs
 
 from coordinator import sizes
+from coordinator.capabilities import TRAIT_NAMES, parse_version
 from coordinator.protocol.crypto import load_verify_key
-from coordinator.registry.traits import TRAIT_NAMES
-from coordinator.registry.versions import parse_version
 
 
 def _pairs(value: Any, what: str) -> Mapping[str, str]:

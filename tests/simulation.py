@@ -23,10 +23,10 @@ import cattrs
 import trio
 import trio.testing
 
+from coordinator.capabilities import meets_floor, parse_version
 from coordinator.protocol import ModelInfo
 from coordinator.protocol.endpoints import Endpoint
 from coordinator.registry.table import OutcomeKind
-from coordinator.registry.versions import meets_floor, parse_version
 from provider_sim.behaviours import Behaviour
 from provider_sim.provider import SimProvider
 

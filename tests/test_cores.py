@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from coordinator.capabilities import meets_floor, parse_version
 from coordinator.dispatch.chunks import ChunkError, ChunkKind, parse_chunk
 from coordinator.protocol import ModelInfo
 from coordinator.protocol.endpoints import Endpoint
@@ -14,7 +15,6 @@ from coordinator.registry.breaker import Breaker
 from coordinator.registry.gates import Gate, fail_fast_message, gate
 from coordinator.registry.table import Job, Lease, ProviderRecord
 from coordinator.registry.traits import Traits, traits_of
-from coordinator.registry.versions import meets_floor, parse_version
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coordinator.capabilities import parse_version
 from coordinator.dispatch import race
 from coordinator.dispatch.race import Phase, RacerState
 from coordinator.protocol import ModelInfo, Usage
@@ -31,10 +32,9 @@ from coordinator.registry.speed import (
 from coordinator.registry.state import AcquireRequest, RegistryState
 from coordinator.registry.table import SUCCESS, Grant, Job, Observed, Outpaced, ProviderRecord
 from coordinator.registry.traits import LOW_DETAIL_IMAGE_TOKENS, estimate_prompt_tokens
-from coordinator.registry.versions import parse_version
 from provider_sim.behaviours import Behaviour, Fault
 
-from .harness import ADMIN_KEY, MODEL, make_config, open_harness
+from .harness import ADMIN_KEY, MODEL, Harness, make_config, open_harness
 
 # ---- the pure rules -----------------------------------------------------------------
 
@@ -307,6 +307,22 @@ async def test_a_zombie_is_learned_and_no_longer_chosen_first(autojump_clock):
         await h.assert_quiescent()
 
 
+async def _six_served_by_good(h: Harness) -> list[float]:
+    """Six requests at once, each answered by "good"; how long each took."""
+    took: list[float] = []
+
+    async def one() -> None:
+        started = trio.current_time()
+        result = await h.chat(stream=False)
+        assert result.status == 200 and result.headers["x-provider-id"] == "good"
+        took.append(trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(one)
+    return took
+
+
 async def test_a_primary_loading_a_cold_model_gets_its_backup_past_a_spent_budget(
         autojump_clock):
     """A provider that answers "accepted" and then nothing (probe): once the hedge budget
@@ -317,17 +333,7 @@ async def test_a_primary_loading_a_cold_model_gets_its_backup_past_a_spent_budge
         cold = await h.add_provider("cold", behaviour=Behaviour(Fault.STALL, accepted_delay=0.0),
                                     decode_tps=100_000)
         await h.add_provider("good", decode_tps=1000)
-        took: list[float] = []
-
-        async def one() -> None:
-            started = trio.current_time()
-            result = await h.chat(stream=False)
-            assert result.status == 200 and result.headers["x-provider-id"] == "good"
-            took.append(trio.current_time() - started)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(6):
-                nursery.start_soon(one)
+        took = await _six_served_by_good(h)
         sent_to_cold = len([e for _, e, _ in cold.log if e == "received"])
         assert sent_to_cold >= 3  # past the burst of 2 the budget allows
         assert max(took) < 3.0  # each at its hedge time (2.5 s), none waiting for the window
@@ -353,17 +359,7 @@ async def test_a_backup_refused_by_the_budget_is_asked_for_again(autojump_clock)
         zombie = await h.add_provider("zombie", behaviour=Behaviour(Fault.STALL_AFTER_ROLE),
                                       decode_tps=100_000)
         await h.add_provider("good", decode_tps=10)
-        took: list[float] = []
-
-        async def one() -> None:
-            started = trio.current_time()
-            result = await h.chat(stream=False)
-            assert result.status == 200 and result.headers["x-provider-id"] == "good"
-            took.append(trio.current_time() - started)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(6):
-                nursery.start_soon(one)
+        took = await _six_served_by_good(h)
         assert len([e for _, e, _ in zombie.log if e == "received"]) == 4
         took.sort()
         assert max(took[:2]) < 1.0  # straight to the good provider

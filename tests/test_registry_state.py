@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.capabilities import parse_version
 from coordinator.protocol import ModelInfo
 from coordinator.registry.index import reference_key
 from coordinator.registry.state import (
@@ -19,7 +20,6 @@ from coordinator.registry.state import (
 )
 from coordinator.registry.table import CANCELLED, SUCCESS, Grant, Job, Outcome, ProviderRecord
 from coordinator.registry.traits import Traits
-from coordinator.registry.versions import parse_version
 
 from .harness import make_config
 

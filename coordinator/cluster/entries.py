@@ -14,10 +14,10 @@ from typing import Any
 import attrs
 import cattrs
 
+from coordinator.capabilities import parse_version
 from coordinator.protocol import ModelInfo
 from coordinator.protocol.messages import converter
 from coordinator.registry.table import ProviderRecord
-from coordinator.registry.versions import parse_version
 
 
 @attrs.frozen

@@ -28,6 +28,7 @@ import trio
 import trio_websocket
 
 from coordinator import sizes
+from coordinator.capabilities import parse_version
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.lifecycle import Drain
@@ -54,7 +55,6 @@ from coordinator.providers.identity import IdentityBook, PinStoreUnavailable, Se
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import RegisterRefused
 from coordinator.registry.table import ProviderRecord
-from coordinator.registry.versions import parse_version
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping
 
+from coordinator.capabilities import Version, meets_floor
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.table import Job, ProviderRecord
-from coordinator.registry.versions import Version, meets_floor
 
 GIB = 1024**3
 

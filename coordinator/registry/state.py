@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from coordinator.capabilities import Version, parse_version
 from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.registry import hedging, scheduler, speed
@@ -45,7 +46,6 @@ from coordinator.registry.table import (
     RegistrySnapshot,
     SpeedView,
 )
-from coordinator.registry.versions import Version, parse_version
 
 log = logging.getLogger(__name__)
 

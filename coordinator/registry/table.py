@@ -12,10 +12,10 @@ from typing import Any
 
 import attrs
 
+from coordinator.capabilities import Version
 from coordinator.protocol import ModelInfo
 from coordinator.registry.speed import ProviderSpeed
 from coordinator.registry.traits import Traits
-from coordinator.registry.versions import Version
 
 
 @attrs.frozen

@@ -10,14 +10,14 @@ from typing import Any, Final
 
 import attrs
 
+from coordinator.capabilities import TRAIT_NAMES
+
 # Content-part / block types that carry media, across chat, Responses and
 # Anthropic shapes.
 MEDIA_PART_TYPES: Final = frozenset(
     {"image_url", "image", "input_image", "video", "video_url", "input_video"}
 )
 _MAX_SCAN_DEPTH: Final = 12
-# What a capability floor (config ``capability_floors``) may name.
-TRAIT_NAMES: Final = ("tools", "vision")
 
 
 @attrs.frozen
@@ -32,7 +32,8 @@ class Traits:
 
     @names.default
     def _names(self) -> tuple[str, ...]:
-        return tuple(n for n, on in (("tools", self.has_tools), ("vision", self.requires_vision)) if on)
+        tools, vision = TRAIT_NAMES
+        return tuple(n for n, on in ((tools, self.has_tools), (vision, self.requires_vision)) if on)
 
     @shape.default
     def _shape(self) -> str:

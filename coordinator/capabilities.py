@@ -1,10 +1,17 @@
-"""Semantic provider versions: ``0.10.0 > 0.9.9``; unparsable means "below every floor"."""
+"""Capability floors: the request traits a floor may name, and provider versions.
+
+Versions are semantic (``0.10.0 > 0.9.9``); an unparsable one is below every floor.
+A leaf module: the configuration checks its floors here, and routing applies them.
+"""
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Final, NamedTuple
+
+# What a capability floor (config ``capability_floors``) may name: registry/traits.py.
+TRAIT_NAMES: Final = ("tools", "vision")
 
 _VERSION = re.compile(
     r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$"
