@@ -44,6 +44,7 @@ from coordinator.protocol import (
     decode_frame,
     encode_frame,
     open_request,
+    prove_key,
     sign_challenge,
 )
 from coordinator.protocol.crypto import DecryptError
@@ -209,10 +210,11 @@ class SimProvider:
         self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery, message: Message
     ) -> None:
         match message:
-            case AttestationChallenge(nonce, timestamp):
+            case AttestationChallenge(nonce, timestamp, challenge_key):
                 key = self.sign_with or self._signing
                 signature = sign_challenge(key, nonce, timestamp, self.public_key)
-                nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature))
+                proof = prove_key(self._key, nonce, challenge_key) if challenge_key else ""
+                nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature, proof))
                 if not self._answered:
                     self._answered = True
                     self.admissions += 1

@@ -74,7 +74,7 @@ import trio_websocket
 from hypothesis import strategies as st
 
 from coordinator.app import serve
-from coordinator.protocol import EncryptedPayload, open_request, sign_challenge
+from coordinator.protocol import EncryptedPayload, crypto, open_request, sign_challenge
 from provider_sim.behaviours import HEALTHY, Behaviour
 from provider_sim.formats import transcript, words_for
 from provider_sim.provider import SimProvider
@@ -1147,6 +1147,15 @@ def _sign(key: nacl.signing.SigningKey, nonce: Any, timestamp: Any, public_key: 
     return sign_challenge(key, nonce, timestamp)
 
 
+def _prove(key: nacl.public.PrivateKey, nonce: Any, challenge_key: Any) -> str | None:
+    # Newer protocol versions ask for proof of the X25519 key too (a challenge "key").
+    prove = getattr(crypto, "prove_key", None)
+    if prove is None or not isinstance(challenge_key, str) or not isinstance(nonce, str):
+        return None
+    proof: str = prove(key, nonce, challenge_key)
+    return proof
+
+
 @attrs.define(eq=False)
 class Incoming:
     request_id: str
@@ -1225,6 +1234,7 @@ class Puppet:
     async def _answer(self, challenge: dict[str, Any]) -> None:
         nonce, timestamp = challenge["nonce"], challenge["timestamp"]
         signature = _sign(self.signing, nonce, timestamp, self.public_key)
+        proof = _prove(self.key, nonce, challenge.get("key"))
         match self.answer:
             case "silent":
                 return
@@ -1236,7 +1246,10 @@ class Puppet:
                 nonce = "0" * 32
             case "hostile":
                 nonce, signature = "é" * 33, "\ud800"
-        await self.send(dumps({"type": "attestation_response", "nonce": nonce, "signature": signature}))
+        answer = {"type": "attestation_response", "nonce": nonce, "signature": signature}
+        if proof is not None:
+            answer["key_proof"] = proof
+        await self.send(dumps(answer))
 
     def _open(self, frame: dict[str, Any]) -> Incoming:
         sealed = frame["encrypted_body"]

@@ -34,7 +34,7 @@ from coordinator.protocol import (
     sign_challenge,
     verify_challenge,
 )
-from coordinator.protocol.crypto import challenge_text
+from coordinator.protocol.crypto import challenge_key, challenge_text, prove_key, verify_key_proof
 
 text = st.text(max_size=40)
 ints = st.integers(min_value=0, max_value=2**53)
@@ -189,6 +189,19 @@ def test_challenge_signature_covers_nonce_timestamp_and_encryption_key():
     assert not verify_challenge(verify, "nonce", 12500, "pk",
                                 sign_challenge(other, "nonce", 12500, "pk"))
     assert not verify_challenge("garbage", "nonce", 12500, "pk", "garbage")
+
+
+def test_a_key_proof_needs_the_private_half_of_the_registered_key():
+    provider, stranger = nacl.public.PrivateKey.generate(), nacl.public.PrivateKey.generate()
+    registered = base64.b64encode(bytes(provider.public_key)).decode()
+    ours, ours_text = challenge_key()
+    proof = prove_key(provider, "nonce", ours_text)
+    assert verify_key_proof(ours, registered, "nonce", proof)
+    assert not verify_key_proof(ours, registered, "other", proof)
+    assert not verify_key_proof(ours, registered, "nonce", prove_key(stranger, "nonce", ours_text))
+    assert not verify_key_proof(challenge_key()[0], registered, "nonce", proof)  # another challenge
+    for junk in ("", "garbage", base64.b64encode(b"\0" * 64).decode(), "\ud800"):
+        assert not verify_key_proof(ours, registered, "nonce", junk)
 
 
 def test_challenge_text_is_language_neutral():

@@ -267,6 +267,37 @@ async def test_nobody_can_register_another_providers_encryption_key(autojump_clo
         assert "copycat" not in h.state.providers and victim.closed_with is None
 
 
+@attrs.define(eq=False)
+class _Squatter(SimProvider):
+    """Registers another provider's X25519 public key, without its private half."""
+
+    squatted: str = ""
+
+    @property
+    def public_key(self) -> str:
+        return self.squatted
+
+
+async def test_nobody_can_take_an_offline_providers_encryption_key(autojump_clock):
+    # The challenge's signature covers the encryption key, but anyone can sign somebody
+    # else's public key: a token holder registered an offline provider's key under its
+    # own id, and (keys being unique) that provider was refused until the squatter left.
+    async with open_harness() as h:
+        victim = await h.add_provider("prov-A")
+        h.kill("prov-A")
+        await h.wait_gone("prov-A")
+        squatter = _Squatter("squatter", (model(),), token=TOKEN, squatted=victim.public_key)
+        await h.connect(squatter, wait=False)
+        with trio.fail_after(60):  # within the challenge's budget, not never
+            await h.until(lambda: squatter.closed_with is not None)
+        assert squatter.closed_with == 1008 and "squatter" not in h.state.providers
+        back = SimProvider("prov-A", (model(),), token=TOKEN, key=victim._key,
+                           signing=victim.signing_key)
+        await h.connect(back)
+        assert back.closed_with is None
+        await _still_serves(h)
+
+
 async def test_without_an_id_a_provider_is_named_after_its_signing_key(autojump_clock):
     async with open_harness() as h:
         anonymous = SimProvider("ignored", (model(),), token=TOKEN)

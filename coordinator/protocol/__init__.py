@@ -8,8 +8,10 @@ from coordinator.protocol.crypto import (
     RequestCipher,
     ResponseSealer,
     open_request,
+    prove_key,
     sign_challenge,
     verify_challenge,
+    verify_key_proof,
 )
 from coordinator.protocol.messages import (
     MAX_FRAME_BYTES,
@@ -57,6 +59,8 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "open_request",
+    "prove_key",
     "sign_challenge",
     "verify_challenge",
+    "verify_key_proof",
 ]

@@ -166,6 +166,32 @@ def verify_challenge(
     return True
 
 
+def challenge_key() -> tuple[nacl.public.PrivateKey, str]:
+    """A fresh X25519 key for one challenge, and its public half as sent (base64)."""
+    key = nacl.public.PrivateKey.generate()
+    return key, _b64(bytes(key.public_key))
+
+
+def prove_key(key: nacl.public.PrivateKey, nonce: str, challenge_key: str) -> str:
+    """Provider side: the nonce boxed from the registered X25519 key to the challenge's."""
+    box = nacl.public.Box(key, load_public_key(challenge_key))
+    return _b64(bytes(box.encrypt(nonce.encode("utf-8", "surrogatepass"))))
+
+
+def verify_key_proof(challenge_key: nacl.public.PrivateKey, public_key: str, nonce: str,
+                     proof: str) -> bool:
+    """Coordinator side: True only if ``proof`` was boxed with ``public_key``'s private half.
+
+    A signature over the encryption key binds it to the signing key, but anyone can
+    sign somebody else's public key: without this a provider could register another's
+    key and, keys being unique, lock that provider out."""
+    try:
+        box = nacl.public.Box(challenge_key, load_public_key(public_key))
+        return box.decrypt(_b64decode(proof)) == nonce.encode("utf-8", "surrogatepass")
+    except (nacl.exceptions.CryptoError, ValueError):
+        return False
+
+
 def load_verify_key(text: str) -> nacl.signing.VerifyKey:
     """Parse a base64 Ed25519 public key, raising ``ValueError`` when it is not one."""
     raw = _b64decode(text)

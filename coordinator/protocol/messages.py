@@ -140,6 +140,9 @@ class AttestationResponse:
     TYPE = "attestation_response"
     nonce: str
     signature: str
+    # The nonce boxed from the registered X25519 key to the challenge's ``key``:
+    # proof that the provider holds the private half of the key it registered.
+    key_proof: str = ""
 
 
 # ---- coordinator -> provider -------------------------------------------------
@@ -165,6 +168,8 @@ class AttestationChallenge:
     # Integer milliseconds: its decimal text is what gets signed, the same in
     # every language (docs/protocol.md, admission).
     timestamp: int
+    # A fresh X25519 public key (base64) of the coordinator's, for the key proof.
+    key: str = ""
 
 
 Message = (

@@ -47,7 +47,12 @@ from coordinator.protocol import (
     encode_frame,
     verify_challenge,
 )
-from coordinator.protocol.crypto import load_public_key, load_verify_key
+from coordinator.protocol.crypto import (
+    challenge_key,
+    load_public_key,
+    load_verify_key,
+    verify_key_proof,
+)
 from coordinator.providers import admission
 from coordinator.providers.admission import AdmissionError
 from coordinator.providers.connection import Directory, ProviderConnection
@@ -168,12 +173,13 @@ class ProviderEdge:
         public_key: str,
         answers: trio.MemoryReceiveChannel[AttestationResponse] | None,
     ) -> str | None:
-        """Send a fresh nonce; None when the answer is signed by ``signing_key``, else why not."""
+        """Send a fresh nonce; None when the answer is signed by ``signing_key`` and proves
+        the private half of ``public_key``, else why not."""
         nonce = secrets.token_hex(16)
         timestamp = round(trio.current_time() * 1000)
-        await ws.send_message(
-            encode_frame(AttestationChallenge(nonce=nonce, timestamp=timestamp))
-        )
+        proof_key, proof_key_text = challenge_key()
+        await ws.send_message(encode_frame(AttestationChallenge(
+            nonce=nonce, timestamp=timestamp, key=proof_key_text)))
         with trio.move_on_after(self.config.challenge_timeout):
             while True:
                 if answers is None:
@@ -182,10 +188,12 @@ class ProviderEdge:
                 else:
                     frame = await answers.receive()
                 if isinstance(frame, AttestationResponse) and frame.nonce == nonce:
-                    if verify_challenge(signing_key, nonce, timestamp, public_key,
-                                        frame.signature):
-                        return None
-                    return "challenge answered with an invalid signature"
+                    if not verify_challenge(signing_key, nonce, timestamp, public_key,
+                                            frame.signature):
+                        return "challenge answered with an invalid signature"
+                    if not verify_key_proof(proof_key, public_key, nonce, frame.key_proof):
+                        return "challenge answered without proof of holding public_key"
+                    return None
         return f"challenge not answered within {self.config.challenge_timeout:g}s"
 
     async def _serve_admitted(
