@@ -195,7 +195,7 @@ async def test_queue_drained_by_a_provider_registering(autojump_clock):
         assert result.status == 200 and result.headers["x-provider-id"] == "late"
 
 
-async def test_queue_full_and_queue_timeout_are_429(autojump_clock):
+async def test_queue_full_is_429_and_waiting_for_providers_that_left_is_503(autojump_clock):
     async with open_harness(queue_max=1, queue_timeout=120.0) as h:
         await h.add_provider("gone")
         h.kill("gone")
@@ -213,9 +213,25 @@ async def test_queue_full_and_queue_timeout_are_429(autojump_clock):
         [(full, t_full), (expired, t_expired)] = sorted(outcomes, key=lambda o: o[1])
         assert full.status == 429 and t_full - start < 0.1
         assert "queue is full" in full.json()["error"]["message"]
-        assert expired.status == 429 and 120.0 <= t_expired - start < 120.5
+        # Not "no slot became free" (429): no provider of the model was there to free one.
+        assert expired.status == 503 and 120.0 <= t_expired - start < 120.5
+        assert "went offline" in expired.json()["error"]["message"]
         assert expired.headers["retry-after"]
         await h.assert_quiescent()
+
+
+async def test_waiting_for_a_busy_provider_in_vain_is_429(autojump_clock):
+    async with open_harness(queue_timeout=120.0, speculative_backup=False) as h:
+        await h.add_provider("busy", behaviour=Behaviour(token_interval=60.0, tokens=4),
+                             max_concurrency=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.chat)
+            await h.until(lambda: any(r.leases for r in h.state.providers.values()))
+            start = trio.current_time()
+            expired = await h.chat()
+            assert expired.status == 429 and 120.0 <= trio.current_time() - start < 120.5
+            assert "no provider slot became free" in expired.json()["error"]["message"]
+            nursery.cancel_scope.cancel()
 
 
 async def test_backup_grant_racing_a_commit_is_released(autojump_clock):

@@ -25,7 +25,7 @@ def refusal_error(refused: Refused) -> errors.ApiError:
                                    "request_too_large")
         case Refusal.QUEUE_FULL | Refusal.QUEUE_TIMEOUT:
             return errors.overloaded(refused.detail)
-        case Refusal.UNSERVABLE | Refusal.EXHAUSTED:
+        case Refusal.UNSERVABLE | Refusal.EXHAUSTED | Refusal.OFFLINE:
             return errors.unavailable(refused.detail)
 
 

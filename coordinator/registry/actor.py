@@ -154,9 +154,9 @@ class _Actor:
                 state.release(lease, outcome, now, evidence)
                 self._answer_drained(now)
             case _Withdraw(ticket, reply):
-                state.withdraw(ticket, now)
+                why = state.withdraw(ticket, now)
                 self.waiting.pop(ticket, None)
-                reply.send_nowait(None)
+                reply.send_nowait(why)
             case _Register(record, reply):
                 try:
                     old = state.register(record, now)
@@ -286,30 +286,36 @@ class RegistryClient:
         reply, answer = trio.open_memory_channel[Any](1)
         await self._post(_Acquire(request, reply))
         result: Decision | RegistryFault = None
+        why: Refused | None = None
         try:  # cancelled before the answer (even at once): withdrawn, and a late grant released
             with trio.move_on_after(self.config.queue_timeout):
                 result = await answer.receive()
         finally:
             if result is None:
-                await self._withdraw(request.ticket, answer)
+                why = await self._withdraw(request.ticket, answer)
         if isinstance(result, RegistryFault):
             raise result
         if result is None:
-            return Refused(Refusal.QUEUE_TIMEOUT, "no provider slot became free within "
-                           f"{self.config.queue_timeout:g}s")
+            return why or Refused(Refusal.QUEUE_TIMEOUT, "no provider slot became free within "
+                                  f"{self.config.queue_timeout:g}s")
         return result
 
-    async def _withdraw(self, ticket: object, answer: trio.MemoryReceiveChannel[Any]) -> None:
+    async def _withdraw(self, ticket: object,
+                        answer: trio.MemoryReceiveChannel[Any]) -> Refused | None:
+        """Leave the queue; why the wait was in vain when the actor knows better than
+        "no slot came free" (the model's providers all went)."""
         # The actor handles messages in order, so once the withdrawal is
         # acknowledged any grant it made earlier is already in our channel.
+        why: Refused | None = None
         with trio.CancelScope(shield=True), trio.move_on_after(self.config.withdraw_timeout):
-            await self._ask(lambda reply: _Withdraw(ticket, reply))
+            why = await self._ask(lambda reply: _Withdraw(ticket, reply))
             try:
                 late = answer.receive_nowait()
             except trio.WouldBlock:
-                return
+                return why
             if isinstance(late, Grant):
                 await self.release(late.lease, CANCELLED)
+        return why
 
 
 async def serve_registry(

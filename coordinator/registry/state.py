@@ -61,6 +61,7 @@ class Refusal(enum.Enum):
     EXHAUSTED = "exhausted"  # every otherwise eligible provider already failed this request
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
+    OFFLINE = "offline"  # waited in the queue while no provider of the model was connected
 
 
 @attrs.frozen
@@ -390,13 +391,22 @@ class RegistryState:
             self._note("backup", now, lease=decision.lease)
         return decision
 
-    def withdraw(self, ticket: object, now: float) -> None:
+    def withdraw(self, ticket: object, now: float) -> Refused | None:
+        """Take a request out of the queue; when its model has no provider connected any
+        more, why (for a request that waited its whole budget: not "no slot came free")."""
         model = self._queued.pop(ticket, None)
         if model is None:
-            return
+            return None
         waiter = self.queues[model].pop(ticket)
         self.metrics.queue_wait.observe(now - waiter.since)
         self.metrics.queue_depth.set(len(self._queued))
+        if model in self.by_model:
+            return None
+        if self.offline_models.remembers(model, now):
+            return Refused(Refusal.OFFLINE, f"no provider of the model {model!r} is connected: "
+                           "they went offline and have not come back")
+        return Refused(Refusal.UNKNOWN_MODEL,
+                       f"the model {model!r} does not exist or is not served")
 
     def drain(self, now: float) -> list[tuple[object, Grant | Refused]]:
         """Answer, in arrival order, queued requests that can now be granted or refused.
