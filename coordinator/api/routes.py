@@ -454,9 +454,7 @@ class EdgeGuard:
             self.connections.request_started(peer)
         stream = self.connections.stream(peer) if self.connections is not None else None
         body = _BodyWatch(receive, send, _has_body(scope), self.drain, stream,
-                          _stall_limit(scope, stream))
-        # A client that asked for the connection to close waited keep_alive_timeout for it.
-        body.closing = _asks_to_close(scope)
+                          _stall_limit(scope, stream), closing=_asks_to_close(scope))
         scope[WRITES_KEY] = body
         try:
             with self.drain.request():
@@ -520,7 +518,8 @@ class _BodyWatch:
     """
 
     def __init__(self, receive: Any, send: Any, has_body: bool, drain: Drain,
-                 stream: GuardedStream | None = None, stall_limit: float | None = None) -> None:
+                 stream: GuardedStream | None = None, stall_limit: float | None = None, *,
+                 closing: bool = False) -> None:
         self._receive = receive
         self._send = send
         self._stall_limit = stall_limit
@@ -529,7 +528,9 @@ class _BodyWatch:
         self._held: list[dict[str, Any]] = []
         self._last_next = False
         self.body_read = not has_body
-        self.closing = False
+        # A client that asked for the connection to close (it would otherwise wait
+        # keep_alive_timeout for it), or, once the response starts, an early answer.
+        self.closing = closing
         self.started = False
 
     def last_part_next(self) -> None:

@@ -163,7 +163,6 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self.in_flight = 0
         self.closing = False  # a response said "Connection: close": end after it
         self._table = table
-        self._write_timeout = write_timeout
         self.write_timeout = write_timeout  # also what an HTTP/2 stream may stall (routes)
         self._on_close = on_close
         self._idle_since = trio.current_time()
@@ -229,14 +228,14 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self._held:
             data = b"".join([*self._held, data])
             self._held.clear()
-        with trio.move_on_after(self._write_timeout) as scope:
+        with trio.move_on_after(self.write_timeout) as scope:
             # hypercorn's own send lock is held here; ours only keeps send_eof out.
             async with self._writing:
                 await self.inner.send_all(data)
         if scope.cancelled_caught:
             self._broken = True
             log.info("consumer %s stopped reading for %gs; closing", self.peer,
-                     self._write_timeout)
+                     self.write_timeout)
             await self.inner.aclose()  # also ends the read in progress
             raise trio.BrokenResourceError("consumer stopped reading")
 

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
+from coordinator.protocol.endpoints import Endpoint
+
 from .client import ConnectionLost, HttpConnection
 
 IMAGE_DATA = "iVBORw0KGgo="
@@ -79,9 +81,9 @@ def require_loopback(url: str) -> tuple[str, int]:
     return host, port
 
 
-CHAT, COMPLETIONS, RESPONSES, MESSAGES = (
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
-PATHS = (CHAT, COMPLETIONS, RESPONSES, MESSAGES)
+CHAT, COMPLETIONS, RESPONSES, MESSAGES = (e.value for e in (
+    Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES, Endpoint.MESSAGES))
+PATHS = tuple(e.value for e in Endpoint)
 RESPONSES_TOOL = {"type": "function", "name": "lookup", "parameters": LOOKUP}
 MESSAGES_TOOL = {"name": "lookup", "input_schema": LOOKUP}
 
