@@ -301,3 +301,14 @@ def test_an_encryption_key_used_on_another_instance_is_refused():
     s.forget_instance("other", 2.0)  # gone with its instance: the key is free again
     s.register(record("copycat", public_key="KEY-A"), 3.0)
     assert set(s.providers) == {"honest", "copycat"}
+
+
+def test_a_cooldown_from_another_instance_makes_its_model_due_for_a_drain():
+    s = state()
+    s.register(record("a"), now=0.0)
+    held = s.acquire(ask(), 0.0)
+    assert isinstance(held, Grant)
+    assert s.acquire(ask(rid="w"), 0.0) is None and s.drain(0.0) == []
+    s.cool_remote(("a", "m", "base"), 300.0, 1.0)
+    [(_, decision)] = s.drain(1.0)
+    assert isinstance(decision, Refused) and decision.kind is Refusal.UNSERVABLE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from coordinator.registry.table import CANCELLED, Grant, Job
 from provider_sim.behaviours import HEALTHY, Behaviour, Fault
 
 from .harness import ADMIN_KEY, MODEL, VISION_MODEL, model, open_harness
@@ -247,3 +248,60 @@ async def test_backup_grant_racing_a_commit_is_released(autojump_clock):
             assert result.status == 200
         await h.assert_quiescent()
         assert len(backup.received) <= 5
+
+
+async def test_a_queued_request_is_refused_at_once_when_the_last_usable_provider_leaves(
+        autojump_clock):
+    """Issue 22 item 6: a departure re-checks the queue (it once waited 120 s for a 429)."""
+    async with open_harness(queue_timeout=120.0, speculative_backup=False) as h:
+        await h.add_provider("busy", max_concurrency=1, decode_tps=1000)
+        await h.add_provider("cooling", decode_tps=1)
+        h.state.breaker.cool(("cooling", MODEL, "base"), 10_000.0)
+        # The slot is held by something whose release does not follow the departure
+        # (a request of another instance, say): only the departure can wake the queue.
+        held = await h.registry.acquire(Job("held", MODEL))
+        assert isinstance(held, Grant) and held.lease.provider_id == "busy"
+        outcomes: list = []
+        answered = trio.Event()
+
+        async def queued() -> None:
+            outcomes.append(await h.chat())
+            answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queued)
+            await h.until(lambda: h.state.queue)
+            start = trio.current_time()
+            h.kill("busy")
+            await answered.wait()
+        [refused] = outcomes
+        assert refused.status == 503 and trio.current_time() - start < 1.0
+        assert "cooling down" in refused.json()["error"]["message"]
+        await h.registry.release(held.lease, CANCELLED)
+        await h.assert_quiescent()
+
+
+async def test_a_cooldown_from_another_instance_refuses_queued_requests_at_once(autojump_clock):
+    """Issue 22 item 6: a cooldown announced by the shared breaker re-checks the queue."""
+    async with open_harness(queue_timeout=120.0, speculative_backup=False) as h:
+        await h.add_provider("only", behaviour=Behaviour(token_interval=60.0, tokens=4),
+                             max_concurrency=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.chat)
+            await h.until(lambda: h.state.providers["only"].leases)
+            outcomes: list = []
+            answered = trio.Event()
+
+            async def queued() -> None:
+                outcomes.append(await h.chat())
+                answered.set()
+
+            nursery.start_soon(queued)
+            await h.until(lambda: h.state.queue)
+            start = trio.current_time()
+            await h.registry.shared(cool=(("only", MODEL, "base"), 300.0))
+            await answered.wait()
+            [refused] = outcomes
+            assert refused.status == 503 and trio.current_time() - start < 1.0
+            assert "cooling down" in refused.json()["error"]["message"]
+            nursery.cancel_scope.cancel()

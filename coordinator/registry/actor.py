@@ -140,6 +140,20 @@ class _Actor:
     waiting: dict[object, Reply] = attrs.field(factory=dict)
 
     def handle(self, command: _Command, now: float) -> None:
+        """Apply ``command``, then answer every queued request it made answerable.
+
+        The re-check runs after *every* message, not per message type: a departure
+        or a cooldown announced by another instance once left the queue waiting
+        out its whole budget for a 503 it could have had at once. It costs nothing
+        when the message touched no model with waiters (``RegistryState.drain``
+        looks only at the models marked since the last one).
+        """
+        try:
+            self._apply(command, now)
+        finally:
+            self._answer_drained(now)
+
+    def _apply(self, command: _Command, now: float) -> None:
         state = self.state
         match command:
             case _Acquire(request, reply):
@@ -152,7 +166,6 @@ class _Actor:
                 reply.send_nowait(state.try_acquire(request, now, cold_primary=cold_primary))
             case _Release(lease, outcome, evidence):
                 state.release(lease, outcome, now, evidence)
-                self._answer_drained(now)
             case _Withdraw(ticket, reply):
                 why = state.withdraw(ticket, now)
                 self.waiting.pop(ticket, None)
@@ -165,14 +178,12 @@ class _Actor:
                     return
                 # A record mirrored from another instance has no socket here to close.
                 reply.send_nowait(old.session if old is not None and not old.instance else None)
-                self._answer_drained(now)
             case _Unregister(provider_id, session):
                 state.unregister(provider_id, session, now)
             case _Snapshot(reply):
                 reply.send_nowait(state.snapshot(now))
             case _Mirror(instance, records):
                 state.mirror(instance, records, now)
-                self._answer_drained(now)
             case _Reserve(lease, reply):
                 reply.send_nowait(state.reserve(lease, now))
             case _Shared(cool, clear, freed, renewed):
@@ -184,7 +195,6 @@ class _Actor:
                     state.clear_remote(clear)
                 if freed is not None:
                     state.freed_remote(freed[0], freed[1], now)
-                    self._answer_drained(now)
 
     def _answer_drained(self, now: float) -> None:
         for ticket, decision in self.state.drain(now):

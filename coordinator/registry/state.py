@@ -530,9 +530,11 @@ class RegistryState:
     def cool_remote(self, key: tuple[str, str, str], seconds: float, now: float) -> None:
         """A cooldown entered by the shared breaker; ``seconds`` left (clocks differ)."""
         self.breaker.cool(key, now + seconds)
+        self._dirty.add(key[1])  # its waiters may have no provider left to wait for
 
     def clear_remote(self, key: tuple[str, str, str]) -> None:
         self.breaker.record_success(key)
+        self._dirty.add(key[1])
 
     def freed_remote(self, provider_id: str, in_use: int, now: float) -> None:
         """Another instance's provider has a free slot again: update it and wake waiters."""
