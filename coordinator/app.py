@@ -30,6 +30,7 @@ from coordinator.providers.handshakes import capped
 from coordinator.providers.identity import IdentityBook, SharedPins
 from coordinator.providers.pinfile import PinFile
 from coordinator.registry.actor import RegistryClient, serve_registry
+from coordinator.wsio import whole_writes
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +111,18 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
     drain = Drain(config.drain_timeout)
     registry: RegistryClient = await nursery.start(serve_registry, config, metrics)
     directory = Directory()
+    identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
     shared: Shared = Solo()
     if pins is None and config.redis_url:
         from coordinator.cluster.shared import RedisShared  # coredis only when configured
 
-        shared = pins = RedisShared(config, registry, directory, metrics, peer_url)
+        shared = pins = RedisShared(config, registry, directory, metrics, peer_url,
+                                    identities.live_pins)
         registry.state.outbox = shared.offer
         await nursery.start(shared.run)
     elif pins is None and config.identity_pins_file:
         pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
-    identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
     app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
     connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
     return Coordinator(config, registry, metrics, dispatcher,
@@ -157,13 +159,16 @@ async def serve(
             peers = PeerServer(config, coordinator.registry, coordinator.dispatcher.directory)
             await nursery.start(trio_websocket.WebSocketServer(
                 peers.handle,
-                capped(peer_listeners, config.max_pending_providers),
+                whole_writes(capped(peer_listeners, config.max_pending_providers),
+                             config.write_timeout),
                 max_message_size=config.register_frame_bytes,
                 connect_timeout=config.register_timeout).run)
             log.info("instance %s: cluster peers on %s", config.instance_id, peer_url)
         ws_server = trio_websocket.WebSocketServer(
             coordinator.edge.handle,
-            capped(provider_listeners, config.max_pending_providers),
+            # Every frame written whole, or the socket closed (coordinator/wsio.py).
+            whole_writes(capped(provider_listeners, config.max_pending_providers),
+                         config.write_timeout),
             # Until a provider is admitted only a small frame is accepted;
             # the edge raises the limit after admission.
             max_message_size=config.register_frame_bytes,

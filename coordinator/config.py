@@ -151,6 +151,9 @@ class Config:
     advertise_port: int = 0  # 0: the cluster port bound (set it behind NAT or a port map)
     cluster_refresh: float = 1.0
     cluster_ttl: float = 5.0
+    # Every Redis call (connect, command, a connection from the pool) waits at most this
+    # long: a hung Redis reads "degraded" instead of stalling admissions silently.
+    redis_timeout: float = 2.0
     # -- misc
     seed: int | None = None
 

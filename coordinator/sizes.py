@@ -65,3 +65,18 @@ def check(max_frame_bytes: int, register_frame_bytes: int,
         problems.append(f"request_buffer_bytes: must hold at least one frame (>= "
                         f"max_frame_bytes, {max_frame_bytes}), not {request_buffer_bytes}")
     return problems
+
+
+# Room for a link frame's own fields around the frame it carries.
+PEER_FRAME_OVERHEAD: Final = 4096
+
+
+def peer_socket_limit(max_body_bytes: int, max_frame_bytes: int) -> int:
+    """The WebSocket message limit on links between instances, both ways.
+
+    One way a link carries a whole sealed request; the other a provider's frame
+    re-encoded as a JSON string, which escaping (``"`` and ``\\``) at most doubles
+    (the relaying instance refuses to relay anything larger).
+    """
+    return max(largest_request_frame(max_body_bytes),
+               2 * provider_socket_limit(max_frame_bytes)) + PEER_FRAME_OVERHEAD

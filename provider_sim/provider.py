@@ -48,6 +48,7 @@ from coordinator.protocol import (
     sign_challenge,
 )
 from coordinator.protocol.crypto import DecryptError
+from coordinator.wsio import open_websocket
 
 from .behaviours import HEALTHY, Behaviour
 from .script import Accepted, Chunk, Complete, Crash, Error, Pace, play
@@ -176,8 +177,7 @@ class SimProvider:
 
     async def run(self, url: str) -> None:
         """Connect to ``url`` and serve until the socket closes."""
-        async with trio_websocket.open_websocket_url(
-                url, max_message_size=self.max_request_bytes) as ws:
+        async with open_websocket(url, max_message_size=self.max_request_bytes) as ws:
             await self.serve(ws)
 
     async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:

@@ -22,6 +22,7 @@ from coordinator.app import Coordinator, start_coordinator
 from coordinator.config import Config
 from coordinator.protocol import ModelInfo
 from coordinator.providers.identity import SharedPins
+from coordinator.wsio import WholeWriteStream
 from provider_sim.behaviours import HEALTHY, Behaviour
 from provider_sim.provider import SimProvider
 
@@ -91,6 +92,7 @@ class Harness:
     nursery: trio.Nursery
     providers: dict[str, SimProvider] = attrs.field(factory=dict)
     _connections: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    _scopes: dict[int, trio.CancelScope] = attrs.field(factory=dict)  # id(provider) -> scope
     _everyone: list[SimProvider] = attrs.field(factory=list)  # incl. replaced sessions
 
     @property
@@ -109,32 +111,36 @@ class Harness:
         behaviour: Behaviour = HEALTHY,
         script: list[Behaviour] | None = None,
         wait: bool = True,
+        stream_pair: Any = trio.testing.memory_stream_pair,
         **kw: Any,
     ) -> SimProvider:
         provider = SimProvider(provider_id, models or (model(),), token=kw.pop("token", TOKEN),
                                version=version, behaviour=behaviour, script=script or [], **kw)
-        await self.connect(provider, wait=wait)
+        await self.connect(provider, wait=wait, stream_pair=stream_pair)
         return provider
 
-    async def connect(self, provider: SimProvider, *, wait: bool = True) -> None:
+    async def connect(self, provider: SimProvider, *, wait: bool = True,
+                      stream_pair: Any = trio.testing.memory_stream_pair) -> None:
+        """Connect ``provider`` over ``stream_pair()`` (client end, coordinator end)."""
         self.providers[provider.provider_id] = provider
         self._everyone.append(provider)
         scope = trio.CancelScope()
-        self._connections[provider.provider_id] = scope
-        await self.nursery.start(self._run_provider, provider, scope)
+        self._connections[provider.provider_id] = self._scopes[id(provider)] = scope
+        await self.nursery.start(self._run_provider, provider, scope, stream_pair)
         if wait:
             await self.wait_registered(provider.provider_id)
 
     async def _run_provider(
-        self, provider: SimProvider, scope: trio.CancelScope, *, task_status: Any
+        self, provider: SimProvider, scope: trio.CancelScope, stream_pair: Any, *,
+        task_status: Any
     ) -> None:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
+        client_stream, server_stream = stream_pair()
         with scope:
             async with trio.open_nursery() as nursery:
                 # The server side reads the client's handshake, so it runs alongside.
                 nursery.start_soon(self._serve_edge, nursery, server_stream)
                 ws = await trio_websocket.wrap_client_stream(
-                    nursery, client_stream, "coordinator", "/",
+                    nursery, WholeWriteStream(client_stream), "coordinator", "/",  # type: ignore[arg-type]
                     max_message_size=provider.max_request_bytes)
                 task_status.started()
                 await provider.serve(ws)
@@ -143,7 +149,8 @@ class Harness:
     async def _serve_edge(self, nursery: trio.Nursery, stream: Any) -> None:
         # As serve() does: small frames only until the edge admits the provider.
         request = await trio_websocket.wrap_server_stream(
-            nursery, stream, max_message_size=self.coordinator.config.register_frame_bytes)
+            nursery, WholeWriteStream(stream, self.coordinator.config.write_timeout),  # type: ignore[arg-type]
+            max_message_size=self.coordinator.config.register_frame_bytes)
         await self.coordinator.edge.handle(request)
 
     async def wait_registered(self, provider_id: str) -> None:
@@ -160,9 +167,24 @@ class Harness:
                 for event in events:
                     nursery.start_soon(_cancel_when, event, nursery.cancel_scope)
 
-    def kill(self, provider_id: str) -> None:
-        """Drop a provider's connection abruptly."""
-        self._connections[provider_id].cancel()
+    async def until_cluster(self, predicate: Any) -> None:
+        """Wait until ``predicate(status)`` holds for the shared state ("ok", "degraded").
+
+        It follows another process (Redis), which no event here signals: polled, so only
+        for real-time tests of the Redis seam.
+        """
+        while not predicate(self.coordinator.shared.status):
+            await trio.sleep(0.05)
+
+    async def until_cluster_ok(self) -> None:
+        await self.until_cluster(lambda status: status == "ok")
+
+    def kill(self, provider: str | SimProvider) -> None:
+        """Drop a provider's connection abruptly (by id: the latest connected under it)."""
+        if isinstance(provider, SimProvider):
+            self._scopes[id(provider)].cancel()
+        else:
+            self._connections[provider].cancel()
 
     async def request(self, path: str, body: Any = None, *, raw: bytes | None = None,
                       headers: dict[str, str] | None = None, method: str = "POST",

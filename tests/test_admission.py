@@ -16,7 +16,7 @@ import trio_websocket
 from coordinator.config import ConfigError
 from coordinator.protocol import InferenceResponseChunk, encode_frame
 from coordinator.providers import pinfile
-from coordinator.providers.identity import PinStoreUnavailable
+from coordinator.providers.identity import PinClaim, PinStoreUnavailable, SharedPins
 from coordinator.providers.pinfile import PinFile, PinFileError
 from provider_sim.behaviours import Behaviour
 from provider_sim.provider import SimProvider
@@ -145,10 +145,16 @@ class FlakyPinStore:
         self.remove_when = trio.Event()  # a removal waits for this, once set
         self.remove_when.set()
 
-    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+    async def claim_pin(self, provider_id: str, signing_key: str,
+                        max_pins: int) -> PinClaim | None:
         if self.down:
             raise PinStoreUnavailable("connection refused")
-        return self.pins.setdefault(provider_id, signing_key)
+        created = provider_id not in self.pins
+        return PinClaim(self.pins.setdefault(provider_id, signing_key), created)
+
+    async def release_pin(self, provider_id: str, signing_key: str) -> None:
+        if self.pins.get(provider_id) == signing_key:
+            del self.pins[provider_id]
 
     async def remove_pin(self, provider_id: str) -> bool:
         self.removing.set()
@@ -228,13 +234,13 @@ async def test_the_pins_file_replays_changes_and_skips_what_is_not_one(tmp_path)
         {"id": "x", "key": a}, {"id": "y", "key": a}, {"id": "x", "key": None},
         {"id": "z", "key": "not a key"}, [1, 2], {"id": 5, "key": a})) + b'{"id": "w", "ke')
     store = await PinFile.open(path)
-    assert await store.claim_pin("y", b, 10) == a  # kept: the first key still holds it
-    assert await store.claim_pin("x", b, 10) == b  # removed, so free again
-    assert await store.claim_pin("w", b, 2) is None  # no room beyond max_pins
+    assert await _bound(store, "y", b, 10) == a  # kept: the first key still holds it
+    assert await _bound(store, "x", b, 10) == b  # removed, so free again
+    assert await _bound(store, "w", b, 2) is None  # no room beyond max_pins
     reopened = await PinFile.open(path)
-    assert await reopened.claim_pin("x", a, 10) == b
+    assert await _bound(reopened, "x", a, 10) == b
     assert await reopened.remove_pin("y") and not await reopened.remove_pin("y")
-    assert await (await PinFile.open(path)).claim_pin("y", b, 10) == b
+    assert await _bound((await PinFile.open(path)), "y", b, 10) == b
 
 
 async def test_the_pins_file_is_compacted_when_mostly_history(tmp_path):
@@ -242,13 +248,13 @@ async def test_the_pins_file_is_compacted_when_mostly_history(tmp_path):
     store = await PinFile.open(path)
     key = base64.b64encode(bytes(32)).decode()
     for n in range(100):
-        await store.claim_pin(f"p{n}", key, 1000)
+        await _bound(store, f"p{n}", key, 1000)
         await store.remove_pin(f"p{n}")
-    await store.claim_pin("kept", key, 1000)
+    await _bound(store, "kept", key, 1000)
     assert len(path.read_bytes().splitlines()) == 201
     reopened = await PinFile.open(path)
     assert path.read_bytes().splitlines() == [orjson.dumps({"id": "kept", "key": key})]
-    assert await reopened.claim_pin("kept", "other", 1000) == key
+    assert await _bound(reopened, "kept", "other", 1000) == key
 
 
 async def test_a_pins_file_that_cannot_be_written_refuses_new_ids_and_keeps_no_half_line(
@@ -266,15 +272,15 @@ async def test_a_pins_file_that_cannot_be_written_refuses_new_ids_and_keeps_no_h
 
     monkeypatch.setattr(pinfile.os, "fsync", disk_full)  # the line is written, not kept
     with pytest.raises(PinStoreUnavailable):
-        await store.claim_pin("lost", key, 10)
+        await _bound(store, "lost", key, 10)
     assert path.read_bytes() == b""  # the half-kept line was taken back
     monkeypatch.undo()
     other = base64.b64encode(bytes([7]) * 32).decode()
-    assert await store.claim_pin("kept", key, 10) == key
-    assert await store.claim_pin("lost", other, 10) == other  # the failed claim held nothing
+    assert await _bound(store, "kept", key, 10) == key
+    assert await _bound(store, "lost", other, 10) == other  # the failed claim held nothing
     reopened = await PinFile.open(path)
-    assert await reopened.claim_pin("kept", other, 10) == key
-    assert await reopened.claim_pin("lost", key, 10) == other
+    assert await _bound(reopened, "kept", other, 10) == key
+    assert await _bound(reopened, "lost", key, 10) == other
 
 
 async def test_concurrent_claims_of_a_new_id_agree_on_the_first_key(tmp_path):
@@ -288,7 +294,13 @@ async def test_concurrent_claims_of_a_new_id_agree_on_the_first_key(tmp_path):
 
 
 async def _claim_into(store: PinFile, key: str, answers: list[str | None]) -> None:
-    answers.append(await store.claim_pin("same", key, 10))
+    answers.append(await _bound(store, "same", key, 10))
+
+
+async def _bound(store: SharedPins, provider_id: str, key: str, max_pins: int) -> str | None:
+    """The key ``provider_id`` is bound to after claiming it for ``key``."""
+    claim = await store.claim_pin(provider_id, key, max_pins)
+    return None if claim is None else claim.key
 
 
 def test_a_pins_file_and_redis_are_not_configured_together():

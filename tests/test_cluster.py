@@ -425,3 +425,51 @@ def test_an_id_is_pinned_fleet_wide_until_an_operator_unpins_it(cluster: Cluster
     assert unpinned.status_code == 200 and unpinned.json()["pin"] == "removed"
     wait_until(lambda: cluster.sees("b", "prov-b"), timeout=60,
                what="the new key admitted on b once unpinned on a")
+
+
+def _stream_after_first_content(cluster: Cluster, name: str, during: Callable[[], None],
+                                max_tokens: int) -> str:
+    """Stream a chat from ``name``; run ``during`` once content flows; the whole body."""
+    body = {**CHAT, "stream": True, "max_tokens": max_tokens}
+    with httpx.stream("POST", cluster.instances[name]["url"] + "/v1/chat/completions",
+                      json=body, headers={"authorization": f"Bearer {KEY}"},
+                      timeout=60) as reply:
+        assert reply.status_code == 200
+        seen, lines = [], reply.iter_lines()
+        for line in lines:
+            seen.append(line)
+            if '"content":"' in line.replace('"content":""', ""):
+                break
+        during()
+        seen.extend(lines)
+    return "\n".join(seen)
+
+
+def test_a_redis_outage_does_not_end_streams_already_on_a_link(cluster: Cluster) -> None:
+    """Issue 22 item 5: 8 streams relayed a -> b all ended at outage + cluster_ttl."""
+    cluster.instance("a")
+    cluster.instance("b")
+    cluster.fleet("b", spec=provider("far", behaviour="healthy:token_interval=0.25,tokens=16"))
+    wait_until(lambda: cluster.sees("a", "far"))
+    started = time.monotonic()
+    text = _stream_after_first_content(cluster, "a", cluster.stop_redis, 16)
+    assert time.monotonic() - started > 3.0  # it outlived the directory (ttl 1.5 s) ...
+    assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text
+    assert len(streamed_content(text).split()) >= 10  # ... and came whole
+
+
+def test_a_hung_instance_ends_the_streams_on_its_link(cluster: Cluster) -> None:
+    """With the directory no longer deciding, the link's own pings notice a hung peer."""
+    cluster.instance("a")
+    b = cluster.instance("b")
+    cluster.fleet("b", spec=provider("far", behaviour="healthy:token_interval=0.25,tokens=400"))
+    wait_until(lambda: cluster.sees("a", "far"))
+    started = time.monotonic()
+    try:
+        text = _stream_after_first_content(
+            cluster, "a", lambda: b["proc"].send_signal(signal.SIGSTOP), 400)
+    finally:
+        b["proc"].send_signal(signal.SIGCONT)
+    assert time.monotonic() - started < 15.0  # a 100-second answer, cut within moments
+    assert '"error"' in text and text.rstrip().endswith("data: [DONE]"), text
+    cluster.kill("b")

@@ -1103,3 +1103,51 @@ async def test_an_unusable_encryption_key_is_refused_at_admission(autojump_clock
         await h.add_provider("p")
         await _still_serves(h)
     assert not errors.records
+
+
+async def _linked(h: Harness, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+    """A link into ``h``'s peer server (in memory) that has said hello with the token."""
+    peers = PeerServer(h.coordinator.config, h.registry, h.coordinator.dispatcher.directory)
+    client, server = trio.testing.memory_stream_pair()
+
+    async def serve_peer() -> None:
+        await peers.handle(await trio_websocket.wrap_server_stream(nursery, server))
+
+    nursery.start_soon(serve_peer)
+    link = await trio_websocket.wrap_client_stream(nursery, client, "c", "/",
+                                                   max_message_size=1 << 24)
+    await link.send_message('{"type":"hello","instance":"x","token":"right"}')
+    return link
+
+
+@pytest.mark.parametrize("depth", [200, 1000, 1023, 5000])
+async def test_a_hostile_lease_costs_its_frame_not_the_link(autojump_clock, depth):
+    """Issue 22 item 9: a lease nested deep raised RecursionError and dropped the link."""
+    async with open_harness(cluster_token="right") as h, trio.open_nursery() as nursery:
+        link = await _linked(h, nursery)
+        nested = "[" * depth + "]" * depth
+        for hostile in (
+            '{"type":"relay","frame":"x","lease":{"request_id":%s}}' % nested,
+            '{"type":"relay","frame":"x","lease":%s}' % nested,
+            '{"type":"cancel","request_id":%s,"provider_id":"p","session":1}' % nested,
+            '{"type":"relay","frame":"x","lease":{"request_id":"%s","provider_id":"p",'
+            '"session":1,"model":"m","shape":"base","version":"1"}}' % ("r" * 100_000),
+        ):
+            await link.send_message(hostile)
+        # The link is alive and still answers: a relay for a provider it does not have.
+        await link.send_message(encode_frame_of_relay("r.1", "nobody"))
+        with trio.fail_after(5):
+            answer = json.loads(await link.get_message())
+        assert answer == {"type": "refused", "provider_id": "nobody", "request_id": "r.1",
+                          "reason": "gone"}
+        nursery.cancel_scope.cancel()
+
+
+def encode_frame_of_relay(request_id: str, provider_id: str) -> str:
+    """A well-formed relay of a sealed request (sealed to a throwaway key)."""
+    from coordinator.protocol import EncryptedPayload, InferenceRequest, encode_frame
+    from coordinator.protocol.cluster import Relay, RelayLease, encode_peer_frame
+
+    sealed = encode_frame(InferenceRequest(request_id, EncryptedPayload("k", "c")))
+    return encode_peer_frame(Relay(RelayLease(request_id, provider_id, 1, "m1", "base", "0.7"),
+                                   sealed))

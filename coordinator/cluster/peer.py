@@ -12,14 +12,15 @@ whose writes go over the link (:class:`RemoteConnection`). A cancel travels
 the same way; a link that drops ends every stream on it (before content: a
 failover; after: an in-band error), as a provider disconnect would.
 
-Frames on a link are JSON objects with a ``type``:
+Frames on a link are typed and bounded (:mod:`coordinator.protocol.cluster`);
+links are authenticated with the shared ``cluster_token``, and every write on
+them is whole or the link is closed (:mod:`coordinator.wsio`).
 
-* A → B: ``hello {instance, token}`` first; then ``relay {lease, frame}`` and
-  ``cancel {provider_id, session, request_id}``;
-* B → A: ``relayed {provider_id, frame}`` (P's own frame, as sent) and
-  ``refused {provider_id, request_id, reason}``.
-
-Links are authenticated with the shared ``cluster_token``.
+A stream already relayed depends on its link, not on the directory: A pings
+each open link every ``cluster_refresh`` seconds and drops it when no pong
+comes within ``cluster_ttl`` (the streams on it then end, as above). An
+instance whose directory page expires (Redis away, say) gets no new requests,
+but its link lives on until the streams on it are done.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import logging
 from typing import Any
 
 import attrs
-import orjson
 import trio
 import trio_websocket
 
+from coordinator import sizes, wsio
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.protocol import (
@@ -45,29 +46,56 @@ from coordinator.protocol import (
     decode_frame,
     encode_frame,
 )
+from coordinator.protocol.cluster import (
+    PeerHello,
+    PeerMessage,
+    Relay,
+    RelayCancel,
+    Relayed,
+    RelayLease,
+    RelayRefused,
+    decode_peer_frame,
+    encode_peer_frame,
+)
 from coordinator.protocol.crypto import load_public_key
 from coordinator.providers.connection import Directory, ProviderConnection, ProviderGone
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.table import CANCELLED, Lease, ProviderRecord
+from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
 
 POLICY_VIOLATION = 1008
+LOGGED_REJECTIONS = 10  # malformed frames a link may have logged (all are dropped)
 
 
-def _frame(**fields: Any) -> bytes:
-    return orjson.dumps(fields)
+def _lease_of(relayed: RelayLease) -> Lease:
+    return Lease(relayed.request_id, relayed.provider_id, relayed.session, relayed.model,
+                 relayed.shape, relayed.version, relayed.cost)
 
 
-def _lease_of(data: Any) -> Lease | None:
-    if not isinstance(data, dict):
-        return None
-    try:
-        return Lease(str(data["request_id"]), str(data["provider_id"]), int(data["session"]),
-                     str(data["model"]), str(data["shape"]), str(data["version"]),
-                     float(data["cost"]))
-    except (KeyError, TypeError, ValueError):
-        return None
+def _relay_lease(lease: Lease) -> RelayLease:
+    return RelayLease(lease.request_id, lease.provider_id, lease.session, lease.model,
+                      lease.shape, lease.version, lease.cost)
+
+
+@attrs.define(eq=False)
+class _Frames:
+    """A link's incoming frames, decoded strictly; bad ones dropped, a few logged."""
+
+    limit: int
+    peer: str
+    rejected: int = 0
+
+    def decode(self, raw: str | bytes) -> PeerMessage | None:
+        try:
+            return decode_peer_frame(raw, max_bytes=self.limit)
+        except FrameError as exc:
+            self.rejected += 1
+            if self.rejected <= LOGGED_REJECTIONS:
+                log.warning("link %s: malformed frame dropped (%s)", printable(self.peer),
+                            printable(str(exc)))
+            return None
 
 
 # ---- B: serving links from other instances ------------------------------------------
@@ -104,39 +132,36 @@ class PeerServer:
             log.error("peer link handler failed", exc_info=True)
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> str | None:
+        frames = _Frames(self.config.register_frame_bytes, "(before hello)")
         with trio.move_on_after(self.config.register_timeout):
-            hello = _message(await ws.get_message())
-            if (hello is not None and hello.get("type") == "hello"
-                    and isinstance(hello.get("token"), str)
-                    and matches_any(hello["token"], (self.config.cluster_token,))
-                    and isinstance(hello.get("instance"), str)):
-                _allow_large_frames(ws, self.config)
-                return str(hello["instance"])
+            hello = frames.decode(await ws.get_message())
+            if isinstance(hello, PeerHello) and matches_any(
+                    hello.token, (self.config.cluster_token,)):
+                wsio.allow_large_messages(ws, _link_limit(self.config))
+                return hello.instance
         with trio.move_on_after(self.config.close_timeout):
             await ws.aclose(POLICY_VIOLATION, "not a cluster member")
         return None
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, peer: str) -> None:
         relays: dict[str, trio.CancelScope] = {}
+        frames = _Frames(_link_limit(self.config), peer)
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    message = _message(await ws.get_message())
+                    message = frames.decode(await ws.get_message())
                 except trio_websocket.ConnectionClosed:
                     break
-                if message is None:
-                    continue
-                if message.get("type") == "relay":
-                    lease = _lease_of(message.get("lease"))
-                    frame = message.get("frame")
-                    if lease is not None and isinstance(frame, str):
+                match message:
+                    case Relay(relayed, frame) if relayed.request_id not in relays:
+                        lease = _lease_of(relayed)
                         scope = trio.CancelScope()
                         relays[lease.request_id] = scope
                         nursery.start_soon(self._relay, ws, lease, frame, scope, relays)
-                elif message.get("type") == "cancel":
-                    scope_ = relays.get(str(message.get("request_id")))
-                    if scope_ is not None:
-                        scope_.cancel(reason="cancelled by the requesting instance")
+                    case RelayCancel(request_id=request_id) if request_id in relays:
+                        relays[request_id].cancel(reason="cancelled by the requesting instance")
+                    case _:
+                        pass  # malformed (dropped above), a duplicate, or not ours to act on
             nursery.cancel_scope.cancel(reason=f"link from {peer} closed")
 
     async def _relay(self, ws: trio_websocket.WebSocketConnection, lease: Lease, frame: str,
@@ -147,34 +172,38 @@ class PeerServer:
         except FrameError:
             request = None
         if not isinstance(request, InferenceRequest) or request.request_id != lease.request_id:
-            await _send(ws, _frame(type="refused", provider_id=lease.provider_id,
-                                   request_id=lease.request_id, reason="malformed relay"))
+            relays.pop(lease.request_id, None)
+            await _send(ws, RelayRefused(lease.provider_id, lease.request_id, "malformed relay"))
             return
         refused = await self.registry.reserve(lease)
         connection = self.directory.get(lease.provider_id, lease.session)
         if refused is not None or connection is None:
-            await _send(ws, _frame(type="refused", provider_id=lease.provider_id,
-                                   request_id=lease.request_id, reason=refused or "gone"))
+            relays.pop(lease.request_id, None)
+            await _send(ws, RelayRefused(lease.provider_id, lease.request_id, refused or "gone"))
             if refused is None:
                 await self.registry.release(lease, CANCELLED)
             return
         finished = False
         events = connection.open_stream(lease.request_id)
+        limit = _link_limit(self.config) - sizes.PEER_FRAME_OVERHEAD
         try:
             with scope:
                 await connection.send(request)
                 async for event in events:
                     self.relayed += 1
-                    await _send(ws, _frame(type="relayed", provider_id=lease.provider_id,
-                                           frame=encode_frame(event)))
+                    relayed = encode_frame(event)
+                    if len(relayed) > limit // 2:  # escaped in the link frame: up to twice
+                        event = InferenceError(lease.request_id, "a provider frame too large "
+                                               "to relay between instances", 502)
+                        relayed = encode_frame(event)
+                    await _send(ws, Relayed(lease.provider_id, relayed))
                     if isinstance(event, InferenceComplete | InferenceError):
                         finished = True
                         return
                 # The provider went without a last frame: say so, as the provider would.
                 gone = InferenceError(lease.request_id, connection.end_reason(
                     lease.request_id), 502)
-                await _send(ws, _frame(type="relayed", provider_id=lease.provider_id,
-                                       frame=encode_frame(gone)))
+                await _send(ws, Relayed(lease.provider_id, encode_frame(gone)))
                 finished = True
         except ProviderGone:
             pass
@@ -189,19 +218,15 @@ class PeerServer:
                 await self.registry.release(lease, CANCELLED)
 
 
-async def _send(ws: trio_websocket.WebSocketConnection, frame: bytes) -> None:
+async def _send(ws: trio_websocket.WebSocketConnection, message: PeerMessage) -> None:
     try:
-        await ws.send_message(frame.decode())
+        await ws.send_message(encode_peer_frame(message))
     except trio_websocket.ConnectionClosed:
         raise ProviderGone("peer link closed") from None
 
 
-def _allow_large_frames(ws: trio_websocket.WebSocketConnection, config: Config) -> None:
-    # A relayed request carries a whole sealed body (docs/configuration.md, "Sizes").
-    from coordinator import sizes
-
-    ws._max_message_size = max(sizes.largest_request_frame(config.max_body_bytes) + 4096,
-                               sizes.provider_socket_limit(config.max_frame_bytes))
+def _link_limit(config: Config) -> int:
+    return sizes.peer_socket_limit(config.max_body_bytes, config.max_frame_bytes)
 
 
 # ---- A: links to other instances, and the providers behind them ----------------------
@@ -233,67 +258,122 @@ class RemoteConnection(ProviderConnection):
 
 @attrs.define(eq=False)
 class PeerLink:
-    """This instance's link to one other instance, opened on first use."""
+    """This instance's link to one other instance, opened on first use.
+
+    Runs (:meth:`run`) until retired and idle: an instance that left the directory
+    keeps its link while streams are still relayed over it.
+    """
 
     instance: str
     url: str
     me: str
     token: str
+    config: Config = attrs.field(factory=Config)
     _ws: trio_websocket.WebSocketConnection | None = None
     _opening: trio.Lock = attrs.field(factory=trio.Lock)
     _requests: dict[str, RemoteConnection] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = None
     _refused: bool = False  # said once until a link is accepted again
+    _retired: trio.Event = attrs.field(factory=trio.Event)
+    _idle: trio.Event = attrs.field(factory=trio.Event)  # set while no request is on the link
+
+    def __attrs_post_init__(self) -> None:
+        self._idle.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a nursery for the link's reader; cancelled when the link is dropped."""
+        """Keep a nursery for the link's reader until retired and idle."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            await self._retired.wait()
+            while not self._idle.is_set():
+                await self._idle.wait()
+            await self.aclose()
+            nursery.cancel_scope.cancel(reason=f"link to {self.instance} retired")
+
+    def retire(self) -> None:
+        """No new requests go this way; the link closes once those on it are done."""
+        self._retired.set()
 
     async def _open(self) -> trio_websocket.WebSocketConnection:
         async with self._opening:
             if self._ws is not None and not self._ws.closed:
                 return self._ws
-            assert self._nursery is not None
+            if self._nursery is None or self._retired.is_set():
+                raise ProviderGone(f"instance {self.instance}: link retired")
             try:
-                ws = await trio_websocket.connect_websocket_url(self._nursery, self.url)
-                await ws.send_message(_frame(type="hello", instance=self.me,
-                                             token=self.token).decode())
-            except (OSError, trio_websocket.HandshakeError,
-                    trio_websocket.ConnectionClosed) as exc:
-                raise ProviderGone(f"instance {self.instance}: {exc}") from None
-            ws._max_message_size = 1 << 30  # frames are the requests' own, bounded at the source
+                with trio.fail_after(self.config.register_timeout):
+                    ws = await wsio.connect(self._nursery, self.url,
+                                            max_message_size=_link_limit(self.config),
+                                            write_timeout=self.config.write_timeout)
+                    await _send(ws, PeerHello(self.me, self.token))
+            except (OSError, ValueError, trio.TooSlowError, trio_websocket.HandshakeError,
+                    ProviderGone) as exc:
+                raise ProviderGone(f"instance {self.instance}: {printable(str(exc))}") from None
             self._ws = ws
             self._nursery.start_soon(self._read, ws)
+            self._nursery.start_soon(self._watch, ws)
             return ws
 
     async def relay(self, connection: RemoteConnection, lease: Lease, frame: str) -> None:
         ws = await self._open()
-        self._requests[lease.request_id] = connection
-        await _send(ws, _frame(type="relay", lease=attrs.asdict(lease), frame=frame))
+        self._track(lease.request_id, connection)
+        await _send(ws, Relay(_relay_lease(lease), frame))
 
     async def cancel(self, connection: RemoteConnection, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+        self._untrack(request_id)
         if self._ws is not None and not self._ws.closed:
-            await _send(self._ws, _frame(type="cancel", provider_id=connection.provider_id,
-                                         session=connection.session, request_id=request_id))
+            await _send(self._ws, RelayCancel(connection.provider_id, connection.session,
+                                              request_id))
+
+    def _track(self, request_id: str, connection: RemoteConnection) -> None:
+        self._requests[request_id] = connection
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _untrack(self, request_id: str) -> RemoteConnection | None:
+        connection = self._requests.pop(request_id, None)
+        if not self._requests:
+            self._idle.set()
+        return connection
+
+    async def _watch(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Drop the link when the other instance stops answering pings.
+
+        The directory says where new requests may go; whether the streams already
+        on a link live is the link's own business (a Redis outage must not end them,
+        a hung instance must).
+        """
+        while not ws.closed:
+            await trio.sleep(self.config.cluster_refresh)
+            with trio.move_on_after(self.config.cluster_ttl) as silent:
+                try:
+                    await ws.ping()
+                except (trio_websocket.ConnectionClosed, ValueError):
+                    return
+            if silent.cancelled_caught:
+                log.warning("instance %s did not answer a ping within %gs; dropping the link",
+                            printable(self.instance), self.config.cluster_ttl)
+                await _abort(ws, self.config.close_timeout)
+                return
 
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        frames = _Frames(_link_limit(self.config), self.instance)
         try:
             while True:
-                self._on_message(await ws.get_message())
+                message = frames.decode(await ws.get_message())
+                if message is not None:
+                    self._on_message(message)
                 self._refused = False
         except trio_websocket.ConnectionClosed as exc:
             self._note_refusal(exc.reason)
         finally:
             # Every request on this link ends as if its provider had disconnected.
-            for connection in set(self._requests.values()):
-                for request_id in [r for r, c in self._requests.items() if c is connection]:
-                    connection.deliver(request_id, _instance_gone(
-                        request_id, f"instance {self.instance} is gone"))
+            for request_id, connection in list(self._requests.items()):
+                connection.deliver(request_id, _instance_gone(
+                    request_id, f"instance {self.instance} is gone"))
             self._requests.clear()
+            self._idle.set()
 
     def _note_refusal(self, reason: trio_websocket.CloseReason | None) -> None:
         # Without this a wrong cluster token looked healthy: every request to the other
@@ -302,35 +382,41 @@ class PeerLink:
             return
         self._refused = True
         log.warning("instance %s refused this instance's link (%s): is COORDINATOR_CLUSTER_TOKEN "
-                    "the same on every instance?", self.instance, reason.reason)
+                    "the same on every instance?", printable(self.instance),
+                    printable(reason.reason))
 
-    def _on_message(self, raw: str | bytes) -> None:
-        message = _message(raw)
-        if message is None:
-            return
-        if message.get("type") == "refused":
-            request_id = str(message.get("request_id"))
-            connection = self._requests.pop(request_id, None)
-            if connection is not None:  # B is authoritative for its slots: capacity
-                connection.deliver(request_id, InferenceError(
-                    request_id, f"capacity: {str(message.get('reason'))[:100]}", 503))
-        elif message.get("type") == "relayed" and isinstance(message.get("frame"), str):
-            try:
-                event = decode_frame(message["frame"])
-            except FrameError:
-                return
-            if not isinstance(event, InferenceAccepted | InferenceResponseChunk
-                              | InferenceComplete | InferenceError):
-                return
-            connection = self._requests.get(event.request_id)
-            if connection is not None:
-                connection.deliver(event.request_id, event)
-                if isinstance(event, InferenceComplete | InferenceError):
-                    self._requests.pop(event.request_id, None)
+    def _on_message(self, message: PeerMessage) -> None:
+        match message:
+            case RelayRefused(request_id=request_id, reason=reason):
+                connection = self._untrack(request_id)
+                if connection is not None:  # B is authoritative for its slots: capacity
+                    connection.deliver(request_id, InferenceError(
+                        request_id, f"capacity: {printable(reason, 100)}", 503))
+            case Relayed(frame=frame):
+                try:
+                    event = decode_frame(frame, max_bytes=len(frame))
+                except FrameError:
+                    return
+                if not isinstance(event, InferenceAccepted | InferenceResponseChunk
+                                  | InferenceComplete | InferenceError):
+                    return
+                connection = self._requests.get(event.request_id)
+                if connection is not None:
+                    connection.deliver(event.request_id, event)
+                    if isinstance(event, InferenceComplete | InferenceError):
+                        self._untrack(event.request_id)
+            case _:
+                pass  # hello, relay and cancel go the other way
 
     async def aclose(self) -> None:
         if self._ws is not None:
-            await self._ws.aclose()
+            await _abort(self._ws, self.config.close_timeout)
+
+
+async def _abort(ws: trio_websocket.WebSocketConnection, wait: float) -> None:
+    """Close ``ws``, waiting at most ``wait`` seconds for the other side's reply."""
+    with trio.CancelScope(shield=True), trio.move_on_after(wait):
+        await ws.aclose()
 
 
 def _instance_gone(request_id: str, why: str) -> InferenceError:
@@ -347,12 +433,3 @@ def remote_connection(record: ProviderRecord, link: PeerLink, config: Config,
         stream_buffer=config.request_buffer_chunks,
         stream_buffer_bytes=config.request_buffer_bytes, link=link, lease_of=lease_of,
         instance=link.instance)
-
-
-def _message(raw: str | bytes) -> dict[str, Any] | None:
-    """A peer link's frame as a JSON object, or None for anything else (ignored)."""
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return message if isinstance(message, dict) else None

@@ -30,12 +30,15 @@ and rejoins by itself when Redis answers again.
 from __future__ import annotations
 
 import logging
+import secrets
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import attrs
 import coredis
 import coredis.exceptions
+import coredis.retry
 import orjson
 import trio
 
@@ -44,9 +47,10 @@ from coordinator.cluster.peer import PeerLink, remote_connection
 from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.providers.connection import Directory
-from coordinator.providers.identity import PinStoreUnavailable
+from coordinator.providers.identity import PinClaim, PinStoreUnavailable
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Cleared, Freed, Renewed, SharedEvent, Struck
+from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +75,39 @@ return 0
 PINS = "coord:pins"
 _CLAIM_PIN = """
 local bound = redis.call('HGET', KEYS[1], ARGV[1])
-if bound then return bound end
+if bound then return {bound, 0} end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return false end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return ARGV[2]
+return {ARGV[2], 1}
+"""
+_RELEASE_PIN = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+# A token Redis keeps for as long as it keeps its data: when it changes (or is gone),
+# Redis restarted empty or was flushed, and each instance re-asserts the pins of the
+# providers live on it (the pins of providers offline meanwhile survive only with
+# Redis persistence: docs/scale-out.md).
+EPOCH = "coord:epoch"
+_EPOCH = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch then return epoch end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+_REASSERT_PINS = """
+local conflicts = {}
+for i = 1, #ARGV, 2 do
+  local bound = redis.call('HGET', KEYS[1], ARGV[i])
+  if not bound then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  elseif bound ~= ARGV[i + 1] then
+    table.insert(conflicts, ARGV[i])
+  end
+end
+return conflicts
 """
 # Errors that mean "Redis is not there right now", as coredis, anyio and the OS say it.
 UNREACHABLE = (coredis.exceptions.RedisError, OSError, trio.BrokenResourceError,
@@ -101,7 +134,10 @@ class RedisShared:
     directory: Directory
     metrics: Metrics
     peer_url: str
+    # (id, signing key) of the explicit ids live here, re-asserted when Redis lost them.
+    live_pins: Callable[[], list[tuple[str, str]]]
     degraded: bool = False
+    _epoch: bytes | None = None  # Redis's data epoch as last seen (EPOCH)
     _outbox: trio.MemorySendChannel[SharedEvent] = attrs.field(init=False)
     _inbox: trio.MemoryReceiveChannel[SharedEvent] = attrs.field(init=False)
     _links: dict[str, PeerLink] = attrs.field(factory=dict)
@@ -128,7 +164,13 @@ class RedisShared:
             self.metrics.cluster_events_dropped.inc()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        client = coredis.Redis.from_url(self.config.redis_url, decode_responses=False)
+        bound = self.config.redis_timeout
+        client = coredis.Redis.from_url(
+            self.config.redis_url, decode_responses=False, stream_timeout=bound,
+            connect_timeout=bound, pool_timeout=bound,
+            # Our loops retry (every cluster_refresh); coredis retrying a hung call
+            # would only triple the time before the instance says "degraded".
+            retry_policy=coredis.retry.NoRetryPolicy())
         try:
             async with client, trio.open_nursery() as nursery:
                 self._nursery, self._client = nursery, client
@@ -145,10 +187,16 @@ class RedisShared:
             log.debug("shared state closed")
 
     # -- identity pins (providers/identity.py), asked by the provider edge
-    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+    async def claim_pin(self, provider_id: str, signing_key: str,
+                        max_pins: int) -> PinClaim | None:
         result = await self._ask(lambda c: c.eval(_CLAIM_PIN, [PINS],
                                                   [provider_id, signing_key, max_pins]))
-        return result.decode() if isinstance(result, bytes) else None
+        if not isinstance(result, list) or len(result) != 2 or not isinstance(result[0], bytes):
+            return None
+        return PinClaim(result[0].decode(), created=bool(result[1]))
+
+    async def release_pin(self, provider_id: str, signing_key: str) -> None:
+        await self._ask(lambda c: c.eval(_RELEASE_PIN, [PINS], [provider_id, signing_key]))
 
     async def remove_pin(self, provider_id: str) -> bool:
         return bool(await self._ask(lambda c: c.hdel(PINS, [provider_id])))
@@ -186,12 +234,35 @@ class RedisShared:
     async def _publish(self, client: coredis.Redis[bytes]) -> None:
         ttl_ms = int(self.config.cluster_ttl * 1000)
         while True:
+            await self._keep_pins(client)
             local = [entries.entry_of(r) for r in self.registry.state.providers.values()
                      if not r.instance]
             page = entries.InstanceEntry(self.me, self.peer_url, tuple(local))
             await client.set(f"coord:dir:{self.me}", orjson.dumps(entries.dump(page)), px=ttl_ms)
             self._healthy()
             await trio.sleep(self.config.cluster_refresh)
+
+    async def _keep_pins(self, client: coredis.Redis[bytes]) -> None:
+        """Re-assert the pins of providers live here if Redis lost its data since last time.
+
+        A Redis restarted empty forgot every pin, so any key could claim the id of a
+        provider connected here the next time it reconnected; the epoch token tells.
+        """
+        answer = await client.eval(_EPOCH, [EPOCH], [secrets.token_hex(8)])
+        epoch = answer if isinstance(answer, bytes) else None
+        if epoch == self._epoch:
+            return
+        pins = self.live_pins()
+        if pins:
+            conflicts = await client.eval(_REASSERT_PINS, [PINS],
+                                          [part for pair in pins for part in pair])
+            for provider_id in conflicts if isinstance(conflicts, list) else ():
+                log.warning("provider %s is live here with another key than its pin in Redis",
+                            printable(provider_id))
+        if self._epoch is not None:
+            log.warning("Redis lost its data (restarted empty?): re-asserted the pins of %d "
+                        "provider(s) live on this instance", len(pins))
+        self._epoch = epoch
 
     async def _mirror(self, client: coredis.Redis[bytes]) -> None:
         while True:
@@ -241,23 +312,32 @@ class RedisShared:
                 self._prune(instance, set())
                 link = self._links.pop(instance, None)
                 if link is not None:
-                    await link.aclose()
+                    link.retire()  # closes once the streams on it are done
 
     def _link(self, page: entries.InstanceEntry) -> PeerLink:
         link = self._links.get(page.instance)
         if link is None or link.url != page.peer_url:
-            link = PeerLink(page.instance, page.peer_url, self.me, self.config.cluster_token)
+            if link is not None:
+                link.retire()
+            link = PeerLink(page.instance, page.peer_url, self.me, self.config.cluster_token,
+                            self.config)
             self._links[page.instance] = link
             assert self._nursery is not None
             self._nursery.start_soon(link.run)
         return link
 
     def _prune(self, instance: str, keep: set[tuple[str, int]]) -> None:
+        """Forget ``instance``'s providers not in ``keep``, for routing only.
+
+        Their streams in flight are not ended here: a provider that left its
+        instance is reported by that instance's relay, and an instance that went
+        by its link (``PeerLink``) — the directory going quiet (Redis away) says
+        neither.
+        """
         for connection in self.directory.live():
             link = getattr(connection, "link", None)
             if link is not None and link.instance == instance and \
                     (connection.provider_id, connection.session) not in keep:
-                connection.close_all()
                 self.directory.remove(connection)
 
     def _lease_of(self, provider_id: str) -> Any:

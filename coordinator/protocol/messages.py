@@ -19,6 +19,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from coordinator.protocol import boundedjson
+from coordinator.untrusted import printable as short
 
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 # Token counts above this are not counts; a provider reporting one is broken.
@@ -233,60 +234,86 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _strict_int)
     conv.register_structure_hook(float, _strict_float)
     conv.register_structure_hook(bool, _strict_bool)
-    # Leaf classes first: a parent's hook captures its children's hooks when built.
-    for cls in (Hardware, ModelInfo, EncryptedPayload, Usage, *_MESSAGE_TYPES.values()):
-        optional = {
-            a.name: override(omit_if_default=True)
-            for a in attrs.fields(cls)
-            if a.default is None
-        }
-        conv.register_unstructure_hook(
-            cls, make_dict_unstructure_fn(cls, conv, **optional)  # type: ignore[arg-type]
-        )
-        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
     return conv
 
 
 converter: Final = _make_converter()
 
 
+def register_wire_types(*classes: type[Any]) -> None:
+    """Give ``classes`` strict hooks on :data:`converter`; optional fields omitted when unset.
+
+    Leaf classes first: a parent's hook captures its children's hooks when built.
+    """
+    for cls in classes:
+        optional = {
+            a.name: override(omit_if_default=True)
+            for a in attrs.fields(cls)
+            if a.default is None
+        }
+        converter.register_unstructure_hook(
+            cls, make_dict_unstructure_fn(cls, converter, **optional)  # type: ignore[arg-type]
+        )
+        converter.register_structure_hook(cls, make_dict_structure_fn(cls, converter))
+
+
+class Codec:
+    """Frames of one protocol: JSON text objects whose ``type`` names one of ``types``."""
+
+    def __init__(self, *types: type[Any]) -> None:
+        self._types: dict[str, type[Any]] = {cls.TYPE: cls for cls in types}
+
+    def encode(self, message: Any) -> str:
+        """Serialize one message to a JSON text frame."""
+        body: dict[str, Any] = converter.unstructure(message)
+        return json.dumps({"type": message.TYPE, **body}, separators=(",", ":"))
+
+    def decode(self, frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Any:
+        """Parse one frame; raise :class:`FrameError` with a short reason on anything off."""
+        size = len(frame)
+        if isinstance(frame, str) and size * 4 > max_bytes:  # a text limit is in UTF-8 bytes
+            size = len(frame.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise FrameError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit",
+                             _leading_request_id(frame))
+        try:
+            # No depth limit here: the converter reads only known, shallow fields,
+            # and the parser itself stops at its recursion limit.
+            raw = boundedjson.loads_fast(frame)
+        except boundedjson.JsonLimitError as exc:
+            raise FrameError(f"malformed JSON: {short(str(exc))}",
+                             _leading_request_id(frame)) from None
+        if not isinstance(raw, dict):
+            raise FrameError("frame is not a JSON object")
+        kind = raw.pop("type", None)
+        cls = self._types.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise FrameError(f"unknown message type {short(kind)}")
+        try:
+            return converter.structure(raw, cls)
+        except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
+            detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
+                exc, cattrs.BaseValidationError
+            ) else str(exc)
+            request_id = raw.get("request_id")
+            raise FrameError(
+                f"bad {short(kind)} frame: {short(detail)}",
+                request_id if isinstance(request_id, str) else None,
+            ) from None
+
+
+register_wire_types(Hardware, ModelInfo, EncryptedPayload, Usage, *_MESSAGE_TYPES.values())
+_PROVIDER_FRAMES: Final = Codec(*_MESSAGE_TYPES.values())
+
+
 def encode_frame(message: Message) -> str:
-    """Serialize one message to a JSON text frame."""
-    body: dict[str, Any] = converter.unstructure(message)
-    return json.dumps({"type": message.TYPE, **body}, separators=(",", ":"))
+    """Serialize one provider-protocol message to a JSON text frame."""
+    return _PROVIDER_FRAMES.encode(message)
 
 
 def decode_frame(frame: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """Parse one frame; raise :class:`FrameError` with a short reason on anything off."""
-    size = len(frame)
-    if isinstance(frame, str) and size * 4 > max_bytes:  # a text frame's limit is in UTF-8 bytes
-        size = len(frame.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise FrameError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit",
-                         _leading_request_id(frame))
-    try:
-        # No depth limit here: the converter reads only known, shallow fields,
-        # and the parser itself stops at its recursion limit.
-        raw = boundedjson.loads_fast(frame)
-    except boundedjson.JsonLimitError as exc:
-        raise FrameError(f"malformed JSON: {_short(str(exc))}", _leading_request_id(frame)) from None
-    if not isinstance(raw, dict):
-        raise FrameError("frame is not a JSON object")
-    kind = raw.pop("type", None)
-    cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise FrameError(f"unknown message type {_short(kind)}")
-    try:
-        message: Message = converter.structure(raw, cls)
-    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
-        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
-            exc, cattrs.BaseValidationError
-        ) else str(exc)
-        request_id = raw.get("request_id")
-        raise FrameError(
-            f"bad {kind} frame: {_short(detail)}",
-            request_id if isinstance(request_id, str) else None,
-        ) from None
+    """Parse one provider-protocol frame; raise :class:`FrameError` on anything off."""
+    message: Message = _PROVIDER_FRAMES.decode(frame, max_bytes=max_bytes)
     return message
 
 
@@ -305,15 +332,3 @@ def _leading_request_id(frame: str | bytes) -> str | None:
         head = head.decode("ascii", "replace")
     match = _LEADING_ID.match(head)
     return match.group(1) if match else None
-
-
-def _short(value: object, limit: int = 200) -> str:
-    """A bounded, printable rendering of hostile input for messages and logs."""
-    if isinstance(value, str):
-        text = value
-    elif value is None or isinstance(value, bool | int | float):
-        text = repr(value)
-    else:  # never repr a hostile container: it may be nested past the recursion limit
-        text = f"<{type(value).__name__}>"
-    text = text.encode("ascii", "backslashreplace").decode("ascii")
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -27,7 +27,7 @@ import attrs
 import trio
 import trio_websocket
 
-from coordinator import sizes
+from coordinator import sizes, wsio
 from coordinator.capabilities import parse_version
 from coordinator.config import Config
 from coordinator.credentials import matches_any
@@ -60,6 +60,7 @@ from coordinator.providers.identity import IdentityBook, PinStoreUnavailable, Se
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import RegisterRefused
 from coordinator.registry.table import ProviderRecord
+from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 503
 LOGGED_REJECTIONS = 10  # rejected frames a session may have logged (all are counted)
 _sessions = itertools.count(1)
+
+
+@attrs.frozen
+class _Admitted:
+    register: Register
+    session: Session
+    new_pin: tuple[str, str] | None  # (id, key) when this admission made the pin
 
 
 @attrs.define(eq=False)
@@ -102,20 +110,18 @@ class ProviderEdge:
         finally:
             self.pending -= 1
         if admitted is not None:
-            await self._serve_admitted(ws, *admitted)
+            await self._serve_admitted(ws, admitted)
 
-    async def _admit_or_close(
-        self, ws: trio_websocket.WebSocketConnection
-    ) -> tuple[Register, Session] | None:
+    async def _admit_or_close(self, ws: trio_websocket.WebSocketConnection) -> _Admitted | None:
         try:
             return await self._admit(ws)
         except AdmissionError as exc:
-            reason = str(exc)[:120]
+            reason = printable(str(exc), 120)
             log.warning("provider refused: %s", reason)
             await _close(ws, POLICY_VIOLATION, reason, self.config.close_timeout)
             return None
 
-    async def _admit(self, ws: trio_websocket.WebSocketConnection) -> tuple[Register, Session]:
+    async def _admit(self, ws: trio_websocket.WebSocketConnection) -> _Admitted:
         message = await self._next_frame(ws, self.config.register_timeout, "register",
                                          self.config.register_frame_bytes)
         if not isinstance(message, Register):
@@ -133,26 +139,51 @@ class ProviderEdge:
         problem = await self._challenge(ws, signing_key, message.public_key, None)
         if problem is not None:
             raise AdmissionError(problem)
+        new_pin = None
         if self.pins is not None and self.identities.pinnable(message.provider_id):
-            await self._claim_shared(message.provider_id or "", signing_key)
-        session = self.identities.admit(message.provider_id, next(_sessions), signing_key,
-                                        message.public_key)
-        _allow_large_frames(ws, sizes.provider_socket_limit(self.config.max_frame_bytes))
-        return message, session
+            provider_id = message.provider_id or ""
+            # A key refused for a live session must never become the pin: asked first.
+            self.identities.check_live(provider_id, signing_key, message.public_key)
+            if await self._claim_shared(provider_id, signing_key):
+                new_pin = (provider_id, signing_key)
+        try:
+            session = self.identities.admit(message.provider_id, next(_sessions), signing_key,
+                                            message.public_key)
+        except AdmissionError:
+            await self._undo_pin(new_pin)
+            raise
+        wsio.allow_large_messages(ws, sizes.provider_socket_limit(self.config.max_frame_bytes))
+        return _Admitted(message, session, new_pin)
 
-    async def _claim_shared(self, provider_id: str, signing_key: str) -> None:
-        """Pin an explicit id fleet-wide before this instance's checks (identity.py)."""
+    async def _claim_shared(self, provider_id: str, signing_key: str) -> bool:
+        """Pin an explicit id fleet-wide before this instance's checks (identity.py);
+        whether this claim made the pin."""
         assert self.pins is not None
         try:
-            bound = await self.pins.claim_pin(provider_id, signing_key,
+            claim = await self.pins.claim_pin(provider_id, signing_key,
                                               self.config.max_identity_pins)
         except PinStoreUnavailable:
             # Fail closed, even for a key this instance saw bound to the id: an operator
             # may have unpinned it elsewhere since (a key thought compromised, say).
             raise AdmissionError("the identity store is unavailable; try again") from None
-        if bound is None:
+        if claim is None:
             raise AdmissionError("no room for another provider identity")
-        self.identities.adopt_pin(provider_id, bound)
+        self.identities.adopt_pin(provider_id, claim.key)
+        return claim.created
+
+    async def _undo_pin(self, new_pin: tuple[str, str] | None) -> None:
+        """A pin this admission made, for a provider then refused, is taken back."""
+        if new_pin is None or self.pins is None:
+            return
+        provider_id, signing_key = new_pin
+        self.identities.unpin_if(provider_id, signing_key)
+        with trio.CancelScope(shield=True):
+            try:
+                await self.pins.release_pin(provider_id, signing_key)
+            except PinStoreUnavailable:
+                log.warning("could not take back the pin of refused provider %s (the identity "
+                            "store is unavailable); an operator may unpin it",
+                            printable(provider_id))
 
     async def _next_frame(
         self, ws: trio_websocket.WebSocketConnection, budget: float, what: str,
@@ -196,9 +227,9 @@ class ProviderEdge:
                     return None
         return f"challenge not answered within {self.config.challenge_timeout:g}s"
 
-    async def _serve_admitted(
-        self, ws: trio_websocket.WebSocketConnection, register: Register, session: Session
-    ) -> None:
+    async def _serve_admitted(self, ws: trio_websocket.WebSocketConnection,
+                              admitted: _Admitted) -> None:
+        register, session = admitted.register, admitted.session
         provider_id = session.provider_id
         connection = ProviderConnection(
             provider_id=provider_id,
@@ -232,7 +263,9 @@ class ProviderEdge:
                 superseded = await self.registry.register(record)
             except RegisterRefused as exc:
                 log.warning("provider %s refused by the registry: %s", provider_id, exc)
-                await _close(ws, POLICY_VIOLATION, str(exc)[:120], self.config.close_timeout)
+                await self._undo_pin(admitted.new_pin)
+                await _close(ws, POLICY_VIOLATION, printable(str(exc), 120),
+                             self.config.close_timeout)
                 return
             if superseded is not None:
                 old = self.directory.get(provider_id, superseded)
@@ -367,12 +400,3 @@ async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str,
         await ws.aclose(code, reason)
 
 
-def _allow_large_frames(ws: trio_websocket.WebSocketConnection, limit: int) -> None:
-    """Raise the connection's message limit once the provider is admitted.
-
-    The listener's limit is the small pre-registration one, so an unadmitted
-    socket can make the coordinator buffer at most that much. trio-websocket
-    has no public setter; its reader checks this attribute on every message
-    fragment (tests/test_security.py pins the behaviour).
-    """
-    ws._max_message_size = limit

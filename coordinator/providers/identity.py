@@ -54,10 +54,24 @@ class PinStoreUnavailable(Exception):
     """The shared pin store did not answer; an explicit id cannot be checked now."""
 
 
+@attrs.frozen
+class PinClaim:
+    """What a pin store answered to a claim."""
+
+    key: str  # the key the id is bound to now
+    created: bool  # this claim made the pin (undone if the provider is then refused)
+
+
 class SharedPins(Protocol):
-    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+    async def claim_pin(self, provider_id: str, signing_key: str,
+                        max_pins: int) -> PinClaim | None:
         """Bind ``provider_id`` to ``signing_key`` unless bound already; the bound key,
         or None when there is no room for another pin."""
+        ...
+
+    async def release_pin(self, provider_id: str, signing_key: str) -> None:
+        """Undo a pin this instance's claim created, for a provider it then refused:
+        removed only while it is still bound to ``signing_key``."""
         ...
 
     async def remove_pin(self, provider_id: str) -> bool: ...
@@ -97,12 +111,7 @@ class IdentityBook:
         signing_key, public_key = _canonical(signing_key), _canonical(public_key)
         provider_id = requested or key_id(signing_key)
         self._check_binding(provider_id, signing_key)
-        live = self._live.get(provider_id)
-        if live is not None and live.signing_key != signing_key:
-            raise AdmissionError(f"provider id {provider_id} is in use by another key")
-        holder = self._encryption_keys.get(public_key)
-        if holder is not None and holder != provider_id:
-            raise AdmissionError("public_key is registered by another provider")
+        live = self._check_live(provider_id, signing_key, public_key)
         if _DERIVED.fullmatch(provider_id) is None and provider_id not in self.configured:
             self._pins.setdefault(provider_id, signing_key)
         if live is not None:
@@ -111,6 +120,27 @@ class IdentityBook:
         self._live[provider_id] = admitted
         self._encryption_keys[public_key] = provider_id
         return admitted
+
+    def check_live(self, provider_id: str, signing_key: str, public_key: str) -> None:
+        """Raise :class:`AdmissionError` if a live session stands in the way of this key.
+
+        Asked before a shared pin store is: a key refused here must never become
+        the pin (the rightful provider would be locked out on its next restart).
+        """
+        self._check_live(provider_id, _canonical(signing_key), _canonical(public_key))
+
+    def _check_live(self, provider_id: str, signing_key: str, public_key: str) -> Session | None:
+        live = self._live.get(provider_id)
+        if live is not None and live.signing_key != signing_key:
+            raise AdmissionError(f"provider id {provider_id} is in use by another key")
+        holder = self._encryption_keys.get(public_key)
+        if holder is not None and holder != provider_id:
+            raise AdmissionError("public_key is registered by another provider")
+        return live
+
+    def live_pins(self) -> list[tuple[str, str]]:
+        """(id, signing key) of every live session whose id is bound by pinning."""
+        return [(pid, s.signing_key) for pid, s in self._live.items() if self.pinnable(pid)]
 
     def pinnable(self, provider_id: str | None) -> bool:
         """Whether ``provider_id`` is bound by pinning (explicit, neither derived nor configured)."""
@@ -138,6 +168,11 @@ class IdentityBook:
         if self._live.get(admitted.provider_id) == admitted:
             del self._live[admitted.provider_id]
             self._encryption_keys.pop(admitted.public_key, None)
+
+    def unpin_if(self, provider_id: str, signing_key: str) -> None:
+        """Forget the pin of ``provider_id`` if it is ``signing_key``'s (a refused claim)."""
+        if self._pins.get(provider_id) == _canonical(signing_key):
+            del self._pins[provider_id]
 
     def unpin(self, provider_id: str) -> Unpin:
         if provider_id in self.configured:

@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 import trio
 
-from coordinator.providers.identity import PinStoreUnavailable
+from coordinator.providers.identity import PinClaim, PinStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +58,26 @@ class PinFile:
         log.info("identity pins: %d read from %s", len(pins), where)
         return cls(where, pins)
 
-    async def claim_pin(self, provider_id: str, signing_key: str, max_pins: int) -> str | None:
+    async def claim_pin(self, provider_id: str, signing_key: str,
+                        max_pins: int) -> PinClaim | None:
         bound = self._pins.get(provider_id)
         if bound is not None:  # the common case, a provider coming back: no file I/O
-            return bound
+            return PinClaim(bound, created=False)
         async with self._writing:  # one change at a time, in memory as on disk
             bound = self._pins.get(provider_id)
             if bound is not None:
-                return bound
+                return PinClaim(bound, created=False)
             if len(self._pins) >= max_pins:
                 return None
             await self._append(provider_id, signing_key)
             self._pins[provider_id] = signing_key
-            return signing_key
+            return PinClaim(signing_key, created=True)
+
+    async def release_pin(self, provider_id: str, signing_key: str) -> None:
+        async with self._writing:
+            if self._pins.get(provider_id) == signing_key:
+                await self._append(provider_id, None)
+                del self._pins[provider_id]
 
     async def remove_pin(self, provider_id: str) -> bool:
         async with self._writing:
