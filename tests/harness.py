@@ -173,8 +173,7 @@ class Harness:
         It follows another process (Redis), which no event here signals: polled, so only
         for real-time tests of the Redis seam.
         """
-        while not predicate(self.coordinator.shared.status):
-            await trio.sleep(0.05)
+        await poll(lambda: predicate(self.coordinator.shared.status))
 
     async def until_cluster_ok(self) -> None:
         await self.until_cluster(lambda status: status == "ok")
@@ -207,6 +206,18 @@ class Harness:
         assert snapshot.queue_depth == 0, snapshot
         for connection in self.coordinator.edge.directory.live():
             assert connection.pending == 0, connection.provider_id
+
+
+async def poll(predicate: Any, interval: float = 0.05) -> None:
+    """Return once ``predicate()`` holds, checking every ``interval`` seconds.
+
+    Only for conditions another process decides (Redis, a subprocess), which no event
+    here can signal; everything in process is awaited on its own event.
+    """
+    while True:
+        if predicate():
+            return
+        await trio.sleep(interval)
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -18,7 +18,7 @@ import trio
 from provider_sim.provider import SimProvider
 
 from .harness import ADMIN_KEY, TOKEN, Harness, model, open_harness
-from .redis_server import RedisServer, needs_redis, redis_server  # noqa: F401 (a fixture)
+from .redis_server import RedisServer, needs_redis
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 FAST_CLUSTER = dict(cluster_token="c", instance_id="a", cluster_refresh=0.1, cluster_ttl=1.0,
@@ -27,7 +27,7 @@ FAST_CLUSTER = dict(cluster_token="c", instance_id="a", cluster_refresh=0.1, clu
 
 async def _pin_in_file(path: Path, provider_id: str) -> str | None:
     pins: dict[str, str | None] = {}
-    for line in path.read_text().splitlines():
+    for line in (await trio.Path(path).read_text()).splitlines():
         change = json.loads(line)
         pins[change["id"]] = change["key"]
     return pins.get(provider_id)
@@ -94,8 +94,11 @@ async def test_redis_restarted_empty_gets_the_pins_of_live_providers_back(
             await h.until_cluster(lambda status: status == "degraded")
             redis_server.start()  # empty: it kept nothing
             await h.until_cluster_ok()
-            while await _pin_in_redis(h, "own") != key:
-                await trio.sleep(0.05)  # polling Redis, another process
+            for _ in range(200):  # polling Redis, another process
+                if await _pin_in_redis(h, "own") == key:
+                    break
+                await trio.sleep(0.05)
+            assert await _pin_in_redis(h, "own") == key
             # The owner is offline for a moment; another key cannot take its id.
             h.kill("own")
             await h.wait_gone("own")

@@ -1127,11 +1127,11 @@ async def test_a_hostile_lease_costs_its_frame_not_the_link(autojump_clock, dept
         link = await _linked(h, nursery)
         nested = "[" * depth + "]" * depth
         for hostile in (
-            '{"type":"relay","frame":"x","lease":{"request_id":%s}}' % nested,
-            '{"type":"relay","frame":"x","lease":%s}' % nested,
-            '{"type":"cancel","request_id":%s,"provider_id":"p","session":1}' % nested,
-            '{"type":"relay","frame":"x","lease":{"request_id":"%s","provider_id":"p",'
-            '"session":1,"model":"m","shape":"base","version":"1"}}' % ("r" * 100_000),
+            '{"type":"relay","frame":"x","lease":{"request_id":' + nested + "}}",
+            '{"type":"relay","frame":"x","lease":' + nested + "}",
+            '{"type":"cancel","request_id":' + nested + ',"provider_id":"p","session":1}',
+            '{"type":"relay","frame":"x","lease":{"request_id":"' + "r" * 100_000
+            + '","provider_id":"p","session":1,"model":"m","shape":"base","version":"1"}}',
         ):
             await link.send_message(hostile)
         # The link is alive and still answers: a relay for a provider it does not have.
