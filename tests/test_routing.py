@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import trio
 
+from coordinator.dispatch.attempt import Dispatcher
+from coordinator.registry.actor import RegistryClient
+from coordinator.registry.table import CANCELLED
 from provider_sim.behaviours import HEALTHY, Behaviour, Fault
 
 from .harness import ADMIN_KEY, MODEL, VISION_MODEL, model, open_harness
@@ -234,16 +237,48 @@ async def test_waiting_for_a_busy_provider_in_vain_is_429(autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_backup_grant_racing_a_commit_is_released(autojump_clock):
-    """The primary commits around the hedge point, as the backup is being granted: no slot leaks."""
+async def test_backup_grant_racing_a_commit_is_released(autojump_clock, monkeypatch):
+    """The backup's grant is still on its way back when the primary commits: the late
+    grant is released (no slot leaks), and nothing is started on the backup."""
+    committed = trio.Event()
+    real_commit, real_try_acquire = Dispatcher._commit, RegistryClient.try_acquire
+
+    def commit(self, attempt, racer, decision):
+        outcome = real_commit(self, attempt, racer, decision)
+        committed.set()
+        return outcome
+
+    async def try_acquire_answered_late(self, *args, **kwargs):
+        # The actor grants at once; its answer reaches the hedge only after the
+        # primary committed (what a busy actor or scheduler does to a real race).
+        grant = await real_try_acquire(self, *args, **kwargs)
+        with trio.CancelScope(shield=True):
+            await committed.wait()
+        return grant
+
+    monkeypatch.setattr(Dispatcher, "_commit", commit)
+    monkeypatch.setattr(RegistryClient, "try_acquire", try_acquire_answered_late)
     async with open_harness() as h:
-        # Primary's first content lands exactly at the hedge point (TTFT/2).
+        audit: list[tuple[str, float, dict]] = []
+        h.state.observer = lambda event, now, details: audit.append((event, now, details))
         ttft = h.coordinator.config.ttft_base
+        # First content after the hedge point (TTFT/2) and before the TTFT deadline.
+        # (The faster decoder is routed to first.)
         await h.add_provider("primary", decode_tps=1000,
-                             behaviour=Behaviour(first_token_delay=ttft / 2))
+                             behaviour=Behaviour(first_token_delay=0.75 * ttft))
         backup = await h.add_provider("backup", decode_tps=10)
-        for _ in range(5):
-            result = await h.chat()
-            assert result.status == 200
+        start = trio.current_time()
+        result = await h.chat()
+        assert result.status == 200 and result.headers["x-provider-id"] == "primary"
+        assert result.text and result.headers["x-attempts"] == "1"
+        # The backup was granted at the hedge point, before the commit ...
+        [(_, granted_at, granted)] = [a for a in audit if a[0] == "backup"]
+        assert granted["lease"].provider_id == "backup"
+        assert granted_at - start < 0.75 * ttft <= result.started_at - start
+        assert h.coordinator.metrics.speculative._value.get() == 1
+        # ... and given back, with no verdict on its health, once the grant came back late.
+        [(_, released_at, released)] = [
+            a for a in audit if a[0] == "release" and a[2]["lease"] == granted["lease"]]
+        assert released["outcome"] == CANCELLED and released_at >= result.started_at
+        assert backup.received == []  # the race was decided: nothing to start there
         await h.assert_quiescent()
-        assert len(backup.received) <= 5
