@@ -139,6 +139,26 @@ async def test_boilerplate_does_not_win_the_race(autojump_clock):
 
 async def test_both_racers_stall_then_timeout_and_retry(autojump_clock):
     async with open_harness(max_attempts=2) as h:
+        s1 = await h.add_provider("s1", behaviour=Behaviour(Fault.STALL), decode_tps=1000)
+        s2 = await h.add_provider("s2", behaviour=Behaviour(Fault.STALL), decode_tps=900)
+        spare = await h.add_provider("spare", decode_tps=10)  # routed to last
+        start = trio.current_time()
+        result = await h.chat()
+        # Attempt 1 races s1 and its backup s2 until the TTFT deadline; both time out,
+        # and attempt 2 goes to the one provider that has not failed this request.
+        assert result.status == 200 and result.text.startswith("Hello from m1 on spare.")
+        assert result.headers["x-provider-id"] == "spare"
+        assert result.headers["x-attempts"] == "2"
+        assert 5.0 <= result.started_at - start < 5.5
+        for stalled in (s1, s2):
+            assert len(stalled.received) == 1 and len(stalled.cancelled) == 1
+        assert len(spare.received) == 1
+        assert h.coordinator.metrics.dispatches.labels("timeout")._value.get() == 1
+        await h.assert_quiescent()
+
+
+async def test_both_racers_stall_and_nobody_is_left_is_a_504(autojump_clock):
+    async with open_harness(max_attempts=2) as h:
         await h.add_provider("s1", behaviour=Behaviour(Fault.STALL), decode_tps=1000)
         await h.add_provider("s2", behaviour=Behaviour(Fault.STALL), decode_tps=900)
         start = trio.current_time()
@@ -155,15 +175,24 @@ async def test_both_racers_stall_then_timeout_and_retry(autojump_clock):
 
 
 async def test_preamble_extends_budget_once(autojump_clock):
+    # /v1/responses streams boilerplate first: response.created and .in_progress with
+    # an empty output item at once, an empty content part one token_interval later,
+    # then text. Boilerplate moves the racer's budget from TTFT (5 s) to TTFT plus
+    # preamble_timeout (95 s), once: later boilerplate does not move it again.
     async with open_harness(speculative_backup=False, max_attempts=1) as h:
-        # Role at once, first content at 60 s: inside TTFT (5 s) + preamble (90 s).
-        await h.add_provider("p", behaviour=Behaviour(Fault.HEALTHY, first_token_delay=0.0,
-                                                      token_interval=60.0, tokens=2))
-        result = await h.chat()
-        assert result.status == 200
-        assert result.text.startswith("Hello")
+        p = await h.add_provider("p", behaviour=Behaviour(token_interval=30.0, tokens=2))
+        body = {"model": MODEL, "stream": True, "input": "hello"}
+        start = trio.current_time()
+        result = await h.request("/v1/responses", body)
+        assert result.status == 200 and "output_text.delta" in result.body.decode()
+        assert 60.0 <= result.started_at - start < 60.5  # text at 60 s, inside 95 s
+        # Boilerplate at 0 s and at 60 s, text at 120 s: past the budget the first set.
+        p.behaviour = Behaviour(token_interval=60.0, tokens=2)
+        start = trio.current_time()
+        result = await h.request("/v1/responses", body)
+        assert result.status == 504 and 95.0 <= trio.current_time() - start < 95.5
+        assert len(p.cancelled) == 1  # told to stop at the deadline
         await h.assert_quiescent()
-
 
 
 async def test_preamble_then_stall_times_out_at_ttft_plus_90s(autojump_clock):

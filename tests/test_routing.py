@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
+from coordinator.dispatch.attempt import Dispatcher
+from coordinator.registry.actor import RegistryClient
 from coordinator.registry.table import CANCELLED, Grant, Job
 from provider_sim.behaviours import HEALTHY, Behaviour, Fault
 
@@ -235,19 +238,61 @@ async def test_waiting_for_a_busy_provider_in_vain_is_429(autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-async def test_backup_grant_racing_a_commit_is_released(autojump_clock):
-    """The primary commits around the hedge point, as the backup is being granted: no slot leaks."""
+@pytest.fixture
+def backup_granted_during_the_commit(monkeypatch):
+    """The registry's answer to the hedge reaches it only once the primary has committed."""
+    committed = trio.Event()
+    real_commit, real_try_acquire = Dispatcher._commit, RegistryClient.try_acquire
+
+    def commit(self, attempt, racer, decision):
+        outcome = real_commit(self, attempt, racer, decision)
+        committed.set()
+        return outcome
+
+    async def try_acquire_answered_late(self, *args, **kwargs):
+        # The actor grants at once; its answer reaches the hedge only after the
+        # primary committed (what a busy actor or scheduler does to a real race).
+        grant = await real_try_acquire(self, *args, **kwargs)
+        with trio.CancelScope(shield=True):
+            await committed.wait()
+        return grant
+
+    monkeypatch.setattr(Dispatcher, "_commit", commit)
+    monkeypatch.setattr(RegistryClient, "try_acquire", try_acquire_answered_late)
+
+
+async def _primary_and_backup(h):
+    """A primary whose first content comes after the hedge point (TTFT/2) and before
+    its TTFT deadline, and a backup (the faster decoder is routed to first)."""
+    ttft = h.coordinator.config.ttft_base
+    await h.add_provider("primary", decode_tps=1000,
+                         behaviour=Behaviour(first_token_delay=0.75 * ttft))
+    return ttft, await h.add_provider("backup", decode_tps=10)
+
+
+async def test_backup_grant_racing_a_commit_is_released(
+        autojump_clock, backup_granted_during_the_commit):
+    """The backup's grant is still on its way back when the primary commits: the late
+    grant is released (no slot leaks), and nothing is started on the backup."""
     async with open_harness() as h:
-        # Primary's first content lands exactly at the hedge point (TTFT/2).
-        ttft = h.coordinator.config.ttft_base
-        await h.add_provider("primary", decode_tps=1000,
-                             behaviour=Behaviour(first_token_delay=ttft / 2))
-        backup = await h.add_provider("backup", decode_tps=10)
-        for _ in range(5):
-            result = await h.chat()
-            assert result.status == 200
+        audit: list[tuple[str, float, dict]] = []
+        h.state.observer = lambda event, now, details: audit.append((event, now, details))
+        ttft, backup = await _primary_and_backup(h)
+        start = trio.current_time()
+        result = await h.chat()
+        assert result.status == 200 and result.headers["x-provider-id"] == "primary"
+        assert result.text and result.headers["x-attempts"] == "1"
+        # The backup was granted at the hedge point, before the commit ...
+        [(_, granted_at, granted)] = [a for a in audit if a[0] == "backup"]
+        assert granted["lease"].provider_id == "backup"
+        assert granted_at - start < 0.75 * ttft <= result.started_at - start
+        assert h.coordinator.metrics.speculative._value.get() == 1
+        # ... and given back, with no verdict on its health, once the grant came back late.
+        [(_, released_at, released)] = [
+            a for a in audit if a[0] == "release" and a[2]["lease"] == granted["lease"]]
+        assert released["outcome"] == CANCELLED and released_at >= result.started_at
+        assert backup.received == []  # the race was decided: nothing to start there
         await h.assert_quiescent()
-        assert len(backup.received) <= 5
 
 
 async def test_a_queued_request_is_refused_at_once_when_the_last_usable_provider_leaves(
@@ -305,3 +350,16 @@ async def test_a_cooldown_from_another_instance_refuses_queued_requests_at_once(
             assert refused.status == 503 and trio.current_time() - start < 1.0
             assert "cooling down" in refused.json()["error"]["message"]
             nursery.cancel_scope.cancel()
+
+
+
+@pytest.mark.xfail(strict=True, reason="product bug (reported): a backup cancelled before "
+                   "its request left is recorded as outpaced (+0 s) and sent a cancel")
+async def test_a_late_backup_whose_request_never_left_is_no_evidence(
+        autojump_clock, backup_granted_during_the_commit):
+    async with open_harness() as h:
+        _, backup = await _primary_and_backup(h)
+        assert (await h.chat()).headers["x-provider-id"] == "primary"
+        assert backup.received == []
+        assert h.coordinator.metrics.outpaced._value.get() == 0  # lost no race: never ran
+        assert backup.cancelled == []  # nothing to cancel

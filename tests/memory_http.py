@@ -1,0 +1,137 @@
+"""One consumer connection served by the coordinator's real HTTP stack, in memory.
+
+hypercorn's ``TCPServer``, the listener's ``GuardedStream`` and the ASGI edge
+run exactly as ``coordinator serve`` runs them (``server._connection``); only
+the socket under them is an in-memory stream. So virtual time works, and every
+write that reaches the "socket" is counted.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+import h11
+import trio
+import trio.testing
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from coordinator.api.server import ConnectionTable, GuardedStream, _connection, hypercorn_config
+
+from .harness import make_config
+
+PEER = ("127.0.0.1", 40000)
+
+
+class _Addresses:
+    """What hypercorn and the listener read off a TCP socket: its family and its ends."""
+
+    family = socket.AF_INET
+
+    def getpeername(self) -> tuple[str, int]:
+        return PEER
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 8000)
+
+
+class MemorySocketStream(trio.abc.HalfCloseableStream):
+    """The server's end of an in-memory TCP connection; records each write reaching it."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.socket = _Addresses()
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self.writes.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@attrs.define(eq=False)
+class Connection:
+    """The consumer's end (``client``), what reached the server's socket, and its slot."""
+
+    client: trio.abc.HalfCloseableStream
+    socket: MemorySocketStream
+    table: ConnectionTable
+    slots: trio.Semaphore
+    closed: trio.Event
+
+    @property
+    def writes(self) -> list[bytes]:
+        return self.socket.writes
+
+    async def response(self) -> tuple[h11.Response, bytes]:
+        """Read one HTTP/1.1 response (head and whole body) off the client's end."""
+        parser = h11.Connection(h11.CLIENT)
+        parser.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        parser.send(h11.EndOfMessage())
+        head: h11.Response | None = None
+        body = b""
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                parser.receive_data(bytes(await self.client.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                assert head is not None, "the connection closed before a response head"
+                return head, body
+
+    async def rest(self) -> bytes:
+        """Everything the server still writes, until it closes its end."""
+        data = b""
+        while chunk := await self.client.receive_some(65536):
+            data += chunk
+        return data
+
+
+@asynccontextmanager
+async def open_connection(app: Any, table: ConnectionTable | None = None, *,
+                          write_timeout: float = 30.0) -> AsyncIterator[Connection]:
+    """Serve one connection with ``app`` (an ASGI app, usually ``EdgeGuard``-wrapped, that
+    knows ``table``) until the server closes it; the block's end waits for that."""
+    config = make_config()
+    table = table if table is not None else ConnectionTable(config.keep_alive_timeout)
+    hconfig = hypercorn_config(config)
+    server = partial(TCPServer, wrap_app(app, hconfig.wsgi_max_body_size, "asgi"), hconfig,
+                     WorkerContext(None), ConnectionState({}))
+    client, ours = trio.testing.memory_stream_pair()
+    sock = MemorySocketStream(ours)
+    slots = trio.Semaphore(1)
+    slots.acquire_nowait()  # as the listener does for each connection it accepts
+    connection = Connection(client, sock, table, slots, trio.Event())
+
+    async def serve() -> None:
+        try:
+            await _connection(server, GuardedStream(sock, table, write_timeout, slots))
+        finally:
+            connection.closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        yield connection
+        await connection.closed.wait()
