@@ -119,7 +119,7 @@ VISION_BODIES = {
     "messages": ("/v1/messages", {"max_tokens": 8, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x"}},
         {"type": "text", "text": "what"}]}]}),
-    "completions": ("/v1/completions", {"prompt": ["a", "b"], "messages": [
+    "completions": ("/v1/completions", {"prompt": ["a"], "messages": [
         {"content": [{"type": "video_url", "video_url": {"url": "x"}}]}]}),
 }
 

@@ -184,3 +184,21 @@ async def test_anthropic_messages():
                 model="no-such-model", max_tokens=8, messages=USER))  # type: ignore[arg-type]
         assert missing.value.status_code == 404
         assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
+async def test_openai_sdk_retrieves_a_model_and_is_refused_several_choices(autojump_clock):
+    async with open_harness() as h:
+        await h.add_provider("a", model("org/model-7b"))
+        oa, _, sent = inprocess_clients(h)
+        found = await oa.models.retrieve("org/model-7b")
+        assert found.id == "org/model-7b" and found.object == "model"
+        with pytest.raises(openai.NotFoundError) as missing:
+            await oa.models.retrieve("nope")
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as several:
+            await oa.chat.completions.create(model="org/model-7b", messages=USER, n=2)  # type: ignore[arg-type]
+        assert several.value.param == "n"
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await oa.get("/no/such/path", cast_to=object)
+        assert unknown.value.code == "unknown_url"
+        assert len(sent) == 4  # nothing retried

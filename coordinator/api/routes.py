@@ -21,7 +21,7 @@ import quart.wrappers.base
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from coordinator import errors, sizes
 from coordinator.config import Config
@@ -42,7 +42,7 @@ from coordinator.toolschema import normalize_tool_schemas
 
 from . import sse
 from .assemble import assemble
-from .errors import Family, error_body, error_headers, error_json
+from .errors import Family, error_body, error_headers, error_json, family_of
 from .outcomes import collect, refusal_error
 from .requests import ParsedRequest, parse_body, validate
 from .server import ConnectionTable, GuardedStream
@@ -253,9 +253,16 @@ class Api:
         # Read, not asked: a health check or a model list must not cost a full snapshot
         # of a 10,000-provider table (the actor is the only writer; reading is safe).
         served = self.registry.state.models_served()
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "coordinator"}
-                for m in served]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [_model_entry(m) for m in served]})
+
+    async def model(self, model_id: str) -> Response:
+        """``models.retrieve``: one model some connected provider serves now, as listed."""
+        if not self._authorized(self.config.api_keys):
+            return error_response(errors.unauthorized(), Family.OPENAI)
+        if not self.registry.state.serves(model_id):
+            return error_response(errors.not_found(
+                f"the model {model_id[:256]!r} does not exist or is not served"), Family.OPENAI)
+        return json_response(_model_entry(model_id))
 
     async def healthz(self) -> Response:
         providers, queued = self.registry.state.counts()
@@ -319,7 +326,8 @@ class Api:
                 return json_response({"provider_id": provider_id, "pin": "removed"})
             case Unpin.NOT_PINNED:
                 return error_response(errors.not_found(
-                    f"provider id {provider_id} is not pinned", "not_pinned"), Family.OPENAI)
+                    f"provider id {provider_id} is not pinned", "not_pinned", None),
+                    Family.OPENAI)
             case Unpin.CONFIGURED:
                 return error_response(errors.ApiError(
                     409, f"provider id {provider_id} is bound in the configuration "
@@ -356,12 +364,35 @@ async def _read_body(limit: int) -> bytes:
     return raw
 
 
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "coordinator"}
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, content_type="application/json")
 
 
 def error_response(error: errors.ApiError, family: Family) -> Response:
     return Response(json.dumps(error_body(error, family)), error.status, error_headers(error))
+
+
+def routing_error(exc: HTTPException, method: str, path: str) -> errors.ApiError:
+    """An HTTP error raised by the routing or quart, in the API's terms: an unknown path
+    is OpenAI's ``Invalid URL``, a known path asked with the wrong method names the right
+    one (not werkzeug's sentences about spelling)."""
+    shown = f"{method} {path[:200]}"
+    if isinstance(exc, NotFound):
+        return errors.ApiError(404, f"Invalid URL ({shown}): no such endpoint",
+                               "invalid_request_error", "unknown_url")
+    if isinstance(exc, MethodNotAllowed):
+        methods = set(exc.valid_methods or ()) - {"HEAD", "OPTIONS"}  # quart adds both
+        allowed = " or ".join(sorted(methods))
+        return errors.ApiError(405, f"Method not allowed ({shown}): use {allowed}",
+                               "invalid_request_error", "method_not_allowed")
+    status = exc.code or 500
+    kinds = {400: "bad_request", 413: "request_too_large"}
+    return errors.ApiError(status, exc.description or exc.name, "invalid_request_error",
+                           kinds.get(status, "http_error"))
 
 
 def create_app(api: Api) -> QuartTrio:
@@ -384,6 +415,8 @@ def create_app(api: Api) -> QuartTrio:
     for endpoint in Endpoint:
         app.add_url_rule(endpoint.value, view_func=route(endpoint), methods=["POST"])
     app.add_url_rule("/v1/models", view_func=api.models, methods=["GET"])
+    # Model ids may hold slashes ("org/name"): the rest of the path is the id.
+    app.add_url_rule("/v1/models/<path:model_id>", view_func=api.model, methods=["GET"])
     app.add_url_rule("/healthz", view_func=api.healthz, methods=["GET"])
     app.add_url_rule("/metrics", view_func=api.metrics_page, methods=["GET"])
     app.add_url_rule("/v1/admin/providers", view_func=api.admin_providers, methods=["GET"])
@@ -393,20 +426,17 @@ def create_app(api: Api) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
-        kinds = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "request_too_large"}
-        return error_response(errors.ApiError(
-            status, exc.description or exc.name, "invalid_request_error",
-            kinds.get(status, "http_error")), family)
+        response = error_response(routing_error(exc, request.method, request.path),
+                                  family_of(request.path))
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
         return error_response(errors.ApiError(500, "internal error", "server_error",
-                                              "internal_error"), family)
+                                              "internal_error"), family_of(request.path))
 
     return app
 
@@ -547,8 +577,7 @@ class _BodyWatch:
         """Answer with ``error``, unless the response has already begun."""
         if self.started:
             return
-        family = Family.ANTHROPIC if scope.get("path") == Endpoint.MESSAGES.value \
-            else Family.OPENAI
+        family = family_of(str(scope.get("path", "")))
         headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
         await self.send({"type": "http.response.start", "status": error.status,
                          "headers": headers})

@@ -599,6 +599,9 @@ class RegistryState:
     def models_served(self) -> list[str]:
         return sorted(self.by_model)
 
+    def serves(self, model: str) -> bool:
+        return model in self.by_model
+
     def cooldowns_active(self, now: float) -> int:
         return len(self.breaker.cooldowns(now))
 
