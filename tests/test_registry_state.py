@@ -19,7 +19,15 @@ from coordinator.registry.state import (
     RegisterRefused,
     RegistryState,
 )
-from coordinator.registry.table import CANCELLED, SUCCESS, Grant, Job, Outcome, ProviderRecord
+from coordinator.registry.table import (
+    CANCELLED,
+    SUCCESS,
+    Grant,
+    Job,
+    Outcome,
+    ProviderRecord,
+    RecentVerdicts,
+)
 from coordinator.registry.traits import Traits
 
 from .harness import make_config
@@ -187,6 +195,29 @@ def test_departed_capabilities_are_bounded_and_forgotten():
     assert memory.of("m9", 69.0) is None  # forgotten after forget_after
     memory.left("late", frozenset(), 200.0)
     assert len(memory) == 1  # expired models leave as new ones arrive
+
+
+def test_errors_count_verdicts_on_the_providers_health_only():
+    s = state(breaker_strikes=100)
+    s.register(record("a", slots=8), now=0.0)
+    for outcome in (SUCCESS, Outcome.failure(500), Outcome.failure(502), Outcome.failure(400),
+                    Outcome.failure(503), CANCELLED, SUCCESS):
+        grant = s.acquire(ask(), 1.0)
+        assert isinstance(grant, Grant)
+        s.release(grant.lease, outcome, 2.0)
+    [view] = s.snapshot(2.0).providers
+    # 400 (the request's fault), 503 (capacity) and a cancel say nothing of its health.
+    assert (view.served, view.failed, view.recent_verdicts, view.recent_errors) == (2, 2, 4, 2)
+    assert s.snapshot(2.0).as_json()["providers"][0]["recent"] == {"verdicts": 4, "errors": 2}
+
+
+def test_recent_verdicts_hold_the_last_64():
+    recent = RecentVerdicts()
+    for _ in range(10):
+        recent.add(error=True)
+    for _ in range(60):
+        recent.add(error=False)
+    assert (recent.count, recent.errors) == (64, 4)  # six of the ten errors have aged out
 
 
 def test_try_acquire_never_queues():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -46,7 +47,8 @@ from .errors import Family, error_body, error_headers, error_json, family_of
 from .outcomes import collect, refusal_error
 from .requests import ParsedRequest, parse_body, validate
 from .server import ConnectionTable, GuardedStream
-from .status import render_status
+from .status import group_failovers, render_sign_in, render_status
+from .status_sessions import COOKIE, COOKIE_PATH, StatusSessions
 
 log = logging.getLogger(__name__)
 outcomes = logging.getLogger("coordinator.requests")
@@ -79,6 +81,7 @@ class Api:
     drain: Drain = attrs.field(factory=Drain)
     shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
     pins: SharedPins | None = None  # with several instances: the fleet-wide pins
+    status_sessions: StatusSessions = attrs.field(factory=StatusSessions)  # browsers on /status
     _parse_threads: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(1), init=False)
 
@@ -92,10 +95,10 @@ class Api:
         return matches_any(offered, keys)
 
     def _admin(self, *, in_url: bool = True) -> errors.ApiError | None:
-        """None for a request carrying an admin key (header, or ``?key=`` for browsers).
+        """None for a request carrying an admin key (header, or ``?key=`` where allowed).
 
-        ``in_url=False`` for what changes state: a key in a URL ends up in logs and
-        histories, and a link must not be able to act."""
+        ``in_url=False`` for what changes state, and for the status page: a key in a
+        URL ends up in logs and histories, and a link must not be able to act."""
         if not self.config.admin_keys:
             return errors.ApiError(403, "no admin key is configured", "permission_error",
                                    "admin_disabled")
@@ -280,23 +283,68 @@ class Api:
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def status_page(self) -> Response:
-        """HTML status: for the admin key (header or ``?key=``), or anyone if ``status_public``.
+        """HTML status: for the admin key in a header (scripts), a browser signed in with
+        it (a session cookie), or anyone if ``status_public``. Never a key in the URL: it
+        stays in browser histories and proxy logs.
 
         Never "anyone on loopback": behind a reverse proxy on the same host,
         every request comes from loopback.
         """
-        refused = None if self.config.status_public else self._admin()
-        if refused is not None:
-            return error_response(refused, Family.OPENAI)
+        signed_in = self._status_session()
+        if not (self.config.status_public or signed_in):
+            refused = self._admin(in_url=False)
+            if refused is not None:
+                return self._status_refusal(refused)
         now = trio.current_time()
-        failovers = [
-            {"ago": round(now - at, 1), "request_id": rid, "provider_id": f.provider_id,
-             "version": f.version, "status": f.status, "message": f.message}
-            for at, rid, f in reversed(self.dispatcher.failovers)][:20]
-        page = render_status((await self.registry.snapshot()).as_json(), failovers,
-                             self._cluster())
-        return Response(page, 200, {"Cache-Control": "no-store"},
-                        content_type="text/html; charset=utf-8")
+        page = render_status((await self.registry.snapshot()).as_json(),
+                             group_failovers(self.dispatcher.failovers, now),
+                             self._cluster(), signed_in=signed_in)
+        return _html(page)
+
+    def _status_session(self) -> bool:
+        token = request.cookies.get(COOKIE, "")
+        return self.status_sessions.valid(token, trio.current_time())
+
+    def _status_refusal(self, refused: errors.ApiError, *, wrong_key: bool = False
+                        ) -> Response:
+        """A browser (it asks for HTML) gets the sign-in form; a script, the JSON error."""
+        if refused.status == 401 and "text/html" in request.headers.get("accept", ""):
+            return _html(render_sign_in(refused=wrong_key), 401)
+        return error_response(refused, Family.OPENAI)
+
+    async def status_login(self) -> Response:
+        """The sign-in form's POST: the admin key in the body; a session cookie for it."""
+        try:
+            raw = await _read_body(STATUS_FORM_BYTES)
+            fields = urllib.parse.parse_qs(raw.decode("utf-8", "replace"), max_num_fields=4)
+        except errors.ApiError as exc:  # too large, or not arriving
+            return error_response(exc, Family.OPENAI)
+        except ValueError:  # more fields than a sign-in form has
+            return error_response(errors.bad_request(
+                "a sign-in form has one field, 'key'", param="key"), Family.OPENAI)
+        key = (fields.get("key") or [""])[0]
+        if not self.config.admin_keys:
+            return self._status_refusal(self._admin() or errors.unauthorized())
+        if not matches_any(key, self.config.admin_keys):
+            log.warning("status page: sign-in with a wrong admin key")
+            return self._status_refusal(errors.ApiError(
+                401, "that is not an admin key", "authentication_error", "admin_only"),
+                wrong_key=True)
+        token = self.status_sessions.open(trio.current_time())
+        response = _see_status()
+        response.set_cookie(
+            COOKIE, token, max_age=int(self.status_sessions.ttl),
+            path=COOKIE_PATH, secure=request.scheme == "https",
+            httponly=True, samesite="Strict")
+        return response
+
+    async def status_logout(self) -> Response:
+        self.status_sessions.close(request.cookies.get(COOKIE, ""))
+        response = _see_status()
+        response.delete_cookie(COOKIE, path=COOKIE_PATH,
+                               secure=request.scheme == "https", httponly=True,
+                               samesite="Strict")
+        return response
 
     async def admin_providers(self) -> Response:
         refused = self._admin()
@@ -364,6 +412,28 @@ async def _read_body(limit: int) -> bytes:
     return raw
 
 
+# The sign-in form's body: one field holding a key.
+STATUS_FORM_BYTES = 4096
+# What the status page's answers carry: never cached, never framed, no scripts, forms
+# post only here, no referrer leaves with a link.
+_STATUS_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _html(page: str, status: int = 200) -> Response:
+    return Response(page, status, dict(_STATUS_HEADERS), content_type="text/html; charset=utf-8")
+
+
+def _see_status() -> Response:
+    """303 to the page: the browser follows with a GET, so a reload does not post again."""
+    return Response("", 303, {**_STATUS_HEADERS, "Location": "/status"})
+
+
 def _model_entry(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "coordinator"}
 
@@ -423,6 +493,8 @@ def create_app(api: Api) -> QuartTrio:
     app.add_url_rule("/v1/admin/providers/<provider_id>/pin", view_func=api.admin_unpin,
                      methods=["DELETE"])
     app.add_url_rule("/status", view_func=api.status_page, methods=["GET"])
+    app.add_url_rule("/status/login", view_func=api.status_login, methods=["POST"])
+    app.add_url_rule("/status/logout", view_func=api.status_logout, methods=["POST"])
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

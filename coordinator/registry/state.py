@@ -486,6 +486,10 @@ class RegistryState:
             was_full = record.free_slots <= 0
             record.leases.pop(lease.request_id, None)
             record.served += outcome.kind is OutcomeKind.SUCCESS
+            error = outcome.kind is OutcomeKind.FAILURE and is_strike(outcome.status)
+            if error or outcome.kind is OutcomeKind.SUCCESS:  # a verdict on its health
+                record.failed += error
+                record.recent.add(error=error)
             self._reindex(record, now)
             self._dirty.update(record.models)
             if was_full and record.free_slots > 0 and not record.instance:
@@ -613,6 +617,8 @@ class RegistryState:
                 ProviderView(
                     id=r.provider_id, version=r.version_text, hardware=r.hardware,
                     in_use=len(r.leases), max_slots=r.max_slots, served=r.served,
+                    failed=r.failed, recent_verdicts=r.recent.count,
+                    recent_errors=r.recent.errors,
                     models=tuple(ModelView(m.id, bool(m.is_vision), m.template_render_ok,
                                            self._speed_view(r, m.id, now))
                                  for m in r.models.values()),
