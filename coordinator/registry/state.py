@@ -341,10 +341,8 @@ class RegistryState:
         needed = frozenset(job.traits.names)
         if not needed:
             return None
-        live = self.by_model.get(job.model, {}).values()
-        if any(needed <= capabilities(r, r.models[job.model], self.floors) for r in live):
-            return None
-        known = [capabilities(r, r.models[job.model], self.floors) for r in live]
+        known = [capabilities(r, r.models[job.model], self.floors)
+                 for r in self.by_model.get(job.model, {}).values()]
         departed = self.departed_capabilities.of(job.model, now)
         if departed is None and not known:
             return None  # the model is remembered, its providers' capabilities are not
