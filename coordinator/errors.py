@@ -17,21 +17,23 @@ class ApiError(Exception):
     type: str = "invalid_request_error"
     code: str | None = None
     retry_after: int | None = None
+    param: str | None = None  # the request field at fault, when one is (OpenAI's "param")
 
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"
 
 
-def bad_request(message: str, code: str | None = None) -> ApiError:
-    return ApiError(400, message, "invalid_request_error", code)
+def bad_request(message: str, code: str | None = None, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param=param)
 
 
 def unauthorized(message: str = "missing or invalid API key") -> ApiError:
     return ApiError(401, message, "authentication_error", "invalid_api_key")
 
 
-def not_found(message: str, code: str = "model_not_found") -> ApiError:
-    return ApiError(404, message, "invalid_request_error", code)
+def not_found(message: str, code: str = "model_not_found", param: str | None = "model"
+              ) -> ApiError:
+    return ApiError(404, message, "invalid_request_error", code, param=param)
 
 
 def too_large(limit: int) -> ApiError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import ADMIN_KEY, MODEL, open_harness
+from .harness import ADMIN_KEY, MODEL, model, open_harness
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
@@ -89,9 +89,65 @@ async def test_anthropic_route_errors_are_anthropic_shaped(autojump_clock):
 
 async def test_unknown_route_and_method_are_json(autojump_clock):
     async with open_harness() as h:
-        assert (await h.request("/v1/nope", {})).json()["error"]["code"] == "not_found"
+        unknown = await h.request("/v1/nope", {})
+        assert unknown.status == 404 and unknown.headers["content-type"] == "application/json"
+        assert unknown.json()["error"] == {
+            "message": "Invalid URL (POST /v1/nope): no such endpoint",
+            "type": "invalid_request_error", "code": "unknown_url", "param": None}
+        # Under /v1/messages the Anthropic SDK reads the answer: its shape.
+        claude = await h.request("/v1/messages/count_tokens", {})
+        assert claude.status == 404 and claude.json()["type"] == "error"
+        assert claude.json()["error"]["type"] == "not_found_error"
         wrong = await h.request(CHAT, method="GET")
-        assert wrong.status == 405 and "error" in wrong.json()
+        assert wrong.status == 405 and wrong.headers["allow"] == "OPTIONS, POST"
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        assert wrong.json()["error"]["message"].endswith("use POST")
+        wrong_claude = await h.request("/v1/messages", method="PUT")
+        assert wrong_claude.status == 405
+        assert wrong_claude.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    (CHAT, {"n": 2}, "n"),
+    (CHAT, {"n": 0}, "n"),
+    (CHAT, {"n": "2"}, "n"),
+    ("/v1/completions", {"n": 3}, "n"),
+    ("/v1/completions", {"best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
+])
+async def test_asking_for_several_choices_is_refused_not_answered_with_one(
+        autojump_clock, path, extra, param):
+    async with open_harness() as h:
+        provider = await h.add_provider("a")
+        body = ({"model": MODEL, "messages": MESSAGES} if path == CHAT
+                else {"model": MODEL, "prompt": "hi"})
+        result = await h.request(path, {**body, **extra})
+        assert result.status == 400, result.body
+        error = result.json()["error"]
+        assert error["param"] == param and f"'{param}'" in error["message"]
+        assert provider.received == []
+        for one in ({"n": 1}, {"n": None}, {"best_of": 1} if path != CHAT else {},
+                    {"prompt": ["one"]} if path != CHAT else {}):
+            assert (await h.request(path, {**body, **one})).status == 200, one
+
+
+async def test_a_model_is_retrieved_as_listed_and_an_unknown_one_is_an_openai_404(
+        autojump_clock):
+    async with open_harness() as h:
+        await h.add_provider("a", model("org/model-7b"))
+        found = await h.request("/v1/models/org/model-7b", method="GET")
+        assert found.status == 200
+        assert found.json() == {"id": "org/model-7b", "object": "model", "created": 0,
+                                "owned_by": "coordinator"}
+        listed = (await h.request("/v1/models", method="GET")).json()["data"]
+        assert listed == [found.json()]
+        missing = await h.request("/v1/models/nope", method="GET")
+        assert missing.status == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+        assert missing.json()["error"]["param"] == "model"
+        denied = await h.request("/v1/models/org/model-7b", method="GET",
+                                 headers={"authorization": "Bearer wrong"})
+        assert denied.status == 401 and "org/model-7b" not in denied.body.decode()
 
 
 async def test_models_healthz_metrics_admin(autojump_clock):

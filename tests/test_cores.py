@@ -12,7 +12,7 @@ from coordinator.protocol import ModelInfo
 from coordinator.protocol.endpoints import Endpoint
 from coordinator.registry import scheduler
 from coordinator.registry.breaker import Breaker
-from coordinator.registry.gates import Gate, fail_fast_message, gate
+from coordinator.registry.gates import Gate, capabilities, fail_fast_message, gate, incapable_message
 from coordinator.registry.table import Job, Lease, ProviderRecord
 from coordinator.registry.traits import Traits, traits_of
 
@@ -104,6 +104,35 @@ def test_gate_honours_breaker_per_shape():
     breaker.record_failure(("p", "m", "tools"), 500, 1.0)
     assert check(record(), TOOLS, breaker=breaker) is Gate.COOLING
     assert check(record(), BASE, breaker=breaker) is None
+
+
+def test_capabilities_are_what_the_gate_lets_through():
+    """A provider has a capability exactly when the gate's vision and floor checks pass,
+    for every version and vision flag, under floors for tools, vision, both or none."""
+    floors_cases = [{}, FLOORS, {"vision": parse_version("0.6.3")},
+                    {"tools": parse_version("0.6.3"), "vision": parse_version("0.7.0")}]
+    for floors in floors_cases:
+        for version in ("0.6.2", "0.6.3", "0.7.0", "garbage"):
+            for is_vision in (None, False, True):
+                rec = record(version=version, is_vision=is_vision)
+                caps = capabilities(rec, rec.models["m"], floors)
+                for job in (TOOLS, VISION, Job("r", "m", Traits(True, True))):
+                    passes = gate(rec, job, floors=floors, breaker=Breaker(), now=0.0) is None
+                    assert passes == (set(job.traits.names) <= caps), (floors, version, job)
+
+
+def test_incapable_messages_name_what_no_provider_has():
+    tools_only, vision_only = frozenset({"tools"}), frozenset({"vision"})
+    text = incapable_message(TOOLS, [frozenset()], FLOORS)
+    assert text.startswith("model m does not support tool calls") and "0.6.3" in text
+    text = incapable_message(VISION, [tools_only], FLOORS)
+    assert text == ("model m does not support image or video input: none of its providers "
+                    "serves it as a vision model")
+    both = Job("r", "m", Traits(True, True))
+    text = incapable_message(both, [tools_only, vision_only], FLOORS)
+    assert "tool calls together with image or video input" in text
+    text = incapable_message(both, [frozenset()], FLOORS)
+    assert "tool calls" in text and "; nor image or video input" in text
 
 
 def test_fail_fast_messages_are_specific():

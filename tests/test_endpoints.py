@@ -6,7 +6,7 @@ import pytest
 
 from provider_sim.behaviours import Behaviour, Fault
 
-from .harness import MODEL, open_harness
+from .harness import MODEL, model, open_harness
 
 OPTIONAL = {"type": ["string", "null"]}
 ROUTES = {
@@ -65,14 +65,29 @@ async def test_precontent_failover_on_every_route(autojump_clock, route, stream)
         await h.assert_quiescent()
 
 
+def assert_refused_for_good(route: str, result, capability: str) -> None:
+    """400 ``invalid_request_error`` in the route's family, naming the capability, no
+    ``Retry-After``: the official SDKs do not retry it."""
+    assert result.status == 400, result.body
+    assert "retry-after" not in result.headers
+    error = result.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert capability in error["message"]
+    if route == "messages":
+        assert result.json()["type"] == "error"
+    else:
+        assert error["code"] == "unsupported_capability"
+
+
 @pytest.mark.parametrize("route", sorted(ROUTES))
-async def test_tools_fail_fast_on_every_route(autojump_clock, route):
+async def test_tools_no_provider_can_ever_serve_are_a_400_on_every_route(autojump_clock, route):
     path, body = ROUTES[route]
     async with open_harness() as h:
-        await h.add_provider("old", version="0.6.0")
+        old = await h.add_provider("old", version="0.6.0")
         result = await h.request(path, {"model": MODEL, **body})
-        assert result.status == 503
-        assert "tool calls" in result.body.decode()
+        assert_refused_for_good(route, result, "tool calls")
+        assert "0.6.3" in result.json()["error"]["message"]  # the floor it needs
+        assert old.received == []
 
 
 async def test_anthropic_stream_events_and_terminator(autojump_clock):
@@ -104,24 +119,37 @@ VISION_BODIES = {
     "messages": ("/v1/messages", {"max_tokens": 8, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x"}},
         {"type": "text", "text": "what"}]}]}),
-    "completions": ("/v1/completions", {"prompt": ["a", "b"], "messages": [
+    "completions": ("/v1/completions", {"prompt": ["a"], "messages": [
         {"content": [{"type": "video_url", "video_url": {"url": "x"}}]}]}),
 }
 
 
 @pytest.mark.parametrize("route", sorted(VISION_BODIES))
-async def test_vision_fail_fast_on_every_route(autojump_clock, route):
+async def test_images_no_provider_can_ever_serve_are_a_400_on_every_route(autojump_clock, route):
     path, body = VISION_BODIES[route]
     async with open_harness() as h:
         blind = await h.add_provider("blind")
         result = await h.request(path, {"model": MODEL, **body})
-        assert result.status == 503
-        assert "image or video" in result.body.decode()
+        assert_refused_for_good(route, result, "image or video")
         assert blind.received == []
-        if route == "messages":
-            assert result.json()["error"]["type"] == "api_error"
-        else:
-            assert result.json()["error"]["type"] == "provider_error"
+
+
+@pytest.mark.parametrize("route", sorted(VISION_BODIES))
+async def test_images_while_the_vision_provider_cools_are_a_503_on_every_route(
+        autojump_clock, route):
+    path, body = VISION_BODIES[route]
+    async with open_harness() as h:
+        await h.add_provider("blind")
+        await h.add_provider("eyes", model(is_vision=True),
+                             behaviour=Behaviour(Fault.ERROR, status=500))
+        for _ in range(2):  # two strikes: eyes cools down for images
+            assert (await h.request(path, {"model": MODEL, **body})).status == 503
+        result = await h.request(path, {"model": MODEL, **body})
+        assert result.status == 503, result.body
+        assert result.headers["retry-after"] == "5"
+        assert "cooling down" in result.body.decode()
+        assert result.json()["error"]["type"] == ("api_error" if route == "messages"
+                                                  else "provider_error")
 
 
 @pytest.mark.parametrize(("route", "final"), [("responses", "response.completed"),

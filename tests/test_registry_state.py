@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from coordinator.capabilities import parse_version
 from coordinator.protocol import ModelInfo
 from coordinator.registry.index import reference_key
+from coordinator.registry.models import CapabilityMemory
 from coordinator.registry.state import (
     AcquireRequest,
     Refusal,
@@ -18,7 +19,15 @@ from coordinator.registry.state import (
     RegisterRefused,
     RegistryState,
 )
-from coordinator.registry.table import CANCELLED, SUCCESS, Grant, Job, Outcome, ProviderRecord
+from coordinator.registry.table import (
+    CANCELLED,
+    SUCCESS,
+    Grant,
+    Job,
+    Outcome,
+    ProviderRecord,
+    RecentVerdicts,
+)
 from coordinator.registry.traits import Traits
 
 from .harness import make_config
@@ -118,6 +127,97 @@ def test_a_model_whose_providers_left_queues_until_it_is_forgotten():
     s.withdraw(s.queue[0].request.ticket, 20.0)
     forgotten = s.acquire(ask("gone"), 71.0)
     assert isinstance(forgotten, Refused) and forgotten.kind is Refusal.UNKNOWN_MODEL
+
+
+IMAGES = Traits(requires_vision=True)
+
+
+def vision_record(pid: str, **kw: object) -> ProviderRecord:
+    return ProviderRecord(pid, 1, "0.7.0", parse_version("0.7.0"),
+                          {"m": ModelInfo("m", is_vision=True)}, signing_key="key",
+                          **kw)  # type: ignore[arg-type]
+
+
+def test_a_capability_no_known_provider_has_is_refused_for_good():
+    s = state()
+    s.register(record("blind"), now=0.0)
+    refused = s.acquire(ask(traits=IMAGES), 0.0)
+    assert isinstance(refused, Refused) and refused.kind is Refusal.INCAPABLE
+    old = state()
+    old.register(record("old", version="0.6.0"), now=0.0)
+    refused = old.acquire(ask(traits=Traits(has_tools=True)), 0.0)
+    assert isinstance(refused, Refused) and refused.kind is Refusal.INCAPABLE
+    assert "tool calls" in refused.detail and "0.6.3" in refused.detail
+
+
+def test_a_mirrored_capable_provider_keeps_the_refusal_retryable_even_after_it_goes():
+    s = state(model_forget_after=60.0)
+    s.register(record("blind"), now=0.0)
+    s.mirror("other", [vision_record("eyes", instance="other")], 0.0)
+    s.cool_remote(("eyes", "m", "vision"), 30.0, 0.0)
+    cooling = s.acquire(ask(traits=IMAGES), 1.0)
+    assert isinstance(cooling, Refused) and cooling.kind is Refusal.UNSERVABLE
+    s.forget_instance("other", 2.0)  # its instance went: remembered, it may come back
+    away = s.acquire(ask(traits=IMAGES), 3.0)
+    assert isinstance(away, Refused) and away.kind is Refusal.UNSERVABLE
+    forgotten = s.acquire(ask(traits=IMAGES), 62.0)
+    assert isinstance(forgotten, Refused) and forgotten.kind is Refusal.INCAPABLE
+
+
+def test_an_allowlist_without_the_capable_provider_stays_retryable():
+    """The allowlist is the consumer's choice of the moment; the model's capability is not."""
+    s = state()
+    s.register(record("blind"), now=0.0)
+    s.register(vision_record("eyes"), now=0.0)
+    refused = s.acquire(ask(traits=IMAGES, allowlist=frozenset({"blind"})), 0.0)
+    assert isinstance(refused, Refused) and refused.kind is Refusal.UNSERVABLE
+
+
+def test_an_offline_model_queues_only_what_its_departed_providers_could_serve():
+    s = state(model_forget_after=60.0)
+    s.register(vision_record("eyes"), now=0.0)
+    s.register(record("blind", "other"), now=0.0)
+    s.unregister("eyes", 1, 1.0)
+    s.unregister("blind", 1, 1.0)
+    assert s.acquire(ask(traits=IMAGES), 2.0) is None  # eyes may come back: wait
+    refused = s.acquire(ask("other", traits=IMAGES), 2.0)
+    assert isinstance(refused, Refused) and refused.kind is Refusal.INCAPABLE
+    assert s.acquire(ask("other"), 2.0) is None  # plain requests still wait
+
+
+def test_departed_capabilities_are_bounded_and_forgotten():
+    memory = CapabilityMemory(forget_after=60.0, capacity=3)
+    for i in range(10):
+        for caps in (frozenset(), frozenset({"tools"}), frozenset({"tools"})):
+            memory.left(f"m{i}", caps, float(i))
+    assert len(memory) == 3 and memory.of("m0", 10.0) is None  # the oldest went first
+    assert memory.of("m9", 10.0) == [frozenset(), frozenset({"tools"})]  # one per set
+    assert memory.of("m9", 69.0) is None  # forgotten after forget_after
+    memory.left("late", frozenset(), 200.0)
+    assert len(memory) == 1  # expired models leave as new ones arrive
+
+
+def test_errors_count_verdicts_on_the_providers_health_only():
+    s = state(breaker_strikes=100)
+    s.register(record("a", slots=8), now=0.0)
+    for outcome in (SUCCESS, Outcome.failure(500), Outcome.failure(502), Outcome.failure(400),
+                    Outcome.failure(503), CANCELLED, SUCCESS):
+        grant = s.acquire(ask(), 1.0)
+        assert isinstance(grant, Grant)
+        s.release(grant.lease, outcome, 2.0)
+    [view] = s.snapshot(2.0).providers
+    # 400 (the request's fault), 503 (capacity) and a cancel say nothing of its health.
+    assert (view.served, view.failed, view.recent_verdicts, view.recent_errors) == (2, 2, 4, 2)
+    assert s.snapshot(2.0).as_json()["providers"][0]["recent"] == {"verdicts": 4, "errors": 2}
+
+
+def test_recent_verdicts_hold_the_last_64():
+    recent = RecentVerdicts()
+    for _ in range(10):
+        recent.add(error=True)
+    for _ in range(60):
+        recent.add(error=False)
+    assert (recent.count, recent.errors) == (64, 4)  # six of the ten errors have aged out
 
 
 def test_try_acquire_never_queues():

@@ -78,8 +78,8 @@ async def test_tools_floor_fails_fast_with_a_specific_message(autojump_clock):
         start = trio.current_time()
         result = await tool_chat(h)
         assert trio.current_time() - start < 0.1
-        assert result.status == 503
-        assert "can serve tool calls" in result.json()["error"]["message"]
+        assert result.status == 400  # no provider of m1 has ever met the floor
+        assert "does not support tool calls" in result.json()["error"]["message"]
         assert old.received == []
         assert (await h.chat()).status == 200  # plain chat still fine on the old binary
         await h.add_provider("new", version="0.6.3")
@@ -111,12 +111,60 @@ async def test_vision_gate(autojump_clock):
     async with open_harness() as h:
         text_only = await h.add_provider("text", model(VISION_MODEL), decode_tps=1000)
         result = await h.request("/v1/chat/completions", {"model": VISION_MODEL, "messages": IMAGE})
-        assert result.status == 503
+        assert result.status == 400  # no provider of v1 has ever taken images
         assert "image or video" in result.json()["error"]["message"]
         await h.add_provider("eyes", model(VISION_MODEL, is_vision=True), decode_tps=10)
         result = await h.request("/v1/chat/completions", {"model": VISION_MODEL, "messages": IMAGE})
         assert result.status == 200 and result.headers["x-provider-id"] == "eyes"
         assert text_only.received == []
+
+
+async def test_images_stay_retryable_while_a_vision_provider_that_left_is_remembered(
+        autojump_clock):
+    """"Ever" is what the coordinator knows: a capable provider that left a moment ago
+    may come back (503, retry); once it is forgotten, images are refused for good."""
+    async with open_harness(model_forget_after=600.0) as h:
+        await h.add_provider("text", model(VISION_MODEL), decode_tps=1000)
+        await h.add_provider("eyes", model(VISION_MODEL, is_vision=True), decode_tps=10)
+        h.kill("eyes")
+        await h.wait_gone("eyes")
+        image = {"model": VISION_MODEL, "messages": IMAGE}
+        result = await h.request("/v1/chat/completions", image)
+        assert result.status == 503 and result.headers["retry-after"] == "5"
+        await trio.sleep(599)  # scripted: still remembered
+        assert (await h.request("/v1/chat/completions", image)).status == 503
+        await trio.sleep(1)  # model_forget_after has passed since eyes left
+        result = await h.request("/v1/chat/completions", image)
+        assert result.status == 400 and "retry-after" not in result.headers
+        assert "image or video" in result.json()["error"]["message"]
+        await h.add_provider("new-eyes", model(VISION_MODEL, is_vision=True), decode_tps=10)
+        result = await h.request("/v1/chat/completions", image)
+        assert result.status == 200 and result.headers["x-provider-id"] == "new-eyes"
+
+
+async def test_a_model_whose_providers_are_away_queues_only_what_they_could_serve(
+        autojump_clock):
+    async with open_harness() as h:
+        await h.add_provider("old", version="0.6.0")
+        h.kill("old")
+        await h.wait_gone("old")
+        # Remembered while away: plain chat waits for it; tools never could be served.
+        start = trio.current_time()
+        result = await tool_chat(h)
+        assert result.status == 400 and trio.current_time() - start < 0.1
+        assert "tool calls" in result.json()["error"]["message"]
+        assert not h.state.queue
+        async with trio.open_nursery() as nursery:
+            results: list = []
+
+            async def plain() -> None:
+                results.append(await h.chat())
+
+            nursery.start_soon(plain)
+            await h.until(lambda: h.state.queue)
+            await h.add_provider("back", version="0.6.0")
+        assert results[0].status == 200
+        await h.assert_quiescent()
 
 
 async def test_retry_prefers_a_different_version(autojump_clock):

@@ -20,6 +20,9 @@ def refusal_error(refused: Refused) -> errors.ApiError:
     match refused.kind:
         case Refusal.UNKNOWN_MODEL:
             return errors.not_found(refused.detail)
+        case Refusal.INCAPABLE:
+            # Permanent: a 503 would have clients retry what cannot succeed.
+            return errors.bad_request(refused.detail, "unsupported_capability")
         case Refusal.TOO_LARGE:
             return errors.ApiError(413, refused.detail, "invalid_request_error",
                                    "request_too_large")

@@ -1,7 +1,9 @@
 """Parsing and validating consumer bodies, per endpoint. Pure.
 
 Every problem becomes an ``ApiError`` with status 400 and a message naming
-the field, never a traceback.
+the field (and OpenAI's ``param``), never a traceback. A parameter the
+coordinator cannot honour is refused, not ignored: a consumer asking for two
+choices must not silently get one.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ def parse_body(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
 
 def _require(body: dict[str, Any], field: str, kinds: type | tuple[type, ...], what: str) -> Any:
     if field not in body:
-        raise bad_request(f"missing required field '{field}'", "missing_required_parameter")
+        raise bad_request(f"missing required field '{field}'", "missing_required_parameter",
+                          field)
     value = body[field]
     # bool is an int in Python; JSON true is not an integer.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _tuple(kinds)):
-        raise bad_request(f"'{field}' must be {what}", "invalid_type")
+        raise bad_request(f"'{field}' must be {what}", "invalid_type", field)
     return value
 
 
@@ -62,32 +65,58 @@ def _tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
+def _only_one_choice(body: dict[str, Any], endpoint: Endpoint) -> None:
+    """Refuse what asks for several choices, or the best of several: the coordinator
+    relays one provider's one stream, and assembling several would merge them into one."""
+    n = _optional(body, "n", int, "an integer")
+    if n is not None and n != 1:
+        raise bad_request("'n' must be 1: the coordinator returns one choice per request "
+                          "(send one request per choice)", "unsupported_value", "n")
+    if endpoint is not Endpoint.COMPLETIONS:
+        return
+    best_of = _optional(body, "best_of", int, "an integer")
+    if best_of is not None and best_of != 1:
+        raise bad_request("'best_of' must be 1: the coordinator streams one completion per "
+                          "request and cannot choose the best of several",
+                          "unsupported_value", "best_of")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("'prompt' must be a string or an array of one string: the "
+                          "coordinator returns one choice per request (send one request per "
+                          "prompt)", "unsupported_value", "prompt")
+
+
 def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int = 256, *,
              max_tokens_limit: int = 1_000_000) -> ParsedRequest:
     model = _require(body, "model", str, "a string")
     if not model:
-        raise bad_request("'model' must not be empty", "invalid_value")
+        raise bad_request("'model' must not be empty", "invalid_value", "model")
     if len(model) > MAX_MODEL_CHARS:
         raise bad_request(f"'model' must be at most {MAX_MODEL_CHARS} characters",
-                          "invalid_value")
+                          "invalid_value", "model")
     match endpoint:
         case Endpoint.CHAT:
             messages = _require(body, "messages", list, "an array of message objects")
             if not messages or not all(isinstance(m, dict) for m in messages):
-                raise bad_request("'messages' must be a non-empty array of message objects")
+                raise bad_request("'messages' must be a non-empty array of message objects",
+                                  param="messages")
         case Endpoint.MESSAGES:
             messages = _require(body, "messages", list, "an array of message objects")
             if not messages or not all(isinstance(m, dict) for m in messages):
-                raise bad_request("'messages' must be a non-empty array of message objects")
+                raise bad_request("'messages' must be a non-empty array of message objects",
+                                  param="messages")
             _require(body, "max_tokens", int, "an integer")
             _optional(body, "system", (str, list), "a string or an array of content blocks")
         case Endpoint.COMPLETIONS:
             prompt = _require(body, "prompt", (str, list), "a string or an array of strings")
             if isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt):
-                raise bad_request("'prompt' must be a string or an array of strings")
+                raise bad_request("'prompt' must be a string or an array of strings",
+                                  param="prompt")
         case Endpoint.RESPONSES:
             _require(body, "input", (str, list), "a string or an array of input items")
             _optional(body, "instructions", str, "a string")
+    if endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS):
+        _only_one_choice(body, endpoint)
     stream = _optional(body, "stream", bool, "a boolean") or False
     _optional(body, "tools", list, "an array of tools")
     max_tokens = default_max_tokens
@@ -95,14 +124,15 @@ def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int =
         value = _optional(body, field, int, "an integer")
         if value is not None:
             if value < 1:
-                raise bad_request(f"'{field}' must be at least 1", "invalid_value")
+                raise bad_request(f"'{field}' must be at least 1", "invalid_value", field)
             if value > max_tokens_limit:
                 raise bad_request(f"'{field}' must be at most {max_tokens_limit}",
-                                  "invalid_value")
+                                  "invalid_value", field)
             max_tokens = value
     allowlist = _optional(body, ALLOWLIST_FIELD, list, "an array of provider ids")
     if allowlist is not None and not all(isinstance(p, str) for p in allowlist):
-        raise bad_request(f"'{ALLOWLIST_FIELD}' must be an array of strings")
+        raise bad_request(f"'{ALLOWLIST_FIELD}' must be an array of strings",
+                          param=ALLOWLIST_FIELD)
     return ParsedRequest(
         body={k: v for k, v in body.items() if k != ALLOWLIST_FIELD},
         model=model,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,7 +22,7 @@ import quart.wrappers.base
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from coordinator import errors, sizes
 from coordinator.config import Config
@@ -42,11 +43,12 @@ from coordinator.toolschema import normalize_tool_schemas
 
 from . import sse
 from .assemble import assemble
-from .errors import Family, error_body, error_headers, error_json
+from .errors import Family, error_body, error_headers, error_json, family_of
 from .outcomes import collect, refusal_error
 from .requests import ParsedRequest, parse_body, validate
 from .server import ConnectionTable, GuardedStream
-from .status import render_status
+from .status import group_failovers, render_sign_in, render_status
+from .status_sessions import COOKIE, COOKIE_PATH, StatusSessions
 
 log = logging.getLogger(__name__)
 outcomes = logging.getLogger("coordinator.requests")
@@ -79,6 +81,7 @@ class Api:
     drain: Drain = attrs.field(factory=Drain)
     shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
     pins: SharedPins | None = None  # with several instances: the fleet-wide pins
+    status_sessions: StatusSessions = attrs.field(factory=StatusSessions)  # browsers on /status
     _parse_threads: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(1), init=False)
 
@@ -92,10 +95,10 @@ class Api:
         return matches_any(offered, keys)
 
     def _admin(self, *, in_url: bool = True) -> errors.ApiError | None:
-        """None for a request carrying an admin key (header, or ``?key=`` for browsers).
+        """None for a request carrying an admin key (header, or ``?key=`` where allowed).
 
-        ``in_url=False`` for what changes state: a key in a URL ends up in logs and
-        histories, and a link must not be able to act."""
+        ``in_url=False`` for what changes state, and for the status page: a key in a
+        URL ends up in logs and histories, and a link must not be able to act."""
         if not self.config.admin_keys:
             return errors.ApiError(403, "no admin key is configured", "permission_error",
                                    "admin_disabled")
@@ -253,9 +256,16 @@ class Api:
         # Read, not asked: a health check or a model list must not cost a full snapshot
         # of a 10,000-provider table (the actor is the only writer; reading is safe).
         served = self.registry.state.models_served()
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "coordinator"}
-                for m in served]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [_model_entry(m) for m in served]})
+
+    async def model(self, model_id: str) -> Response:
+        """``models.retrieve``: one model some connected provider serves now, as listed."""
+        if not self._authorized(self.config.api_keys):
+            return error_response(errors.unauthorized(), Family.OPENAI)
+        if not self.registry.state.serves(model_id):
+            return error_response(errors.not_found(
+                f"the model {model_id[:256]!r} does not exist or is not served"), Family.OPENAI)
+        return json_response(_model_entry(model_id))
 
     async def healthz(self) -> Response:
         providers, queued = self.registry.state.counts()
@@ -273,23 +283,68 @@ class Api:
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def status_page(self) -> Response:
-        """HTML status: for the admin key (header or ``?key=``), or anyone if ``status_public``.
+        """HTML status: for the admin key in a header (scripts), a browser signed in with
+        it (a session cookie), or anyone if ``status_public``. Never a key in the URL: it
+        stays in browser histories and proxy logs.
 
         Never "anyone on loopback": behind a reverse proxy on the same host,
         every request comes from loopback.
         """
-        refused = None if self.config.status_public else self._admin()
-        if refused is not None:
-            return error_response(refused, Family.OPENAI)
+        signed_in = self._status_session()
+        if not (self.config.status_public or signed_in):
+            refused = self._admin(in_url=False)
+            if refused is not None:
+                return self._status_refusal(refused)
         now = trio.current_time()
-        failovers = [
-            {"ago": round(now - at, 1), "request_id": rid, "provider_id": f.provider_id,
-             "version": f.version, "status": f.status, "message": f.message}
-            for at, rid, f in reversed(self.dispatcher.failovers)][:20]
-        page = render_status((await self.registry.snapshot()).as_json(), failovers,
-                             self._cluster())
-        return Response(page, 200, {"Cache-Control": "no-store"},
-                        content_type="text/html; charset=utf-8")
+        page = render_status((await self.registry.snapshot()).as_json(),
+                             group_failovers(self.dispatcher.failovers, now),
+                             self._cluster(), signed_in=signed_in)
+        return _html(page)
+
+    def _status_session(self) -> bool:
+        token = request.cookies.get(COOKIE, "")
+        return self.status_sessions.valid(token, trio.current_time())
+
+    def _status_refusal(self, refused: errors.ApiError, *, wrong_key: bool = False
+                        ) -> Response:
+        """A browser (it asks for HTML) gets the sign-in form; a script, the JSON error."""
+        if refused.status == 401 and "text/html" in request.headers.get("accept", ""):
+            return _html(render_sign_in(refused=wrong_key), 401)
+        return error_response(refused, Family.OPENAI)
+
+    async def status_login(self) -> Response:
+        """The sign-in form's POST: the admin key in the body; a session cookie for it."""
+        try:
+            raw = await _read_body(STATUS_FORM_BYTES)
+            fields = urllib.parse.parse_qs(raw.decode("utf-8", "replace"), max_num_fields=4)
+        except errors.ApiError as exc:  # too large, or not arriving
+            return error_response(exc, Family.OPENAI)
+        except ValueError:  # more fields than a sign-in form has
+            return error_response(errors.bad_request(
+                "a sign-in form has one field, 'key'", param="key"), Family.OPENAI)
+        key = (fields.get("key") or [""])[0]
+        if not self.config.admin_keys:
+            return self._status_refusal(self._admin() or errors.unauthorized())
+        if not matches_any(key, self.config.admin_keys):
+            log.warning("status page: sign-in with a wrong admin key")
+            return self._status_refusal(errors.ApiError(
+                401, "that is not an admin key", "authentication_error", "admin_only"),
+                wrong_key=True)
+        token = self.status_sessions.open(trio.current_time())
+        response = _see_status()
+        response.set_cookie(
+            COOKIE, token, max_age=int(self.status_sessions.ttl),
+            path=COOKIE_PATH, secure=request.scheme == "https",
+            httponly=True, samesite="Strict")
+        return response
+
+    async def status_logout(self) -> Response:
+        self.status_sessions.close(request.cookies.get(COOKIE, ""))
+        response = _see_status()
+        response.delete_cookie(COOKIE, path=COOKIE_PATH,
+                               secure=request.scheme == "https", httponly=True,
+                               samesite="Strict")
+        return response
 
     async def admin_providers(self) -> Response:
         refused = self._admin()
@@ -319,7 +374,8 @@ class Api:
                 return json_response({"provider_id": provider_id, "pin": "removed"})
             case Unpin.NOT_PINNED:
                 return error_response(errors.not_found(
-                    f"provider id {provider_id} is not pinned", "not_pinned"), Family.OPENAI)
+                    f"provider id {provider_id} is not pinned", "not_pinned", None),
+                    Family.OPENAI)
             case Unpin.CONFIGURED:
                 return error_response(errors.ApiError(
                     409, f"provider id {provider_id} is bound in the configuration "
@@ -356,12 +412,57 @@ async def _read_body(limit: int) -> bytes:
     return raw
 
 
+# The sign-in form's body: one field holding a key.
+STATUS_FORM_BYTES = 4096
+# What the status page's answers carry: never cached, never framed, no scripts, forms
+# post only here, no referrer leaves with a link.
+_STATUS_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _html(page: str, status: int = 200) -> Response:
+    return Response(page, status, dict(_STATUS_HEADERS), content_type="text/html; charset=utf-8")
+
+
+def _see_status() -> Response:
+    """303 to the page: the browser follows with a GET, so a reload does not post again."""
+    return Response("", 303, {**_STATUS_HEADERS, "Location": "/status"})
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "coordinator"}
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, content_type="application/json")
 
 
 def error_response(error: errors.ApiError, family: Family) -> Response:
     return Response(json.dumps(error_body(error, family)), error.status, error_headers(error))
+
+
+def routing_error(exc: HTTPException, method: str, path: str) -> errors.ApiError:
+    """An HTTP error raised by the routing or quart, in the API's terms: an unknown path
+    is OpenAI's ``Invalid URL``, a known path asked with the wrong method names the right
+    one (not werkzeug's sentences about spelling)."""
+    shown = f"{method} {path[:200]}"
+    if isinstance(exc, NotFound):
+        return errors.ApiError(404, f"Invalid URL ({shown}): no such endpoint",
+                               "invalid_request_error", "unknown_url")
+    if isinstance(exc, MethodNotAllowed):
+        methods = set(exc.valid_methods or ()) - {"HEAD", "OPTIONS"}  # quart adds both
+        allowed = " or ".join(sorted(methods))
+        return errors.ApiError(405, f"Method not allowed ({shown}): use {allowed}",
+                               "invalid_request_error", "method_not_allowed")
+    status = exc.code or 500
+    kinds = {400: "bad_request", 413: "request_too_large"}
+    return errors.ApiError(status, exc.description or exc.name, "invalid_request_error",
+                           kinds.get(status, "http_error"))
 
 
 def create_app(api: Api) -> QuartTrio:
@@ -384,29 +485,30 @@ def create_app(api: Api) -> QuartTrio:
     for endpoint in Endpoint:
         app.add_url_rule(endpoint.value, view_func=route(endpoint), methods=["POST"])
     app.add_url_rule("/v1/models", view_func=api.models, methods=["GET"])
+    # Model ids may hold slashes ("org/name"): the rest of the path is the id.
+    app.add_url_rule("/v1/models/<path:model_id>", view_func=api.model, methods=["GET"])
     app.add_url_rule("/healthz", view_func=api.healthz, methods=["GET"])
     app.add_url_rule("/metrics", view_func=api.metrics_page, methods=["GET"])
     app.add_url_rule("/v1/admin/providers", view_func=api.admin_providers, methods=["GET"])
     app.add_url_rule("/v1/admin/providers/<provider_id>/pin", view_func=api.admin_unpin,
                      methods=["DELETE"])
     app.add_url_rule("/status", view_func=api.status_page, methods=["GET"])
+    app.add_url_rule("/status/login", view_func=api.status_login, methods=["POST"])
+    app.add_url_rule("/status/logout", view_func=api.status_logout, methods=["POST"])
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
-        kinds = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "request_too_large"}
-        return error_response(errors.ApiError(
-            status, exc.description or exc.name, "invalid_request_error",
-            kinds.get(status, "http_error")), family)
+        response = error_response(routing_error(exc, request.method, request.path),
+                                  family_of(request.path))
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        family = Family.ANTHROPIC if request.path == Endpoint.MESSAGES.value else Family.OPENAI
         return error_response(errors.ApiError(500, "internal error", "server_error",
-                                              "internal_error"), family)
+                                              "internal_error"), family_of(request.path))
 
     return app
 
@@ -547,8 +649,7 @@ class _BodyWatch:
         """Answer with ``error``, unless the response has already begun."""
         if self.started:
             return
-        family = Family.ANTHROPIC if scope.get("path") == Endpoint.MESSAGES.value \
-            else Family.OPENAI
+        family = family_of(str(scope.get("path", "")))
         headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
         await self.send({"type": "http.response.start", "status": error.status,
                          "headers": headers})

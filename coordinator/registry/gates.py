@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping
 
-from coordinator.capabilities import Version, meets_floor
+from coordinator.capabilities import TRAIT_NAMES, Version, meets_floor
+from coordinator.protocol import ModelInfo
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.table import Job, ProviderRecord
 
@@ -65,6 +66,44 @@ def gate(
     if breaker.is_cooling((record.provider_id, job.model, job.traits.shape), now):
         return Gate.COOLING
     return None
+
+
+def capabilities(record: ProviderRecord, model: ModelInfo,
+                 floors: Mapping[str, Version | None]) -> frozenset[str]:
+    """The request traits ``record`` can serve on ``model`` at all — what :func:`gate`'s
+    vision and floor checks let through: tools when its version meets the tools floor,
+    vision when the model takes images and the version meets the vision floor.
+
+    Fixed for a session (floors are configuration; version and models are the
+    registration's): what a provider that leaves is remembered to have been able to do.
+    """
+    _, vision = TRAIT_NAMES
+    return frozenset(t for t in TRAIT_NAMES
+                     if (t != vision or model.is_vision)
+                     and meets_floor(record.version, floors.get(t)))
+
+
+_CAPABILITY_WORDS = {"tools": "tool calls", "vision": "image or video input"}
+
+
+def incapable_message(job: Job, known: Collection[frozenset[str]],
+                      floors: Mapping[str, Version | None]) -> str:
+    """For a request no known provider of its model could ever serve: what it needs that
+    none has (``known``: the capability sets of the model's providers, live and departed)."""
+    missing = [t for t in job.traits.names if not any(t in caps for caps in known)]
+    if not missing:  # each trait somewhere, never both on one provider
+        both = " together with ".join(_CAPABILITY_WORDS[t] for t in job.traits.names)
+        return f"model {job.model} does not support {both}: none of its providers has both"
+    clauses = []
+    for trait in missing:
+        floor = floors.get(trait)
+        at_floor = f"runs version {floor} or later (the capability floor for {trait})"
+        if trait == "vision":
+            has = "serves it as a vision model" + (f" and {at_floor}" if floor else "")
+        else:
+            has = at_floor
+        clauses.append(f"{_CAPABILITY_WORDS[trait]}: none of its providers {has}")
+    return f"model {job.model} does not support " + "; nor ".join(clauses)
 
 
 def fail_fast_message(job: Job, reasons: Collection[Gate]) -> str:

@@ -1,4 +1,7 @@
-"""Which models the coordinator remembers while no provider serves them. Pure.
+"""What the coordinator remembers of models whose providers left. Pure.
+
+Which models are remembered while no provider serves them (:class:`ModelMemory`),
+and what their departed providers could serve (:class:`CapabilityMemory`).
 
 A request for a model whose providers are all momentarily offline should
 wait in the queue, not get 404; a request for a model nobody has ever served
@@ -51,3 +54,43 @@ class ModelMemory:
 
     def __len__(self) -> int:
         return len(self._offline_since)
+
+
+@attrs.define
+class CapabilityMemory:
+    """What the providers of each model that left could serve (tool calls, images).
+
+    A request needing a capability that no provider of its model has ever had is
+    refused for good (400); one whose capable providers are only away — restarting,
+    reconnecting, on an instance whose directory expired — may be served when they
+    are back (503, retry). So a provider that leaves leaves its capability set
+    behind (``gates.capabilities``), for as long as its models are remembered:
+    ``forget_after`` seconds, at most ``capacity`` models (oldest departure forgotten
+    first), and per model one entry per distinct capability set (four at most).
+    """
+
+    forget_after: float = 3600.0
+    capacity: int = 10_000
+    # model -> capability set -> when a provider with it last left; the model whose
+    # latest departure is oldest first, so expiry and eviction take from the front.
+    _left: dict[str, dict[frozenset[str], float]] = attrs.field(factory=dict)
+
+    def left(self, model: str, capabilities: frozenset[str], now: float) -> None:
+        sets = self._left.pop(model, {})
+        sets[capabilities] = now
+        self._left[model] = sets
+        while self._left:
+            oldest, first = next(iter(self._left.items()))
+            if len(self._left) <= self.capacity and now - max(first.values()) < self.forget_after:
+                return
+            del self._left[oldest]
+
+    def of(self, model: str, now: float) -> list[frozenset[str]] | None:
+        """The capability sets of ``model``'s providers that left within ``forget_after``;
+        None when no such departure is remembered (the model's past is unknown)."""
+        sets = self._left.get(model)
+        recent = [c for c, at in (sets or {}).items() if now - at < self.forget_after]
+        return recent or None
+
+    def __len__(self) -> int:
+        return len(self._left)

@@ -26,10 +26,16 @@ from coordinator.config import Config
 from coordinator.metrics import Metrics
 from coordinator.registry import hedging, scheduler, speed
 from coordinator.registry.breaker import Breaker, is_strike
-from coordinator.registry.gates import Gate, fail_fast_message, gate
+from coordinator.registry.gates import (
+    Gate,
+    capabilities,
+    fail_fast_message,
+    gate,
+    incapable_message,
+)
 from coordinator.registry.hedging import HedgeBudget
 from coordinator.registry.index import ModelIndex, reference_key
-from coordinator.registry.models import ModelMemory
+from coordinator.registry.models import CapabilityMemory, ModelMemory
 from coordinator.registry.table import (
     CooldownView,
     Evidence,
@@ -62,6 +68,9 @@ class Refusal(enum.Enum):
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
     OFFLINE = "offline"  # waited in the queue while no provider of the model was connected
+    # The request needs a capability (tool calls, images) no known provider of the
+    # model has — live, or departed and still remembered: for good, not for now.
+    INCAPABLE = "incapable"
 
 
 @attrs.frozen
@@ -155,6 +164,7 @@ class RegistryState:
     # Scale-out: where strikes, clears and freed slots go to be shared (cluster/).
     outbox: Callable[[SharedEvent], None] | None = None
     offline_models: ModelMemory = attrs.field(init=False)
+    departed_capabilities: CapabilityMemory = attrs.field(init=False)
     breaker: Breaker = attrs.field(init=False)
     floors: Mapping[str, Version | None] = attrs.field(init=False)
     _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
@@ -167,6 +177,7 @@ class RegistryState:
         self.breaker = Breaker(c.breaker_strikes, c.breaker_window, c.breaker_cooldown)
         self.floors = {trait: parse_version(v) for trait, v in c.capability_floors.items()}
         self.offline_models = ModelMemory(c.model_forget_after, c.max_known_models)
+        self.departed_capabilities = CapabilityMemory(c.model_forget_after, c.max_known_models)
         self.hedge_budget = HedgeBudget(c.hedge_budget, c.hedge_window)
 
     # -- providers
@@ -214,7 +225,8 @@ class RegistryState:
         if self._encryption_keys.get(record.public_key) == record.provider_id:
             del self._encryption_keys[record.public_key]
         self._count_version(record, -1)
-        for model in record.models:
+        for model, info in record.models.items():
+            self.departed_capabilities.left(model, capabilities(record, info, self.floors), now)
             serving = self.by_model.get(model, {})
             serving.pop(record.provider_id, None)
             self.free[model].discard(record.provider_id)
@@ -238,7 +250,9 @@ class RegistryState:
         job = request.job
         if job.model not in self.by_model:
             if self.offline_models.remembers(job.model, now):
-                return None  # its providers are momentarily offline
+                # Its providers are momentarily offline: wait for them, unless none
+                # of them could ever have served this request.
+                return self._incapable(job, now)
             return Refused(Refusal.UNKNOWN_MODEL,
                            f"the model {job.model!r} does not exist or is not served")
         chosen, gated = self._pick(request, now)
@@ -247,7 +261,7 @@ class RegistryState:
         why = self._why_not(request, now, gated)
         if why is None:
             return None  # eligible providers exist; every one of them is busy
-        return self._refusal(job, why)
+        return self._refusal(job, why, now)
 
     def _pick(
         self, request: AcquireRequest, now: float
@@ -302,15 +316,40 @@ class RegistryState:
         return gate(record, request.job, floors=self.floors, breaker=self.breaker, now=now,
                     exclude=request.exclude, memory_fraction=self.config.model_memory_fraction)
 
-    def _refusal(self, job: Job, why: set[Gate]) -> Refused:
+    def _refusal(self, job: Job, why: set[Gate], now: float) -> Refused:
         if Gate.EXCLUDED in why:
             return Refused(Refusal.EXHAUSTED, "no further provider available for this request")
+        incapable = self._incapable(job, now)
+        if incapable is not None:
+            return incapable
         if why - {Gate.NOT_ALLOWED} == {Gate.REQUEST_TOO_LARGE}:
             largest = max(r.max_request_bytes for r in self.by_model[job.model].values())
             return Refused(Refusal.TOO_LARGE,
                            f"this request needs a {job.request_bytes}-byte frame; the providers "
                            f"of model {job.model} accept at most {largest} bytes")
         return Refused(Refusal.UNSERVABLE, fail_fast_message(job, why))
+
+    def _incapable(self, job: Job, now: float) -> Refused | None:
+        """A refusal for good when no known provider of the model — connected here or
+        mirrored from another instance, or departed within ``model_forget_after`` — has
+        the capabilities the request needs; None when one has, or when nothing is known.
+
+        Judged over all the model's providers, whatever the request's allowlist: a
+        capable provider outside it keeps the refusal retryable (the allowlist may be
+        the consumer's mistake of the moment, the model's capability is not).
+        """
+        needed = frozenset(job.traits.names)
+        if not needed:
+            return None
+        known = [capabilities(r, r.models[job.model], self.floors)
+                 for r in self.by_model.get(job.model, {}).values()]
+        departed = self.departed_capabilities.of(job.model, now)
+        if departed is None and not known:
+            return None  # the model is remembered, its providers' capabilities are not
+        known.extend(departed or ())
+        if any(needed <= caps for caps in known):
+            return None
+        return Refused(Refusal.INCAPABLE, incapable_message(job, known, self.floors))
 
     def _lease(self, record: ProviderRecord, job: Job, now: float) -> Lease:
         lease = Lease(
@@ -445,6 +484,10 @@ class RegistryState:
             was_full = record.free_slots <= 0
             record.leases.pop(lease.request_id, None)
             record.served += outcome.kind is OutcomeKind.SUCCESS
+            error = outcome.kind is OutcomeKind.FAILURE and is_strike(outcome.status)
+            if error or outcome.kind is OutcomeKind.SUCCESS:  # a verdict on its health
+                record.failed += error
+                record.recent.add(error=error)
             self._reindex(record, now)
             self._dirty.update(record.models)
             if was_full and record.free_slots > 0 and not record.instance:
@@ -560,6 +603,9 @@ class RegistryState:
     def models_served(self) -> list[str]:
         return sorted(self.by_model)
 
+    def serves(self, model: str) -> bool:
+        return model in self.by_model
+
     def cooldowns_active(self, now: float) -> int:
         return len(self.breaker.cooldowns(now))
 
@@ -571,6 +617,8 @@ class RegistryState:
                 ProviderView(
                     id=r.provider_id, version=r.version_text, hardware=r.hardware,
                     in_use=len(r.leases), max_slots=r.max_slots, served=r.served,
+                    failed=r.failed, recent_verdicts=r.recent.count,
+                    recent_errors=r.recent.errors,
                     models=tuple(ModelView(m.id, bool(m.is_vision), m.template_render_ok,
                                            self._speed_view(r, m.id, now))
                                  for m in r.models.values()),

@@ -8,7 +8,7 @@ edge's directory. Only the registry actor mutates a :class:`ProviderRecord`.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -96,6 +96,25 @@ SUCCESS = Outcome(OutcomeKind.SUCCESS)
 CANCELLED = Outcome(OutcomeKind.CANCELLED)
 
 
+@attrs.define
+class RecentVerdicts:
+    """The last :attr:`SIZE` verdicts on a provider's health — a success, or an error
+    (a breaker strike: 500, 502, 504) — as bits: its recent error rate in a few bytes,
+    updated in O(1) (the status page shows it)."""
+
+    SIZE: ClassVar[int] = 64
+    _bits: int = 0  # 1 = an error; the newest verdict in the lowest bit
+    count: int = 0  # verdicts held, at most SIZE
+
+    def add(self, *, error: bool) -> None:
+        self._bits = ((self._bits << 1) | error) & ((1 << self.SIZE) - 1)
+        self.count = min(self.count + 1, self.SIZE)
+
+    @property
+    def errors(self) -> int:
+        return self._bits.bit_count()
+
+
 @attrs.define(eq=False)
 class ProviderRecord:
     provider_id: str
@@ -112,6 +131,8 @@ class ProviderRecord:
     max_request_bytes: int = 1024 * 1024
     leases: dict[str, Lease] = attrs.field(factory=dict)
     served: int = 0
+    failed: int = 0  # errors (breaker strikes) this session, as seen from this instance
+    recent: RecentVerdicts = attrs.field(factory=RecentVerdicts)
     # What routing has learned of its speed, per model (registry/speed.py).
     speeds: dict[str, ProviderSpeed] = attrs.field(factory=dict)
     # Scale-out (docs/scale-out.md): the instance a remote provider is connected to
@@ -169,6 +190,9 @@ class ProviderView:
     served: int
     models: tuple[ModelView, ...]
     cooldowns: tuple[CooldownView, ...]
+    failed: int = 0
+    recent_verdicts: int = 0  # the last successes and errors, at most RecentVerdicts.SIZE …
+    recent_errors: int = 0  # … and the errors among them
 
 
 @attrs.frozen
@@ -184,6 +208,8 @@ class RegistrySnapshot:
             "providers": [
                 {"id": p.id, "version": p.version, "hardware": p.hardware,
                  "slots": {"in_use": p.in_use, "max": p.max_slots}, "served": p.served,
+                 "failed": p.failed,
+                 "recent": {"verdicts": p.recent_verdicts, "errors": p.recent_errors},
                  "models": [attrs.asdict(m) for m in p.models],
                  "cooldowns": [attrs.asdict(c) for c in p.cooldowns]}
                 for p in self.providers
