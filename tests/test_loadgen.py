@@ -200,3 +200,15 @@ def test_the_bar_steps_aside_for_a_record_and_comes_back():
     bar.finish()
     handler.emit(logging.makeLogRecord({"msg": "after"}))
     assert terminal.getvalue().endswith("3 done\nafter\n")
+
+
+def test_a_default_run_shows_failover_at_work_but_almost_no_errors(tmp_path, capsys):
+    # The README promised "a few per cent" visible errors; the default mix dropped
+    # sockets mid-stream and runs showed 8-18 %, 502s and 503s among them.
+    path = tmp_path / "report.json"
+    assert run_main(["load", "--duration", "2", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["requests"] >= 50
+    assert report["success_rate"] >= 0.98, report["errors"]
+    # The fleet did fail requests: the coordinator retried them before content.
+    assert report["coordinator"]['coordinator_dispatch_total{result="retry_precontent"}'] > 0
