@@ -101,13 +101,15 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--providers", type=_positive, default=4,
                            help="simulated providers to start (default: 4)")
-    from coordinator.loadgen.load import add_arguments
+    from coordinator.loadgen.cli import add_arguments
 
     add_arguments(sub.add_parser(
         "load", help="drive an OpenAI-compatible URL with concurrent consumers (loopback only)",
         description="Concurrent keep-alive consumers against any OpenAI-compatible URL on "
         "loopback, bounded in count and time; without --url, an embedded coordinator and a "
-        "simulated fleet."))
+        "simulated fleet. Exit status: 0; 1 when more than --max-error-rate of the requests "
+        "failed; 2 for a flag that cannot be used; 130 after Ctrl-C and 143 after SIGTERM, "
+        "which stop the run and print the partial report of what completed."))
     return parser
 
 
@@ -216,10 +218,11 @@ def _fail(message: str) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "load":
-        from coordinator.loadgen.load import run_from_args
+        from coordinator.loadgen.cli import run_from_args
 
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        run_from_args(args)
+        status = run_from_args(args)  # it routes log records itself, above its progress bar
+        if status:
+            sys.exit(status)
         return
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -5,18 +5,18 @@ client-visible error by kind, p50/p90/p99 time to first byte and total latency,
 requests per second, and (when the target is a coordinator) its failover and
 speculative counters; writes JSON, prints a readable summary with a progress
 bar while it runs, and optionally a latency-CDF PNG (needs matplotlib).
-With ``--embedded N`` it first starts a coordinator and N simulated providers
-in this process, with ``--fault-mix`` applied to the fleet.
+The command line (flags, the embedded fleet, signals, exit status) is in
+``cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import random
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ import trio
 from coordinator.protocol.endpoints import Endpoint
 
 from .client import ConnectionLost, HttpConnection
+from .progress import ProgressBar, bar_for
 
 IMAGE_DATA = "iVBORw0KGgo="
 IMAGE_URL = f"data:image/png;base64,{IMAGE_DATA}"
@@ -66,19 +67,27 @@ def percentile(values: list[float], q: float) -> float:
 TRANSPORT_BACKOFF = 0.1  # seconds a consumer waits after a connection fails
 
 
-def require_loopback(url: str) -> tuple[str, int]:
-    """The URL's host and port; SystemExit with a reason unless it is on loopback."""
+def loopback_address(url: str) -> tuple[str, int]:
+    """The URL's host and port; ValueError with a reason unless it is on loopback."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     try:
         port = parts.port or 80
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (ValueError, OSError) as exc:
-        raise SystemExit(f"cannot load {url}: {exc}") from None
+        raise ValueError(f"cannot load {url}: {exc}") from None
     for info in infos:
         if not ipaddress.ip_address(info[4][0]).is_loopback:
-            raise SystemExit(f"refusing to load {host}: load runs target loopback only")
+            raise ValueError(f"refusing to load {host}: load runs target loopback only")
     return host, port
+
+
+def require_loopback(url: str) -> tuple[str, int]:
+    """The URL's host and port; SystemExit with a reason unless it is on loopback."""
+    try:
+        return loopback_address(url)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 CHAT, COMPLETIONS, RESPONSES, MESSAGES = (e.value for e in (
@@ -179,53 +188,90 @@ async def consumer(host: str, port: int, path: str, key: str, model: str, mix: M
             await conn.aclose()
 
 
-async def progress(stats: Stats, deadline: float, requests: int | None) -> None:
+async def progress(stats: Stats, deadline: float, requests: int | None,
+                   bar: ProgressBar) -> None:
     while True:
-        await trio.sleep(0.5)
         elapsed = trio.current_time() - stats.started
         span = deadline - stats.started
         fraction = min(1.0, max(elapsed / span if span else 0.0,
                                 stats.done / requests if requests else 0.0))
-        bar = "#" * int(fraction * 30)
-        sys.stderr.write(f"\r[{bar:<30}] {stats.done} done, {sum(stats.errors.values())} errors, "
-                         f"{stats.done / max(elapsed, 1e-9):.0f} req/s")
-        sys.stderr.flush()
+        filled = "#" * int(fraction * 30)
+        bar.draw(f"[{filled:<30}] {stats.done} done, {sum(stats.errors.values())} errors, "
+                 f"{stats.done / max(elapsed, 1e-9):.0f} req/s")
+        await trio.sleep(0.5)
+
+
+SCRAPE_TIMEOUT = 5.0  # seconds: a target that does not answer /metrics has no counters
 
 
 async def scrape_counters(host: str, port: int) -> dict[str, float]:
     """Coordinator failover and speculative counters from /metrics (empty if absent)."""
     conn = HttpConnection(host, port)
+    reply = None
     try:
-        reply = await conn.request("GET", "/metrics", [])
-    except (OSError, ConnectionLost):
+        with trio.move_on_after(SCRAPE_TIMEOUT):
+            reply = await conn.request("GET", "/metrics", [])
+    except (OSError, ConnectionLost, trio.BrokenResourceError):
         return {}
     finally:
-        await conn.aclose()
-    if reply.status != 200:
+        with trio.CancelScope(shield=True):
+            await conn.aclose()
+    if reply is None or reply.status != 200:
         return {}
     wanted = ("coordinator_dispatch_total", "coordinator_speculative_dispatch_total",
               "coordinator_speculative_win_total", "coordinator_inband_error_total",
               "coordinator_cooldown_entered_total")
     counters: dict[str, float] = {}
-    for line in reply.body.decode().splitlines():
+    for line in reply.body.decode(errors="replace").splitlines():
         if line.startswith(wanted):
             name, _, value = line.rpartition(" ")
-            counters[name] = float(value)
+            try:
+                counters[name] = float(value)
+            except ValueError:
+                continue
     return counters
+
+
+async def first_of(stop: trio.Event, work: Callable[[], Awaitable[None]]) -> bool:
+    """Run ``work`` until it returns or ``stop`` is set; True if it was stopped."""
+    stopped = False
+    async with trio.open_nursery() as nursery:
+        async def run() -> None:
+            await work()
+            nursery.cancel_scope.cancel(reason="done")
+
+        async def watch() -> None:
+            nonlocal stopped
+            await stop.wait()
+            stopped = True
+            nursery.cancel_scope.cancel(reason="stopped")
+
+        nursery.start_soon(run)
+        nursery.start_soon(watch)
+    return stopped
 
 
 async def run_load(url: str, *, key: str, model: str, concurrency: int, duration: float,
                    requests: int | None, mix: Mix, tokens: int = 16, seed: int = 0,
                    path: str = "/v1/chat/completions", show_progress: bool = True,
-                   grace: float = 5.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   grace: float = 5.0, extra: dict[str, Any] | None = None,
+                   stop: trio.Event | None = None,
+                   bar: ProgressBar | None = None) -> dict[str, Any]:
+    """Drive ``url`` and report. Setting ``stop`` ends the run early: the report then
+    covers the requests completed so far and says it is partial.
+
+    The progress bar goes to ``bar``, or with ``show_progress`` to stderr if a terminal.
+    """
     host, port = require_loopback(url)
+    stop = stop if stop is not None else trio.Event()
+    if bar is None and show_progress:
+        bar = bar_for(sys.stderr)
     stats = Stats(started=trio.current_time())
     deadline = stats.started + duration
     budget = [requests if requests is not None else 10**12]
     before = await scrape_counters(host, port)
-    async with trio.open_nursery() as nursery:
-        if show_progress:
-            nursery.start_soon(progress, stats, deadline, requests)
+
+    async def drive() -> None:
         # Bounded in time: requests still running a grace period after the
         # deadline (a stalled stream, say) are cut off and counted.
         with trio.move_on_at(deadline + grace):
@@ -234,19 +280,28 @@ async def run_load(url: str, *, key: str, model: str, concurrency: int, duration
                     consumers.start_soon(consumer, host, port, path, key, model, mix, tokens,
                                          random.Random(seed * 10_000 + i), stats, deadline,
                                          budget, extra)
+
+    async with trio.open_nursery() as nursery:
+        if bar is not None:
+            nursery.start_soon(progress, stats, deadline, requests, bar)
+        stopped = await first_of(stop, drive)
         nursery.cancel_scope.cancel(reason="load run over")
-    cut_off = stats.started_requests - stats.done
-    if cut_off:
-        stats.errors["cut_off_at_deadline"] = cut_off
-    if show_progress:
-        sys.stderr.write("\n")
+    if bar is not None:
+        bar.finish()
+    in_flight = stats.started_requests - stats.done
+    if in_flight and not stopped:
+        stats.errors["cut_off_at_deadline"] = in_flight
+    # Stopped early: what was in flight was abandoned by us, not failed by the target.
+    counted = stats.done if stopped else stats.started_requests
     elapsed = trio.current_time() - stats.started
     after = await scrape_counters(host, port)
     return {
         "url": url, "concurrency": concurrency, "elapsed_s": elapsed,
-        "requests": stats.started_requests,
+        "partial": stopped,
+        "abandoned_in_flight": in_flight if stopped else 0,
+        "requests": counted,
         "ok": stats.ok,
-        "success_rate": stats.ok / stats.started_requests if stats.started_requests else 0.0,
+        "success_rate": stats.ok / counted if counted else 0.0,
         "errors": stats.errors, "requests_per_s": stats.done / elapsed if elapsed else 0.0,
         "first_byte_ms": {f"p{q}": percentile(stats.first_byte, q) * 1000 for q in (50, 90, 99)},
         "total_ms": {f"p{q}": percentile(stats.total, q) * 1000 for q in (50, 90, 99)},
@@ -257,6 +312,9 @@ async def run_load(url: str, *, key: str, model: str, concurrency: int, duration
 
 def summary(report: dict[str, Any]) -> str:
     lines = [
+        *([f"PARTIAL REPORT: stopped early ({report.get('interrupted_by') or 'stop'}); "
+           f"{report['abandoned_in_flight']} request(s) in flight were abandoned, not counted"]
+          if report.get("partial") else []),
         f"{report['requests']} requests in {report['elapsed_s']:.1f}s at concurrency "
         f"{report['concurrency']}: {report['requests_per_s']:.1f} req/s, "
         f"success {report['success_rate'] * 100:.2f}%",
@@ -295,99 +353,3 @@ def write_cdf(report: dict[str, Any], path: str) -> str:
     fig.tight_layout()
     fig.savefig(path)
     return f"latency CDF written to {path}"
-
-
-# The embedded fleet fails a few requests after boilerplate, so a plain run shows
-# the invisible failover at work (the consumer should still see 100 % success).
-DEFAULT_FAULT_MIX = "role_then_error=0.05,role_then_disconnect=0.02"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None,
-                        help="target, loopback only (default: an embedded coordinator and fleet)")
-    parser.add_argument("--key", default="", help="API key for --url (default: none)")
-    parser.add_argument("--model", default="sim-chat-small", help="model (default: %(default)s)")
-    parser.add_argument("--path", default=CHAT, choices=PATHS,
-                        help="endpoint; bodies take its shape (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=16,
-                        help="concurrent consumers (default: %(default)s)")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds, at most 600 (default: %(default)s)")
-    parser.add_argument("--requests", type=int, default=None,
-                        help="stop after this many (default: no limit)")
-    parser.add_argument("--stream", type=float, default=0.8,
-                        help="fraction streaming (default: %(default)s)")
-    parser.add_argument("--tools", type=float, default=0.1,
-                        help="fraction with tools (default: %(default)s)")
-    parser.add_argument("--images", type=float, default=0.0,
-                        help="fraction with an image (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=16,
-                        help="max_tokens per request (default: %(default)s)")
-    parser.add_argument("--embedded", type=int, default=4,
-                        help="providers of the embedded fleet (default: %(default)s)")
-    parser.add_argument("--fault-mix", default=DEFAULT_FAULT_MIX,
-                        help="embedded fleet faults per request, e.g. "
-                        "role_then_error=0.05,stall=0.01; '' for a healthy fleet "
-                        "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--json", default=None, help="write the report here (default: no)")
-    parser.add_argument("--cdf", default=None,
-                        help="write a latency CDF PNG here; needs matplotlib (default: no)")
-
-
-def parse_fault_mix(text: str) -> tuple[tuple[float, Any], ...]:
-    from provider_sim.behaviours import parse_behaviour
-
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        spec, _, probability = part.rpartition("=")
-        out.append((float(probability), parse_behaviour(spec)))
-    return tuple(out)
-
-
-async def run_embedded(args: argparse.Namespace) -> dict[str, Any]:
-    from coordinator.app import serve
-    from coordinator.config import Config
-    from provider_sim.behaviours import Behaviour
-    from provider_sim.fleet import demo_fleet, run_fleet
-
-    config = Config(http_port=0, provider_port=0, api_keys=("load",),
-                    provider_tokens=("demo-provider-token",), seed=args.seed)
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(serve, config)
-        fleet = demo_fleet(args.embedded, behaviour=Behaviour(tokens=args.tokens), seed=args.seed)
-        for provider in fleet:
-            provider.fault_mix = parse_fault_mix(args.fault_mix)
-        nursery.start_soon(run_fleet, fleet, running.provider_url)
-        await running.registry.wait_for(lambda state: len(state.providers) >= len(fleet))
-        report = await _run(args, running.http_url, "load")
-        nursery.cancel_scope.cancel(reason="load run over")
-    return report
-
-
-async def _run(args: argparse.Namespace, url: str, key: str) -> dict[str, Any]:
-    return await run_load(
-        url, key=key, model=args.model, concurrency=args.concurrency,
-        duration=min(args.duration, 600.0), requests=args.requests,
-        mix=Mix(args.stream, args.tools, args.images), tokens=args.tokens, seed=args.seed,
-        path=args.path)
-
-
-def run_from_args(args: argparse.Namespace) -> None:
-    from provider_sim.signals import until_signalled
-
-    embedded = args.url is None
-    if not embedded:
-        require_loopback(args.url)  # here, so a refusal is one line, not a traceback
-    report = (trio.run(until_signalled, run_embedded, args) if embedded
-              else trio.run(until_signalled, _run, args, args.url, args.key))
-    if report is None:
-        print("interrupted: no report", file=sys.stderr)
-        return
-    print(summary(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump({k: v for k, v in report.items() if not k.startswith("_")}, out, indent=2)
-        print(f"report written to {args.json}")
-    if args.cdf:
-        print(write_cdf(report, args.cdf))
