@@ -122,7 +122,8 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     identities = IdentityBook(config.provider_bindings, config.max_identity_pins)
     app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
-    connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
+    connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout,
+                                  config.max_body_bytes)
     return Coordinator(config, registry, metrics, dispatcher,
                        ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
                        EdgeGuard(app, connections, drain), connections, drain, shared)

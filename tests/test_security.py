@@ -594,9 +594,13 @@ async def test_idle_keep_alive_connections_are_closed(autojump_clock):
 @pytest.mark.parametrize("request_head", [
     b"GET /healthz HTTP/1.0\r\n\r\n",
     b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
 ])
 async def test_a_client_that_asks_to_close_is_not_kept_waiting(autojump_clock, request_head):
     # Clients that read to the end of the connection waited keep_alive_timeout for it.
+    # HTTP/1.0 is never kept alive (hypercorn's h11 answers it with Connection: close),
+    # yet asking for keep-alive kept the connection open for keep_alive_timeout.
     async with trio.open_nursery() as nursery:
         running = await _serve_fleet(nursery, keep_alive_timeout=5.0)
         stream = await trio.open_tcp_stream(*_address(running.http_url))
