@@ -164,7 +164,7 @@ async def serve(
             log.info("instance %s: cluster peers on %s", config.instance_id, peer_url)
         ws_server = trio_websocket.WebSocketServer(
             coordinator.edge.handle,
-            capped(provider_listeners, config.max_pending_providers),
+            capped(provider_listeners, config.max_pending_providers, config.provider_tokens),
             # Until a provider is admitted only a small frame is accepted;
             # the edge raises the limit after admission.
             max_message_size=config.register_frame_bytes,
