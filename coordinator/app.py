@@ -21,6 +21,7 @@ from coordinator.api.server import ConnectionTable, ListenError, bind_http, serv
 from coordinator.cluster.peer import PeerServer
 from coordinator.cluster.seam import Shared, Solo
 from coordinator.config import Config
+from coordinator.descriptors import check_limit
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
@@ -138,6 +139,7 @@ async def serve(
     """
     if config.redis_url and not config.instance_id:
         config = attrs.evolve(config, instance_id=f"{socket.gethostname()}-{os.getpid()}")
+    check_limit(config)  # descriptors for max_connections and the rest, or a warning
     http_socket = bind_http(config)
     try:
         provider_listeners = await _listen(config.provider_host, config.provider_port,
@@ -158,7 +160,7 @@ async def serve(
             peers = PeerServer(config, coordinator.registry, coordinator.dispatcher.directory)
             await nursery.start(trio_websocket.WebSocketServer(
                 peers.handle,
-                capped(peer_listeners, config.max_pending_providers),
+                capped(peer_listeners, config.max_pending_providers, what="cluster peers"),
                 max_message_size=config.register_frame_bytes,
                 connect_timeout=config.register_timeout).run)
             log.info("instance %s: cluster peers on %s", config.instance_id, peer_url)

@@ -18,7 +18,9 @@ the stream under it:
   the application, which cancels the request (the dispatcher releases the
   provider's slot and tells it to stop).
 * **Connection cap.** At most ``max_connections`` consumer connections are
-  open; further ones wait in the kernel's accept backlog.
+  open; further ones wait in the kernel's accept backlog. So do connections
+  while the process is out of file descriptors: ``accept`` failing for want of
+  them is waited out and logged rarely (``coordinator.descriptors``).
 * **Close after an early answer.** A response sent before the request body was
   read (401, 413) says ``Connection: close``; hypercorn does not always close
   such a connection (its close runs in the application's task, which
@@ -64,6 +66,7 @@ from hypercorn.utils import parse_socket_addr, wrap_app
 
 from coordinator import errors
 from coordinator.config import Config
+from coordinator.descriptors import AcceptErrors
 
 from .framing import RequestFraming, Stage
 
@@ -346,15 +349,22 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
         self._table = table
         self._slots = trio.Semaphore(slots)
         self._write_timeout = write_timeout
+        self._errors = AcceptErrors("HTTP")
 
     async def accept(self) -> GuardedStream:
-        await self._slots.acquire()
-        try:
-            stream = await self.inner.accept()
-        except BaseException:
-            self._slots.release()
-            raise
-        return GuardedStream(stream, self._table, self._write_timeout, self._slots)
+        while True:
+            await self._slots.acquire()
+            try:
+                stream = await self.inner.accept()
+            except OSError as exc:
+                self._slots.release()
+                await self._errors.failed(exc)  # out of descriptors: waited out, logged rarely
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            self._errors.recovered()
+            return GuardedStream(stream, self._table, self._write_timeout, self._slots)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from coordinator.credentials import bearer_token, matches_any
+from coordinator.descriptors import AcceptErrors
 
 # How long an unproven socket keeps its place in the handshake when another needs it.
 GRACE = 1.0
@@ -151,9 +152,11 @@ class HandshakeStream(trio.abc.Stream):
 class HandshakeListener(trio.abc.Listener[HandshakeStream]):
     """Accepts a socket only while a place is free; the places may be shared by listeners."""
 
-    def __init__(self, inner: trio.SocketListener, places: Handshakes) -> None:
+    def __init__(self, inner: trio.SocketListener, places: Handshakes,
+                 what: str = "providers") -> None:
         self.inner = inner
         self._places = places
+        self._errors = AcceptErrors(what)
 
     @property
     def in_handshake(self) -> int:
@@ -167,27 +170,34 @@ class HandshakeListener(trio.abc.Listener[HandshakeStream]):
             await trio.lowlevel.wait_readable(sock)
 
     async def accept(self) -> HandshakeStream:
-        await self._places.enter(self._newcomer)
-        try:
-            stream = await self.inner.accept()
-        except BaseException:
-            self._places.leave()
-            raise
-        return HandshakeStream(stream, self._places)
+        while True:
+            await self._places.enter(self._newcomer)
+            try:
+                stream = await self.inner.accept()
+            except OSError as exc:
+                self._places.leave()
+                await self._errors.failed(exc)  # out of descriptors: waited out, logged rarely
+                continue
+            except BaseException:
+                self._places.leave()
+                raise
+            self._errors.recovered()
+            return HandshakeStream(stream, self._places)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
 def capped(listeners: Sequence[trio.SocketListener], places: int,
-           tokens: Sequence[str] = ()) -> list[Any]:
+           tokens: Sequence[str] = (), what: str = "providers") -> list[Any]:
     """``listeners`` sharing ``places`` handshake places, for ``trio_websocket.WebSocketServer``.
 
     Shared, so that a host name bound twice (IPv4 and IPv6) does not double the cap.
     ``tokens``: what proves a socket (none for cluster peers: they prove themselves in
-    their first frame). Typed ``Any``: trio-websocket annotates its listeners as
-    socket listeners, but serves any :class:`trio.abc.Listener` (it only accepts).
+    their first frame); ``what`` names the listener in the log. Typed ``Any``:
+    trio-websocket annotates its listeners as socket listeners, but serves any
+    :class:`trio.abc.Listener` (it only accepts).
     """
     shared = Handshakes(places, tokens)
-    return [HandshakeListener(listener, shared) for listener in listeners]
+    return [HandshakeListener(listener, shared, what) for listener in listeners]
 
