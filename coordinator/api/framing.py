@@ -60,7 +60,6 @@ class RequestFraming:
     stage: Stage = Stage.HEAD
     requests: int = 0  # request heads read so far
     refusal: errors.ApiError | None = None  # why the body of request ``requests`` stops
-    dropped: int = 0  # bytes held back from the HTTP layer
     _pending: bytearray = attrs.field(factory=bytearray)  # a head or line not yet whole
     _remaining: int = 0  # bytes left in the body (LENGTH) or the chunk (CHUNK_DATA)
     _body: int = 0  # chunked body bytes announced so far
@@ -74,7 +73,6 @@ class RequestFraming:
             if stage is Stage.PASS:
                 return len(data)
             if stage is Stage.ENDED or stage is Stage.REFUSED:
-                self.dropped += len(data) - at
                 return at
             if stage is Stage.LENGTH or stage is Stage.CHUNK_DATA:
                 step = min(self._remaining, len(data) - at)
