@@ -21,6 +21,7 @@ from coordinator.api.server import ConnectionTable, ListenError, bind_http, serv
 from coordinator.cluster.peer import PeerServer
 from coordinator.cluster.seam import Shared, Solo
 from coordinator.config import Config
+from coordinator.descriptors import check_limit
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
@@ -124,7 +125,8 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
         pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
-    connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout)
+    connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout,
+                                  config.max_body_bytes)
     return Coordinator(config, registry, metrics, dispatcher,
                        ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
                        EdgeGuard(app, connections, drain), connections, drain, shared)
@@ -139,6 +141,7 @@ async def serve(
     """
     if config.redis_url and not config.instance_id:
         config = attrs.evolve(config, instance_id=f"{socket.gethostname()}-{os.getpid()}")
+    check_limit(config)  # descriptors for max_connections and the rest, or a warning
     http_socket = bind_http(config)
     try:
         provider_listeners = await _listen(config.provider_host, config.provider_port,
@@ -159,16 +162,16 @@ async def serve(
             peers = PeerServer(config, coordinator.registry, coordinator.dispatcher.directory)
             await nursery.start(trio_websocket.WebSocketServer(
                 peers.handle,
-                whole_writes(capped(peer_listeners, config.max_pending_providers),
-                             config.write_timeout),
+                whole_writes(capped(peer_listeners, config.max_pending_providers,
+                                    what="cluster peers"), config.write_timeout),
                 max_message_size=config.register_frame_bytes,
                 connect_timeout=config.register_timeout).run)
             log.info("instance %s: cluster peers on %s", config.instance_id, peer_url)
         ws_server = trio_websocket.WebSocketServer(
             coordinator.edge.handle,
             # Every frame written whole, or the socket closed (coordinator/wsio.py).
-            whole_writes(capped(provider_listeners, config.max_pending_providers),
-                         config.write_timeout),
+            whole_writes(capped(provider_listeners, config.max_pending_providers,
+                                config.provider_tokens), config.write_timeout),
             # Until a provider is admitted only a small frame is accepted;
             # the edge raises the limit after admission.
             max_message_size=config.register_frame_bytes,

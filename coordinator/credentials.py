@@ -29,3 +29,16 @@ def matches_any(offered: str, accepted: Iterable[str]) -> bool:
     for candidate in accepted:
         found |= secrets.compare_digest(given, _bytes(candidate))
     return found
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None without one.
+
+    An Authorization header of another scheme counts as a token of "" (present,
+    matching nothing). Header bytes are read as Latin-1, as HTTP headers are.
+    """
+    for name, value in headers:
+        if name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip().decode("latin-1") if scheme.lower() == b"bearer" else ""
+    return None

@@ -177,7 +177,10 @@ class SimProvider:
 
     async def run(self, url: str) -> None:
         """Connect to ``url`` and serve until the socket closes."""
-        async with open_websocket(url, max_message_size=self.max_request_bytes) as ws:
+        # The token in the upgrade request too: the coordinator keeps places for it.
+        async with open_websocket(
+                url, max_message_size=self.max_request_bytes,
+                extra_headers=[(b"authorization", f"Bearer {self.token}".encode())]) as ws:
             await self.serve(ws)
 
     async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:

@@ -614,3 +614,105 @@ async def test_a_large_body_is_parsed_off_the_event_loop(autojump_clock, monkeyp
     assert small.status == 200 and large.status == 200, large.body
     assert broken.status == 400 and broken.json()["error"]["type"] == "invalid_request_error"
     assert threads == [False, True, True]  # small on the loop; large and broken in a thread
+
+
+# ---- HTTP/1 framing at the listener (issue 22, item 10) -------------------------------
+
+
+def _http10(path: bytes = b"/healthz", *headers: bytes, body: bytes = b"") -> bytes:
+    lines = [b"POST " + path + b" HTTP/1.0" if body else b"GET " + path + b" HTTP/1.0",
+             *headers]
+    if body:
+        lines += [b"Authorization: Bearer " + API_KEY.encode(),
+                  b"Content-Length: " + str(len(body)).encode()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _chunked_head(path: bytes = b"/v1/chat/completions", *headers: bytes) -> bytes:
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+            + b"".join(h + b"\r\n" for h in headers) + b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+async def _until_closed(stream: trio.SocketStream) -> tuple[bytes, float]:
+    """Everything the server sends until it closes; and how long that took."""
+    start, data = trio.current_time(), b""
+    with trio.fail_after(120):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                chunk = b""
+            if not chunk:
+                return data, trio.current_time() - start
+            data += chunk
+
+
+def _statuses(data: bytes) -> list[int]:
+    return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+@pytest.mark.parametrize("pipelined", [
+    [_http10(b"/healthz", b"Connection: keep-alive")] * 2,
+    [_http10(b"/v1/chat/completions", b"Connection: keep-alive", body=_GOOD)] * 2,
+    [_request(_GOOD)[:-len(_GOOD) - 4] + b"\r\nConnection: close\r\n\r\n" + _GOOD,
+     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"],
+])
+async def test_a_request_pipelined_after_one_that_ends_the_connection_leaves_it_answered(
+        autojump_clock, caplog, pipelined):
+    # hypercorn's h11 took the second request for garbage after the first and answered
+    # the pair with one bare 400: the first, valid request went unanswered.
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(b"".join(pipelined))
+        data, took = await _until_closed(stream)
+        assert _statuses(data) == [200], data[:300]  # the first answered, then closed
+        assert took < 1.0
+        await stream.aclose()
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(pipelined[0])  # the listener serves on
+        assert _statuses((await _until_closed(stream))[0]) == [200]
+        nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_request_with_both_lengths_is_refused_and_its_connection_closed(autojump_clock):
+    # RFC 9112 §6.3: Content-Length with Transfer-Encoding may be a smuggling attempt; the
+    # request was served and the connection kept for whatever followed the chunked body.
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(_chunked_head(b"/v1/chat/completions", b"Content-Length: 4")
+                              + b"%x\r\n%s\r\n0\r\n\r\n" % (len(_GOOD), _GOOD)
+                              + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, took = await _until_closed(stream)
+        assert _statuses(data) == [400] and took < 1.0, data[:300]
+        assert b"connection: close" in data.lower()
+        assert b"both Content-Length and Transfer-Encoding" in data
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("path", "pieces"), [
+    (b"/v1/chat/completions", [b"f" * 20 + b"\r\nabc"]),
+    (b"/v1/chat/completions", [b"1\r\n{\r\n", b"%x\r\n" % 200_000]),  # while the body is read
+    (b"/v1/messages", [b"%x\r\n" % 150_000 + b"x" * 150_000 + b"\r\n", b"%x\r\n" % 60_000]),
+])
+async def test_a_chunk_announcing_more_than_the_body_limit_is_refused_at_once(
+        autojump_clock, path, pieces):
+    # Such a chunk held its request, and a connection slot, for the 60 s body timeout.
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, max_body_bytes=200_000)
+        stream = await trio.open_tcp_stream(*_address(running.http_url))
+        await stream.send_all(_chunked_head(path))
+        for piece in pieces:
+            await trio.sleep(0.5)  # a scripted delay: the application is reading by now
+            await stream.send_all(piece)
+        data, took = await _until_closed(stream)
+        assert _statuses(data) == [413] and took < 1.0, data[:300]
+        body = json.loads(data.partition(b"\r\n\r\n")[2].split(b"\r\n")[1])
+        if path == b"/v1/messages":
+            assert body["error"]["type"] == "request_too_large"
+        else:
+            assert body["error"]["code"] == "request_too_large"
+        nursery.cancel_scope.cancel()

@@ -36,7 +36,7 @@ from coordinator.protocol import (
     encode_frame,
 )
 from coordinator.providers.connection import ProviderConnection
-from coordinator.providers.handshakes import capped
+from coordinator.providers.handshakes import GRACE, capped
 from coordinator.providers.identity import key_id
 from provider_sim.behaviours import Behaviour, Fault
 from provider_sim.fleet import demo_fleet, run_fleet
@@ -594,9 +594,13 @@ async def test_idle_keep_alive_connections_are_closed(autojump_clock):
 @pytest.mark.parametrize("request_head", [
     b"GET /healthz HTTP/1.0\r\n\r\n",
     b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
 ])
 async def test_a_client_that_asks_to_close_is_not_kept_waiting(autojump_clock, request_head):
     # Clients that read to the end of the connection waited keep_alive_timeout for it.
+    # HTTP/1.0 is never kept alive (hypercorn's h11 answers it with Connection: close),
+    # yet asking for keep-alive kept the connection open for keep_alive_timeout.
     async with trio.open_nursery() as nursery:
         running = await _serve_fleet(nursery, keep_alive_timeout=5.0)
         stream = await trio.open_tcp_stream(*_address(running.http_url))
@@ -827,12 +831,15 @@ async def test_sockets_in_the_websocket_handshake_are_capped_and_wait_in_the_bac
         silent = [await trio.open_tcp_stream(*address) for _ in range(2)]
         for stream in silent:
             await stream.send_all(b"GET / HTTP/1.1\r\n")  # an upgrade request, never finished
-        # A third socket is not accepted until one of the two leaves the handshake: here,
-        # when they are cut at register_timeout. Before, it was answered at once.
+        # A third socket is not accepted until one of the two leaves the handshake (before
+        # the cap, it was answered at once): here, when the oldest has held its place for
+        # GRACE without finishing its upgrade request and the third needs it (before
+        # that, only at register_timeout: half-sent requests starved real providers).
         assert (await _upgrade(address, b"/")).startswith(b"HTTP/1.1 101")
+        assert GRACE <= trio.current_time() - start < GRACE + 1.0
+        assert await silent[0].receive_some(100) == b""  # closed to make room
+        assert await silent[1].receive_some(100) == b""  # cut at register_timeout
         assert 100.0 <= trio.current_time() - start < 101.0
-        for stream in silent:
-            assert await stream.receive_some(100) == b""  # cut, not answered
         # Sockets that leave mid-handshake give their slots back at once: connecting
         # and closing is free, so it must not be a way to hold every slot.
         for _ in range(2):
@@ -905,12 +912,87 @@ async def test_a_hostile_handshake_never_keeps_its_slot(autojump_clock, opening)
         nursery.cancel_scope.cancel()
 
 
-async def _memory_upgrade(h: Harness, nursery: trio.Nursery, serve: Any = None) -> bytes:
+async def _memory_upgrade(h: Harness, nursery: trio.Nursery, serve: Any = None,
+                          headers: bytes = b"") -> bytes:
     """The provider edge's (or ``serve``'s) answer to a raw upgrade request, in process."""
     client, server = trio.testing.memory_stream_pair()
     nursery.start_soon(serve or h._serve_edge, nursery, server)
-    await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE)
+    await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + _UPGRADE)
     return await client.receive_some(1000)
+
+
+async def test_a_provider_token_in_the_upgrade_request_has_admission_places_of_its_own(
+        autojump_clock):
+    # Sockets that upgrade and never register held every admission place for
+    # register_timeout: a real provider was refused (503) all that time.
+    async with open_harness(max_pending_providers=2) as h, trio.open_nursery() as nursery:
+        silent = [await _raw_socket(h, nursery) for _ in range(2)]
+        assert (await _memory_upgrade(h, nursery)).startswith(b"HTTP/1.1 503")
+        wrong = b"Authorization: Bearer not-the-token\r\n"
+        assert (await _memory_upgrade(h, nursery, headers=wrong)).startswith(b"HTTP/1.1 503")
+        proven = f"Authorization: Bearer {TOKEN}\r\n".encode()
+        assert (await _memory_upgrade(h, nursery, headers=proven)).startswith(b"HTTP/1.1 101")
+        # The proven places are capped too (a token holder is not unlimited).
+        assert (await _memory_upgrade(h, nursery, headers=proven)).startswith(b"HTTP/1.1 101")
+        assert (await _memory_upgrade(h, nursery, headers=proven)).startswith(b"HTTP/1.1 503")
+        await silent[0].aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("opening", [
+    b"GET / HTTP/1.1\r\n",  # an upgrade request never finished: holds a handshake place
+    b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE,  # upgraded, never registers: admission
+])
+async def test_unfinished_handshakes_do_not_starve_a_provider_with_its_token(
+        autojump_clock, opening):
+    # 150 of them delayed a real provider's admission to register_timeout and beyond
+    # (20 s for half-sent upgrade requests, 10 s for silent upgraded sockets).
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)  # max_pending_providers 64, register_timeout 10
+        address = _address(running.provider_url)
+        crowd = []
+        for _ in range(150):
+            stream = await trio.open_tcp_stream(*address)
+            await stream.send_all(opening)
+            crowd.append(stream)
+        start = trio.current_time()
+        real = SimProvider("real", (model("sim-chat-small"),), token=TOKEN)
+        nursery.start_soon(real.run, running.provider_url)
+        await running.registry.wait_for(lambda state: "real" in state.providers)
+        assert trio.current_time() - start < 3 * GRACE  # in the backlog behind the crowd
+        await _still_serves_over(running)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_proven_socket_keeps_its_handshake_place(autojump_clock):
+    peers: list[Any] = []
+
+    class Sockets(trio.abc.Listener[Any]):
+        async def accept(self) -> Any:
+            ours, theirs = trio.socket.socketpair()
+            peers.append(trio.SocketStream(theirs))
+            return trio.SocketStream(ours)
+
+        async def aclose(self) -> None:
+            pass
+
+    [listener] = capped([Sockets()], 2, tokens=("t",))
+    proven, idle = await listener.accept(), await listener.accept()
+    await peers[0].send_all(b"GET / HTTP/1.1\r\nAuthorization: Bearer t\r\n")
+    await peers[0].send_all(b"Upgrade: websocket\r\n\r\n")  # in two pieces
+    await proven.receive_some(1000)
+    with trio.move_on_after(GRACE / 2) as waited:
+        await listener.accept()
+    assert waited.cancelled_caught  # every place held, none yet past its grace
+    third = await listener.accept()  # at GRACE: the unproven one makes room
+    assert idle.inner.socket.fileno() == -1 and proven.inner.socket.fileno() != -1
+    await peers[2].send_all(b"GET / HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n")
+    await third.receive_some(1000)
+    fourth = await listener.accept()  # a wrong token proves nothing: it makes room too
+    assert third.inner.socket.fileno() == -1 and proven.inner.socket.fileno() != -1
+    assert listener.in_handshake == 2
+    for stream in (proven, idle, third, fourth, *peers):
+        await stream.aclose()
 
 
 class _Said(logging.Handler):

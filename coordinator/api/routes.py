@@ -46,7 +46,7 @@ from .assemble import assemble
 from .errors import Family, error_body, error_headers, error_json, family_of
 from .outcomes import collect, refusal_error
 from .requests import ParsedRequest, parse_body, validate
-from .server import ConnectionTable, GuardedStream
+from .server import ConnectionTable, FramingRefused, GuardedStream
 from .status import group_failovers, render_sign_in, render_status
 from .status_sessions import COOKIE, COOKIE_PATH, StatusSessions
 
@@ -555,13 +555,18 @@ class EdgeGuard:
         if self.connections is not None:
             self.connections.request_started(peer)
         stream = self.connections.stream(peer) if self.connections is not None else None
-        body = _BodyWatch(receive, send, _has_body(scope), self.drain, stream,
+        has_body = _has_body(scope)
+        if stream is not None and has_body:
+            receive = stream.guard_body(receive)  # a body the listener refuses fails here
+        body = _BodyWatch(receive, send, has_body, self.drain, stream,
                           _stall_limit(scope, stream), closing=_asks_to_close(scope))
         scope[WRITES_KEY] = body
         try:
             with self.drain.request():
                 if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
                     await body.error(errors.shutting_down(), scope)
+                elif _both_lengths(scope):
+                    await body.error(_BOTH_LENGTHS, scope)  # and closed: never read
                 else:
                     relays: list[Relay] = []
                     scope[RELAYS_KEY] = relays
@@ -591,6 +596,11 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
         log.debug("consumer left before its answer was sent")
     except* ConsumerStalled as group:
         log.info("%s; its stream is cut", group.exceptions[0])
+    except* FramingRefused as group:
+        refused = group.exceptions[0]
+        assert isinstance(refused, FramingRefused)
+        log.info("request body refused by the listener: %s", refused.error.message)
+        await body.error(refused.error, scope)
     except* HTTPException as group:
         exc = group.exceptions[0]
         assert isinstance(exc, HTTPException)
@@ -725,13 +735,33 @@ def _has_body(scope: dict[str, Any]) -> bool:
 
 
 def _asks_to_close(scope: dict[str, Any]) -> bool:
-    """HTTP/1.1 with ``Connection: close``, or HTTP/1.0 without ``keep-alive``."""
+    """HTTP/1.1 with ``Connection: close``, or any HTTP/1.0 request.
+
+    HTTP/1.0 even with ``Connection: keep-alive``: hypercorn's h11 keeps no HTTP/1.0
+    connection alive (its answer says ``Connection: close``), so waiting
+    ``keep_alive_timeout`` for another request only kept the client waiting.
+    """
     version = scope.get("http_version")
-    if version not in ("1.0", "1.1"):
+    if version == "1.0":
+        return True
+    if version != "1.1":
         return False
-    tokens = {token.strip().lower() for name, value in scope.get("headers", ())
-              if name.lower() == b"connection" for token in value.split(b",")}
-    return b"close" in tokens or (version == "1.0" and b"keep-alive" not in tokens)
+    return any(token.strip().lower() == b"close" for name, value in scope.get("headers", ())
+               if name.lower() == b"connection" for token in value.split(b","))
+
+
+# RFC 9112 §6.3: a request with both may be a smuggling attempt (a proxy in front may
+# have framed it by the other header); refused, and its connection closed.
+_BOTH_LENGTHS = errors.bad_request(
+    "a request may not carry both Content-Length and Transfer-Encoding", "bad_request")
+
+
+def _both_lengths(scope: dict[str, Any]) -> bool:
+    """An HTTP/1 request framed both by ``Content-Length`` and ``Transfer-Encoding``."""
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return False
+    names = {name.lower() for name, _ in scope.get("headers", ())}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 def _stall_limit(scope: dict[str, Any], stream: GuardedStream | None) -> float | None:

@@ -18,12 +18,21 @@ the stream under it:
   the application, which cancels the request (the dispatcher releases the
   provider's slot and tells it to stop).
 * **Connection cap.** At most ``max_connections`` consumer connections are
-  open; further ones wait in the kernel's accept backlog.
+  open; further ones wait in the kernel's accept backlog. So do connections
+  while the process is out of file descriptors: ``accept`` failing for want of
+  them is waited out and logged rarely (``coordinator.descriptors``).
 * **Close after an early answer.** A response sent before the request body was
   read (401, 413) says ``Connection: close``; hypercorn does not always close
   such a connection (its close runs in the application's task, which
   quart-trio may cancel first), so the stream ends it here once the request is
   over — otherwise the client's next request on it would never be answered.
+
+* **HTTP/1 framing h11 gets wrong.** The stream follows each request's framing
+  (``framing.RequestFraming``): nothing after a request that ends its connection
+  reaches the HTTP layer (h11 answered two pipelined HTTP/1.0 requests with one bare
+  400, the first unanswered), and a chunk announcing more than the body limit fails
+  its request's body at once (:meth:`GuardedStream.guard_body`: a 413, not the body
+  timeout).
 
 It also coalesces writes it is told belong together (``GuardedStream.holding``):
 hypercorn writes a response's head, each body part and the chunked terminator
@@ -42,6 +51,7 @@ import contextlib
 import logging
 import math
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -54,7 +64,11 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, wrap_app
 
+from coordinator import errors
 from coordinator.config import Config
+from coordinator.descriptors import AcceptErrors
+
+from .framing import RequestFraming, Stage
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,7 @@ class ConnectionTable:
 
     keep_alive_timeout: float
     request_head_timeout: float = 10.0
+    body_limit: int = 10 * 1024 * 1024  # max_body_bytes: no chunk may announce more
     streams: dict[Peer, GuardedStream] = attrs.field(factory=dict)
     # The accept loop runs in this scope: cancelling it stops taking connections.
     accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -102,6 +117,7 @@ class ConnectionTable:
         stream = self.stream(peer)
         if stream is not None:
             stream.in_flight += 1
+            stream.started += 1
             stream.rearm()
 
     def close_idle(self, after: float) -> None:
@@ -125,6 +141,14 @@ class ConnectionTable:
             stream.in_flight -= 1
             stream.closing |= close
             stream.rearm()
+
+
+class FramingRefused(Exception):
+    """The listener refused the request's body (its framing): answer with ``error``."""
+
+    def __init__(self, error: errors.ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class WriteLock:
@@ -161,6 +185,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self.inner = inner
         self.socket = inner.socket  # hypercorn reads the peer and local addresses from it
         self.in_flight = 0
+        self.started = 0  # requests the ASGI edge has seen start on this connection
         self.closing = False  # a response said "Connection: close": end after it
         self._table = table
         self.write_timeout = write_timeout  # also what an HTTP/2 stream may stall (routes)
@@ -181,6 +206,11 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         # HTTP layer stopped reading — hypercorn can wait forever on some pipelined input
         # from a peer that then reset — shortly after the read deadline would have.
         self.watchdog: trio.CancelScope | None = None
+        # HTTP/1 framing, followed until the connection turns out to be something else.
+        self._framing: RequestFraming | None = RequestFraming(table.body_limit)
+        self.refused: tuple[int, errors.ApiError] | None = None  # request number, why
+        # Requests reading their body now (guard_body), by their number on the connection.
+        self._body_waits: dict[int, trio.CancelScope] = {}
         self.peer: Peer | None = _peer(inner.socket)
         table.add(self)
 
@@ -211,13 +241,57 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         with trio.CancelScope(deadline=self._deadline()) as scope:
             self._reading = scope
             try:
-                data = await self.inner.receive_some(max_bytes)
+                data = await self._receive_framed(max_bytes)
             finally:
                 self._reading = None
             if data and self.in_flight == 0 and self._head_since is None:
                 self._head_since = trio.current_time()  # a request is on its way
             return data
         return b""  # idle, or a request head too slow: hypercorn sees the peer leave
+
+    async def _receive_framed(self, max_bytes: int | None) -> bytes | bytearray:
+        """The next bytes the HTTP layer may see: what framing holds back is read and
+        dropped (so the peer is not reset for unread data), and the peer's end of
+        the connection still comes through."""
+        while True:
+            data = await self.inner.receive_some(max_bytes)
+            framing = self._framing
+            if not data or framing is None:
+                return data
+            passed = framing.feed(data)
+            if framing.stage is Stage.PASS:
+                self._framing = None  # not HTTP/1 as h11 frames it: hands off from now on
+            elif framing.refusal is not None:
+                self._refuse(framing.requests, framing.refusal)
+            if passed:
+                return data if passed == len(data) else data[:passed]
+
+    def _refuse(self, request: int, error: errors.ApiError) -> None:
+        """Request number ``request``'s body will never come whole: fail its reading."""
+        self.refused = (request, error)
+        waiting = self._body_waits.get(request)
+        if waiting is not None:
+            waiting.cancel(reason="request body refused")
+
+    def guard_body(self, receive: Callable[[], Awaitable[dict[str, Any]]]
+                   ) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """``receive`` (ASGI) for the request starting now, failing with
+        :class:`FramingRefused` once the listener refuses that request's body."""
+        request = self.started
+
+        async def receive_body() -> dict[str, Any]:
+            if self.refused is None or self.refused[0] != request:
+                with trio.CancelScope() as waiting:
+                    self._body_waits[request] = waiting
+                    try:
+                        return await receive()
+                    finally:
+                        if self._body_waits.get(request) is waiting:
+                            del self._body_waits[request]
+            assert self.refused is not None
+            raise FramingRefused(self.refused[1])
+
+        return receive_body
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._broken:
@@ -275,15 +349,22 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
         self._table = table
         self._slots = trio.Semaphore(slots)
         self._write_timeout = write_timeout
+        self._errors = AcceptErrors("HTTP")
 
     async def accept(self) -> GuardedStream:
-        await self._slots.acquire()
-        try:
-            stream = await self.inner.accept()
-        except BaseException:
-            self._slots.release()
-            raise
-        return GuardedStream(stream, self._table, self._write_timeout, self._slots)
+        while True:
+            await self._slots.acquire()
+            try:
+                stream = await self.inner.accept()
+            except OSError as exc:
+                self._slots.release()
+                await self._errors.failed(exc)  # out of descriptors: waited out, logged rarely
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            self._errors.recovered()
+            return GuardedStream(stream, self._table, self._write_timeout, self._slots)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -8,8 +8,10 @@ must then sign a fresh challenge covering its encryption key, and its id must
 be bound to the key it proved (:mod:`.identity`). Anything else closes the
 socket with 1008 (policy violation) before the registry ever hears of it. At
 most ``max_pending_providers`` sockets may be in admission at once; more are
-refused at the handshake with 503. Admitted providers are challenged again
-every ``challenge_interval`` seconds.
+refused at the handshake with 503. A provider that sends its token in the upgrade
+request (``Authorization: Bearer``) has ``max_pending_providers`` places of its own,
+so sockets that never register cannot keep it out. Admitted providers are
+challenged again every ``challenge_interval`` seconds.
 
 After admission, one malformed frame is logged, counted and skipped; a frame
 that names one of this connection's requests but is malformed fails that
@@ -30,7 +32,7 @@ import trio_websocket
 from coordinator import sizes, wsio
 from coordinator.capabilities import parse_version
 from coordinator.config import Config
-from coordinator.credentials import matches_any
+from coordinator.credentials import bearer_token, matches_any
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
 from coordinator.protocol import (
@@ -86,7 +88,8 @@ class ProviderEdge:
     drain: Drain = attrs.field(factory=Drain)
     directory: Directory = attrs.field(factory=Directory)
     pins: SharedPins | None = None  # with several instances: the fleet-wide pins
-    pending: int = 0  # sockets in admission now
+    pending: int = 0  # sockets in admission now, without a token in the upgrade request
+    pending_proven: int = 0  # and with one (their own places: never starved by the others)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """trio-websocket handler: one call per provider connection. Never raises."""
@@ -99,18 +102,27 @@ class ProviderEdge:
             log.error("provider connection handler failed", exc_info=True)
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        if self.pending >= self.config.max_pending_providers or self.drain.draining:
+        # A wrong token earns no places of its own; `register` refuses it as before.
+        proven = matches_any(bearer_token(request.headers) or "", self.config.provider_tokens)
+        waiting = self.pending_proven if proven else self.pending
+        if waiting >= self.config.max_pending_providers or self.drain.draining:
             self.metrics.frames_rejected.labels("admission_full").inc()
             await request.reject(TRY_AGAIN_LATER, body=b"not admitting providers now")
             return
-        self.pending += 1
+        self._count_pending(proven, +1)
         try:
             ws = await request.accept()
             admitted = await self._admit_or_close(ws)
         finally:
-            self.pending -= 1
+            self._count_pending(proven, -1)
         if admitted is not None:
             await self._serve_admitted(ws, admitted)
+
+    def _count_pending(self, proven: bool, change: int) -> None:
+        if proven:
+            self.pending_proven += change
+        else:
+            self.pending += change
 
     async def _admit_or_close(self, ws: trio_websocket.WebSocketConnection) -> _Admitted | None:
         try:
