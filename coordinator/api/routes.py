@@ -247,7 +247,10 @@ class Api:
                     if last:
                         return
         finally:
-            _log_outcome(record, timing)
+            if writes is not None:  # once the server has (or has not) sent the end
+                writes.pending_log = (record, timing)
+            else:
+                _log_outcome(record, timing)
 
     # -- the rest of the surface
     async def models(self) -> Response:
@@ -570,17 +573,19 @@ class EdgeGuard:
                 else:
                     relays: list[Relay] = []
                     scope[RELAYS_KEY] = relays
+                    stalled = False
                     try:
-                        await _isolated(self.app, scope, body)
+                        stalled = await _isolated(self.app, scope, body)
                     finally:
                         for relay in relays:  # a stream nobody read to its end
                             await relay.abandon()
+                        body.log_outcome(stalled=stalled)
         finally:
             if self.connections is not None:
                 self.connections.request_ended(peer, close=body.closing)
 
 
-async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
+async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> bool:
     """Run the application; what escapes it becomes an error response, not a crash.
 
     Quart raises some HTTP errors outside its handlers (werkzeug's ``BadHost``
@@ -588,14 +593,17 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
     consumer that left is not an error: quart 0.23 raises
     ``ClientDisconnectedError`` when the hang-up lands between the handler's
     return and the response's first write, and there is no one to answer.
-    Anything else is a bug: logged, and a 500 in the family's shape.
+    Anything else is a bug: logged, and a 500 in the family's shape. Returns
+    whether the consumer stalled its HTTP/2 stream (and was cut).
     """
+    stalled = False
     try:
         await app(scope, body.receive, body.send)
     except* _CONSUMER_GONE:
         log.debug("consumer left before its answer was sent")
     except* ConsumerStalled as group:
         log.info("%s; its stream is cut", group.exceptions[0])
+        stalled = True
     except* FramingRefused as group:
         refused = group.exceptions[0]
         assert isinstance(refused, FramingRefused)
@@ -611,6 +619,7 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> None:
         log.error("unhandled error in the application", exc_info=True)
         await body.error(errors.ApiError(500, "internal error", "server_error",
                                          "internal_error"), scope)
+    return stalled
 
 
 class _BodyWatch:
@@ -644,6 +653,22 @@ class _BodyWatch:
         # keep_alive_timeout for it), or, once the response starts, an early answer.
         self.closing = closing
         self.started = False
+        self.finished = False  # the response's last part was handed to the server
+        # A stream's outcome, logged once the response is over (what the consumer got:
+        # an answer the server never sent is not a success).
+        self.pending_log: tuple[dict[str, Any], Timing] | None = None
+
+    def log_outcome(self, *, stalled: bool) -> None:
+        """Log the stream's outcome, corrected by what became of its last part."""
+        if self.pending_log is None:
+            return
+        record, timing = self.pending_log
+        self.pending_log = None
+        if stalled:
+            record["result"] = "consumer_stalled"  # whatever it had got to: it was cut
+        elif not self.finished and record.get("result") == "success":
+            record["result"] = "client_gone"
+        _log_outcome(record, timing)
 
     def last_part_next(self) -> None:
         """The next body part is the last before the end: hold it for the end's write."""
@@ -692,6 +717,20 @@ class _BodyWatch:
         if self._held:
             await self._send_with_held(message)
         else:
+            await self._send_one(message)
+
+    async def _send_one(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.start":
+            await self._send(message)
+            if not message.get("more_body", False) and message["type"] == "http.response.body":
+                self.finished = True
+            return
+        # A head, once begun, is finished: over HTTP/2 hypercorn encodes it into the
+        # connection's shared header table before it waits for the connection's writer,
+        # and a head cut on its way leaves the consumer's decoder out of step for every
+        # later answer on the connection. It waits on no flow-control window, only on
+        # that writer, whose every write is bounded by write_timeout.
+        with trio.CancelScope(shield=True):
             await self._send(message)
 
     async def _send_with_held(self, message: dict[str, Any]) -> None:
@@ -701,11 +740,11 @@ class _BodyWatch:
         self._stream.holding = True
         try:
             for earlier in held:
-                await self._send(earlier)
+                await self._send_one(earlier)
         finally:
             self._stream.holding = False
         try:
-            await self._send(message)
+            await self._send_one(message)
         finally:
             # Nothing stays held: not when hypercorn wrote nothing for ``message`` (an
             # empty part), nor when its write never came (cancelled on the way).

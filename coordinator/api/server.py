@@ -65,6 +65,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, wrap_app
 
 from coordinator import errors
+from coordinator.api import h2flow
 from coordinator.config import Config
 from coordinator.descriptors import AcceptErrors
 
@@ -379,6 +380,7 @@ def _peer(sock: trio.socket.SocketType) -> Peer | None:
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    h2flow.install()  # HTTP/2 answers wait for the consumer's window (api/h2flow.py)
     hconfig = hypercorn.config.Config()
     hconfig.bind = [f"{config.http_host}:{config.http_port}"]
     hconfig.accesslog = None

@@ -1,0 +1,166 @@
+"""HTTP/2 consumers that never open their flow-control window (issue 22, item 2).
+
+Against the real hypercorn (tests/memory_http.py) and the real coordinator: a stream
+buffers a bounded amount, is cut at ``write_timeout`` (its provider told to stop, its
+slot freed), is logged as what it was, and a connection that goes frees everything.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import trio
+
+from coordinator.api import h2flow
+from provider_sim.behaviours import Behaviour
+
+from .harness import API_KEY, Harness, open_harness
+from .memory_http import Connection, open_connection
+
+CHUNK = 64 * 1024
+# 200 chunks of 64 KiB, one every 0.5 s: a 100-second, 12.8 MB answer.
+SLOW_BIG = Behaviour(text=" ".join(["y" * CHUNK] * 200), token_interval=0.5)
+STREAMS = 10
+
+
+def _counting(app: Any, accepted: dict[int, int]) -> Any:
+    """``app`` with the body bytes handed to hypercorn for each answer counted (they sit in
+    hypercorn's buffer from the moment they are handed over, sent or not)."""
+    async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        key = id(scope)
+
+        async def send_counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                accepted[key] = accepted.get(key, 0) + len(message.get("body", b""))
+            await send(message)
+
+        await app(scope, receive, send_counted)
+    return counted
+
+
+async def _open_streams(connection: Connection, count: int) -> h2.connection.H2Connection:
+    """``count`` streaming chat requests on one HTTP/2 connection that grants no window."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    body = json.dumps({"model": "m1", "stream": True,
+                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+    for n in range(count):
+        stream_id = 1 + 2 * n
+        client.send_headers(stream_id, [
+            (":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+            (":authority", "x"), ("authorization", f"Bearer {API_KEY}"),
+            ("content-type", "application/json"), ("content-length", str(len(body)))])
+        client.send_data(stream_id, body, end_stream=True)
+    await connection.client.send_all(client.data_to_send())
+    return client
+
+
+async def _read_events(connection: Connection, client: h2.connection.H2Connection,
+                       into: list[Any]) -> None:
+    while data := await connection.client.receive_some(65536):
+        into.extend(client.receive_data(bytes(data)))
+        if outgoing := client.data_to_send():  # settings acknowledged, and so on
+            await connection.client.send_all(outgoing)
+
+
+def _in_use(h: Harness) -> int:
+    return sum(len(r.leases) for r in h.state.providers.values())
+
+
+async def test_a_stream_without_window_buffers_a_bounded_amount_and_is_cut_at_write_timeout(
+        autojump_clock, caplog):
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("big", behaviour=SLOW_BIG, max_concurrency=STREAMS)
+        accepted: dict[int, int] = {}
+        app = _counting(h.coordinator.asgi, accepted)
+        async with open_connection(app, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _open_streams(connection, STREAMS)
+            events: list[Any] = []
+            nursery.start_soon(_read_events, connection, client, events)
+            await h.until(lambda: _in_use(h) == STREAMS)
+            start = trio.current_time()
+            await trio.sleep(20)  # the consumer keeps its window shut
+            # Each answer would be 12.8 MB; what waits for the window is its first part.
+            assert len(accepted) == STREAMS and max(accepted.values()) <= 2 * CHUNK
+            await h.until(lambda: _in_use(h) == 0)
+            assert 30.0 <= trio.current_time() - start < 31.0  # write_timeout, per stream
+            await h.until(lambda: len(provider.cancelled) == STREAMS)  # each told to stop
+            assert len(provider.completed) == 0
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    logged = [json.loads(r.getMessage()) for r in caplog.records
+              if r.name == "coordinator.requests"]
+    assert [r["result"] for r in logged] == ["consumer_stalled"] * STREAMS  # not "success"
+
+
+async def test_a_connection_that_goes_frees_its_streams_slots_at_once(autojump_clock):
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("big", behaviour=SLOW_BIG, max_concurrency=STREAMS)
+        async with open_connection(h.coordinator.asgi, h.coordinator.connections) as connection:
+            await _open_streams(connection, STREAMS)
+            await h.until(lambda: _in_use(h) == STREAMS)
+            await trio.sleep(5)
+            start = trio.current_time()
+            await connection.client.aclose()  # the consumer goes, windows still shut
+            await h.until(lambda: _in_use(h) == 0 and len(provider.cancelled) == STREAMS)
+            assert trio.current_time() - start < 1.0
+        await h.assert_quiescent()
+        gc.collect()  # and what the streams buffered is given back: nothing holds it
+        assert not [o for o in gc.get_objects() if isinstance(o, h2flow._STOCK)]
+
+
+def test_the_bounded_buffer_is_what_hypercorn_uses():
+    import hypercorn.protocol.h2 as h2_protocol
+
+    h2flow.install()
+    h2flow.install()  # idempotent
+    assert h2_protocol.StreamBuffer is h2flow.BoundedStreamBuffer
+
+
+@pytest.fixture(autouse=True)
+def _requests_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="coordinator.requests")
+
+
+async def test_a_head_once_begun_is_finished_when_its_request_is_cancelled(autojump_clock):
+    """hypercorn encodes an HTTP/2 head into the connection's shared header table before
+    it waits for the connection's writer: a head dropped there would leave the consumer
+    unable to decode any later answer on the connection."""
+    from coordinator.api.routes import _BodyWatch
+    from coordinator.lifecycle import Drain
+
+    written: list[tuple[str, float]] = []
+    writer_free = trio.Event()
+
+    async def server_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            await writer_free.wait()  # another stream's write holds the connection
+        written.append((message["type"], trio.current_time()))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    watch = _BodyWatch(receive, server_send, False, Drain(), None, stall_limit=30.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_set_after, writer_free, 5.0)
+        with trio.move_on_after(1.0) as request:  # the consumer leaves at 1 s
+            await watch.send({"type": "http.response.start", "status": 200, "headers": []})
+            await trio.lowlevel.checkpoint()
+        assert request.cancelled_caught
+    assert written == [("http.response.start", 5.0)]
+
+
+async def _set_after(event: trio.Event, seconds: float) -> None:
+    await trio.sleep(seconds)
+    event.set()
