@@ -40,7 +40,6 @@ Any other key is an error (a misspelled one would otherwise be ignored in silenc
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import tomllib
@@ -52,31 +51,13 @@ import attrs
 import trio
 
 from coordinator.protocol import ModelInfo
+from provider_link.connect import keep_connected
+from provider_link.template_check import check_snapshot, collect_templates, is_vision_snapshot
 
 from .behaviours import HEALTHY, Behaviour, parse_behaviour
 from .provider import SimProvider
-from .template_check import check_snapshot, collect_templates, is_vision_snapshot
 
 log = logging.getLogger(__name__)
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception's message, and the first underlying error that says why.
-
-    trio-websocket's HandshakeError wraps trio's "all attempts to connect ...
-    failed", which wraps the operating system's reasons (one per address).
-    """
-    text = str(exc) or type(exc).__name__
-    seen, cause = {id(exc)}, exc.__cause__ or exc.__context__
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]  # its message only repeats the wrapper's
-            continue
-        if str(cause) and str(cause) not in text:
-            text += f" ({cause})"
-        cause = cause.__cause__ or cause.__context__
-    return text
 
 
 DEMO_MODELS = (
@@ -199,9 +180,6 @@ def load_fleet(path: Path | str, *, token: str | None = None) -> tuple[list[Flee
     return members, {k: v for k, v in doc.items() if k != "provider"}
 
 
-MAX_BACKOFF = 30.0
-
-
 async def run_fleet(providers: list[SimProvider] | list[FleetMember], url: str | list[str], *,
                     reconnect: bool = True) -> None:
     """Run every provider against ``url`` until cancelled, reconnecting after drops.
@@ -218,32 +196,9 @@ async def run_fleet(providers: list[SimProvider] | list[FleetMember], url: str |
 
 
 async def _keep_connected(member: FleetMember, urls: list[str], reconnect: bool) -> None:
-    provider = member.provider
-    failures = 0
-    jitter = random.Random(provider.seed)  # reproducible, like everything a fleet draws
-    for url in itertools.cycle(urls):
-        # Churn is a budget on the connection: a cancel scope, then a pause.
-        with trio.move_on_after(member.churn.every if member.churn else float("inf")):
-            provider.closed_with = None
-            admitted_before = provider.admissions
-            try:
-                await provider.run(url)
-            except (OSError, trio.BrokenResourceError) as exc:
-                log.warning("%s: cannot connect to %s: %s", provider.provider_id, url,
-                            _describe(exc))
-            except Exception as exc:  # the handshake library raises its own types
-                log.warning("%s: connection to %s failed: %s", provider.provider_id, url,
-                            _describe(exc))
-            else:
-                if provider.closed_with is not None:
-                    log.warning("%s: the coordinator closed the connection: %d %s",
-                                provider.provider_id, provider.closed_with,
-                                provider.closed_reason or "(no reason given)")
-        if not reconnect:
-            return
-        failures = 0 if provider.admissions > admitted_before else failures + 1
-        if member.churn and not failures:
-            await trio.sleep(member.churn.down_for)
-        else:
-            # Back off, with jitter, so a fleet refused together does not return together.
-            await trio.sleep(min(MAX_BACKOFF, 2.0 ** failures) * jitter.uniform(0.5, 1.0))
+    churn = member.churn
+    await keep_connected(
+        member.provider, urls, reconnect=reconnect,
+        rng=random.Random(member.provider.seed),  # reproducible, like everything a fleet draws
+        connection_budget=churn.every if churn else float("inf"),
+        pause_after_budget=churn.down_for if churn else 0.0)

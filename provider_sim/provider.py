@@ -1,57 +1,33 @@
-"""A simulated provider: the real protocol over trio-websocket, scripted behaviour.
+"""A simulated provider: the shared provider client (``provider_link``) with a scripted backend.
 
-It registers, answers challenges with its Ed25519 key, heartbeats, decrypts
-each request, and streams the endpoint's native events back, encrypted to the
-request's ephemeral key, as its :class:`Behaviour` says. Everything it was
-sent is recorded for tests to assert on.
+It registers, answers challenges, heartbeats and seals its answers exactly as
+every provider does (:class:`provider_link.client.ProviderClient`); what it
+answers each request is scripted by its :class:`Behaviour` (:mod:`.script`).
+Everything it was sent is recorded for tests to assert on.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import attrs
 import nacl.public
 import nacl.signing
 import trio
-import trio_websocket
 
-from coordinator.protocol import (
-    AttestationChallenge,
-    AttestationResponse,
-    Cancel,
-    EncryptedPayload,
-    FrameError,
-    Hardware,
-    Heartbeat,
-    InferenceAccepted,
-    InferenceComplete,
-    InferenceError,
-    InferenceRequest,
-    InferenceResponseChunk,
-    Message,
-    ModelInfo,
-    Register,
-    ResponseSealer,
-    Usage,
-    decode_frame,
-    encode_frame,
-    open_request,
-    prove_key,
-    sign_challenge,
-)
-from coordinator.protocol.crypto import DecryptError
-from coordinator.wsio import open_websocket
+from coordinator.protocol import Hardware, ModelInfo, Register
+from provider_link.actions import Action, Chunk
+from provider_link.client import ProviderClient
+from provider_link.keys import ProviderKeys
 
 from .behaviours import HEALTHY, Behaviour
-from .script import Accepted, Chunk, Complete, Crash, Error, Pace, play
+from .script import Pace, play
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +41,7 @@ def _to_deque(items: Iterable[Behaviour]) -> deque[Behaviour]:
 
 
 @attrs.define(eq=False)
-class SimProvider:
+class SimProvider(ProviderClient):
     provider_id: str
     models: tuple[ModelInfo, ...]
     token: str = "demo-provider-token"
@@ -78,8 +54,6 @@ class SimProvider:
     max_concurrency: int = 8
     # The largest request frame this provider's socket takes (declared in register).
     max_request_bytes: int = 1024 * 1024
-    heartbeat_interval: float = 20.0
-    encrypt: bool = True
     # Frame each chunk's payload as an SSE event ("data: {...}\n\n"), as some backends do.
     sse_chunks: bool = False
     # Put up to this many events that are ready together in one frame (SSE-framed);
@@ -98,25 +72,36 @@ class SimProvider:
     sign_with: nacl.signing.SigningKey | None = None
     # Recorded for tests.
     received: list[dict[str, Any]] = attrs.field(factory=list)
-    registered: trio.Event = attrs.field(factory=trio.Event)
     # (virtual time, event, wire request id): received, cancel, complete, error, closed.
     log: list[tuple[float, str, str]] = attrs.field(factory=list)
     # Replaced whenever something above is recorded, so tests can wait on it.
     activity: trio.Event = attrs.field(factory=trio.Event)
-    frames_sent: int = 0
-    admissions: int = 0  # connections on which it answered the coordinator's challenge
-    _answered: bool = False  # on the current connection
-    closed_with: int | None = None
-    closed_reason: str = ""
-    current_ws: trio_websocket.WebSocketConnection | None = None
     _key: nacl.public.PrivateKey = attrs.field(factory=nacl.public.PrivateKey.generate)
     _signing: nacl.signing.SigningKey = attrs.field(factory=nacl.signing.SigningKey.generate)
-    _active: dict[str, trio.CancelScope] = attrs.field(factory=dict)
     _ignoring: set[str] = attrs.field(factory=set)
     _rng: random.Random = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+
+    @property
+    def name(self) -> str:
+        return self.provider_id
+
+    @property
+    def keys(self) -> ProviderKeys:
+        return ProviderKeys(self._signing, self._key)
+
+    @classmethod
+    def with_keys(cls, keys: ProviderKeys, *args: Any, **kw: Any) -> SimProvider:
+        """A simulated provider proving ``keys`` (a fleet's key directory)."""
+        return cls(*args, **{**kw, "key": keys.encryption, "signing": keys.signing})
+
+    def challenge_signer(self) -> nacl.signing.SigningKey:
+        return self.sign_with or self._signing
+
+    def may_cancel(self, request_id: str) -> bool:
+        return request_id not in self._ignoring
 
     @property
     def cancelled(self) -> list[str]:
@@ -137,17 +122,14 @@ class SimProvider:
             roll -= probability
         return None
 
-    def _note(self, event: str, request_id: str) -> None:
-        self.log.append((trio.current_time(), event, request_id))
+    def note(self, event: str, request_id: str) -> None:
+        if event != "closed" or request_id:  # a closed socket is recorded by its fields
+            self.log.append((trio.current_time(), event, request_id))
         self._touch()
 
     def _touch(self) -> None:
         self.activity.set()
         self.activity = trio.Event()
-
-    @property
-    def active(self) -> int:
-        return len(self._active)
 
     @property
     def public_key(self) -> str:
@@ -175,111 +157,26 @@ class SimProvider:
             max_request_bytes=self.max_request_bytes,
         )
 
-    async def run(self, url: str) -> None:
-        """Connect to ``url`` and serve until the socket closes."""
-        # The token in the upgrade request too: the coordinator keeps places for it.
-        async with open_websocket(
-                url, max_message_size=self.max_request_bytes,
-                extra_headers=[(b"authorization", f"Bearer {self.token}".encode())]) as ws:
-            await self.serve(ws)
+    def receive_limit(self) -> int:
+        return self.max_request_bytes
 
-    async def serve(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Serve one connection; returns when it closes."""
-        self.current_ws = ws
-        self._answered = False
-        await ws.send_message(encode_frame(self.register_message()))
+    async def answer(self, request_id: str, body: dict[str, Any]) -> AsyncIterator[Action]:
+        scripted = self.script.popleft() if self.script else None
+        # A scripted behaviour first, then the model's own, then the default.
+        behaviour = scripted or self._drawn() or self.model_behaviours.get(
+            str(body.get("model")), self.behaviour)
+        if behaviour.ignore_cancel:
+            self._ignoring.add(request_id)
+        self.received.append(body)
+        self.note("received", request_id)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat, ws)
-                while True:
-                    try:
-                        raw = await ws.get_message()
-                    except trio_websocket.ConnectionClosed as exc:
-                        self.closed_with = exc.reason.code if exc.reason else None
-                        self.closed_reason = (exc.reason.reason or "") if exc.reason else ""
-                        self._touch()
-                        break
-                    try:
-                        message = decode_frame(raw)
-                    except FrameError as exc:
-                        log.warning("%s: bad frame from coordinator: %s", self.provider_id, exc)
-                        continue
-                    self._on_message(ws, nursery, message)
-                nursery.cancel_scope.cancel(reason="connection closed")
+            async for action in self._play(request_id, body, behaviour):
+                yield action
         finally:
-            self._active.clear()
+            self._ignoring.discard(request_id)
 
-    def _on_message(
-        self, ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery, message: Message
-    ) -> None:
-        match message:
-            case AttestationChallenge(nonce, timestamp, challenge_key):
-                key = self.sign_with or self._signing
-                signature = sign_challenge(key, nonce, timestamp, self.public_key)
-                proof = prove_key(self._key, nonce, challenge_key) if challenge_key else ""
-                nursery.start_soon(self._send, ws, AttestationResponse(nonce, signature, proof))
-                if not self._answered:
-                    self._answered = True
-                    self.admissions += 1
-                    log.info("%s: registered, answering the coordinator's challenge",
-                             self.provider_id)
-                self.registered.set()
-            case InferenceRequest():
-                scripted = self.script.popleft() if self.script else None
-                scope = trio.CancelScope()
-                self._active[message.request_id] = scope
-                nursery.start_soon(self._serve_request, ws, message, scripted, scope)
-            case Cancel(request_id):
-                self._note("cancel", request_id)
-                running = self._active.get(request_id)
-                if running is not None and request_id not in self._ignoring:
-                    running.cancel(reason="cancelled by the coordinator")
-
-    async def _send(self, ws: trio_websocket.WebSocketConnection, message: Message) -> None:
-        self.frames_sent += 1
-        with contextlib.suppress(trio_websocket.ConnectionClosed):
-            await ws.send_message(encode_frame(message))
-
-    async def _heartbeat(self, ws: trio_websocket.WebSocketConnection) -> None:
-        while True:
-            await trio.sleep(self.heartbeat_interval)
-            await self._send(ws, Heartbeat())
-
-    async def _serve_request(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        request: InferenceRequest,
-        scripted: Behaviour | None,
-        scope: trio.CancelScope,
-    ) -> None:
-        rid = request.request_id
-        try:
-            with scope:
-                body, sealer = open_request(self._key, request.encrypted_body)
-                payload = json.loads(body)
-                # A scripted behaviour first, then the model's own, then the default.
-                behaviour = scripted or self._drawn() or self.model_behaviours.get(
-                    str(payload.get("model")), self.behaviour)
-                if behaviour.ignore_cancel:
-                    self._ignoring.add(rid)
-                self.received.append(payload)
-                self._note("received", rid)
-                await self._play(ws, rid, payload, behaviour, sealer)
-        except DecryptError:
-            self._note("error", rid)
-            await self._send(ws, InferenceError(rid, "request did not decrypt", 400))
-        finally:
-            self._active.pop(rid, None)
-            self._ignoring.discard(rid)
-
-    async def _play(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        rid: str,
-        body: dict[str, Any],
-        behaviour: Behaviour,
-        sealer: ResponseSealer,
-    ) -> None:
+    async def _play(self, rid: str, body: dict[str, Any],
+                    behaviour: Behaviour) -> AsyncIterator[Action]:
         model = str(body.get("model", ""))
         actions = play(
             body, behaviour, provider_id=self.provider_id, request_id=rid, rng=self._rng,
@@ -290,42 +187,12 @@ class SimProvider:
         async with contextlib.aclosing(actions):
             async for action in actions:
                 if held and (not isinstance(action, Chunk) or len(held) >= batch):
-                    await self._send(ws, self._batch_frame(rid, held, sealer))
+                    yield Chunk("".join(f"data: {text}\n\n" for text in held))
                     held = []
                 match action:
-                    case Accepted():
-                        await self._send(ws, InferenceAccepted(rid))
                     case Chunk(text, None) if batch > 1:
                         held.append(text)
-                    case Chunk(text, corrupt):
-                        await self._send(ws, self._chunk_frame(rid, text, corrupt, sealer))
-                    case Error(status, message):
-                        self._note("error", rid)
-                        await self._send(ws, InferenceError(rid, message, status))
-                    case Crash():
-                        self._note("closed", rid)
-                        await ws.aclose(1011, "simulated crash")
-                    case Complete(prompt_tokens, completion_tokens, _):
-                        self._note("complete", rid)
-                        await self._send(ws, InferenceComplete(
-                            rid, Usage(prompt_tokens, completion_tokens)))
-
-    def _batch_frame(self, rid: str, texts: list[str],
-                     sealer: ResponseSealer) -> InferenceResponseChunk:
-        """Several events in one frame: SSE framing, one encryption."""
-        payload = "".join(f"data: {text}\n\n" for text in texts)
-        if not self.encrypt:
-            return InferenceResponseChunk(rid, data=payload)
-        return InferenceResponseChunk(rid, encrypted_data=sealer.seal(payload))
-
-    def _chunk_frame(
-        self, rid: str, text: str, corrupt: str | None, sealer: ResponseSealer
-    ) -> InferenceResponseChunk:
-        if self.sse_chunks:
-            text = f"data: {text}\n\n"
-        if corrupt == "plaintext" or not self.encrypt:
-            return InferenceResponseChunk(rid, data=text)
-        if corrupt == "garbage":
-            return InferenceResponseChunk(rid, encrypted_data=EncryptedPayload(
-                sealer.provider_public_key, _b64(b"\0" * 40)))
-        return InferenceResponseChunk(rid, encrypted_data=sealer.seal(text))
+                    case Chunk(text, corrupt) if self.sse_chunks:
+                        yield Chunk(f"data: {text}\n\n", corrupt)
+                    case _:
+                        yield action

@@ -1,7 +1,7 @@
 """What a simulated provider does with one request, as a stream of actions.
 
-Transport-neutral: the WebSocket provider turns actions into protocol frames,
-the HTTP mode turns them into SSE. Waits are ``trio.sleep``, so a whole fleet
+Transport-neutral: the WebSocket provider turns actions (``provider_link.actions``)
+into protocol frames, the HTTP mode turns them into SSE. Waits are ``trio.sleep``, so a whole fleet
 runs under a virtual clock in tests.
 """
 
@@ -16,46 +16,14 @@ import attrs
 import trio
 
 from coordinator.toolschema import normalize_tool_schemas
+from provider_link.actions import Accepted, Action, Chunk, Complete, Crash, Error
+from provider_link.template_check import render
 
 from .behaviours import Behaviour, Fault
 from .formats import transcript, words_for
-from .template_check import render
 
 # Provider binaries from this version normalize chat-shape tool schemas themselves.
 PROVIDER_NORMALIZES_FROM = (0, 6, 3)
-
-
-@attrs.frozen
-class Accepted:
-    pass
-
-
-@attrs.frozen
-class Chunk:
-    text: str
-    # A chunk the requester cannot use: plaintext from an encrypting provider, or garbage.
-    corrupt: str | None = None
-
-
-@attrs.frozen
-class Error:
-    status: int
-    message: str
-
-
-@attrs.frozen
-class Crash:
-    pass
-
-
-@attrs.frozen
-class Complete:
-    prompt_tokens: int
-    completion_tokens: int
-    text: str = ""  # everything said, for a whole (non-streaming) answer
-
-
-Action = Accepted | Chunk | Error | Crash | Complete
 
 
 @attrs.frozen
@@ -168,3 +136,7 @@ async def play(
     for text in script.closing:
         yield chunk(text)
     yield Complete(10, len(script.content), "".join(words))
+
+
+__all__ = ["Accepted", "Action", "Chunk", "Complete", "Crash", "Error", "Pace", "play",
+           "template_failure"]

@@ -1,0 +1,1 @@
+"""provider-agent: serve a local inference engine (llama.cpp, vLLM, Ollama, SGLang, …) through the coordinator."""
