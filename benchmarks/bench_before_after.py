@@ -75,8 +75,9 @@ def stack(tree: Path, tmp: Path, fleet: Path, log_level: str,
     port, pport = free_port(), free_port()
     commands = [(server([PY, "-m", "coordinator", "serve", "--log-level", log_level]),
                  coordinator_env(port, pport, **env)),
+                # Its own key directory (trees that keep keys), new each run.
                 ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
-                  f"ws://127.0.0.1:{pport}/"], {})]
+                  f"ws://127.0.0.1:{pport}/"], {"XDG_STATE_HOME": str(tmp / f"state-{port}")})]
     procs, logs = [], [tmp / f"{argv[argv.index('-m') + 1]}.log" for argv, _ in commands]
     try:
         for (argv, extra), log in zip(commands, logs, strict=True):

@@ -76,7 +76,8 @@ def instance(name: str, redis_url: str | None, **extra: str) -> tuple[Command, i
 
 def fleet(tmp: Path, name: str, ws: str, providers: list[dict[str, Any]]) -> Command:
     path = fleet_file(tmp, name, providers)
-    return [PY, "-m", "provider_sim", "fleet", "--file", str(path), "--coordinator", ws], {}
+    return [PY, "-m", "provider_sim", "fleet", "--ephemeral-keys", "--file", str(path),
+            "--coordinator", ws], {}
 
 
 def half(prefix: str) -> list[dict[str, Any]]:

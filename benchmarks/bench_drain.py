@@ -156,7 +156,8 @@ def run_variant(name: str, args: argparse.Namespace, tmp: Path) -> Rec:
         coordinator = subprocess.Popen(
             [PY, "-m", "coordinator", "serve", "--port", str(port), "--provider-port", str(pport)],
             cwd=ROOT, env=env, stdout=out, stderr=err)
-        fleet_proc = subprocess.Popen([PY, "-m", "provider_sim", "fleet", "--file", str(fleet),
+        fleet_proc = subprocess.Popen([PY, "-m", "provider_sim", "fleet", "--ephemeral-keys",
+                                       "--file", str(fleet),
                                        "--coordinator", f"ws://{HOST}:{pport}/"],
                                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=flog)
     failure: BaseException | None = None

@@ -226,7 +226,8 @@ def main() -> None:
         kw: Stats = {"cwd": ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         procs = [subprocess.Popen([BIN / "coordinator", "serve", "--port", str(port), "--provider-port",
                                    str(pport), "--log-level", "WARNING"], **(kw | {"stderr": log})),
-                 subprocess.Popen([BIN / "provider-sim", "fleet", "--n", "2", "--token", TOKEN,
+                 subprocess.Popen([BIN / "provider-sim", "fleet", "--ephemeral-keys",
+                                   "--n", "2", "--token", TOKEN,
                                    "--coordinator", f"ws://{HOST}:{pport}/"], **kw)]
         try:
             results = trio.run(run, procs[0].pid, port, pport)

@@ -152,7 +152,7 @@ async def measure(n: int, seconds: float, logs: Path) -> dict[str, Any]:
 
     coordinator = logged(server([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"]),
                          logs / f"coordinator-{n}.log")
-    fleet = logged([PY, "-m", "provider_sim", "fleet", "--n", str(n), "--coordinator",
+    fleet = logged([PY, "-m", "provider_sim", "fleet", "--ephemeral-keys", "--n", str(n), "--coordinator",
                     f"ws://127.0.0.1:{pport}/", "--token", TOKEN], logs / f"fleet-{n}.log")
     with processes((coordinator, env)) as (coord,):
         if await wait_providers(port, [coord.pid], 0, 30.0, "start") < 0:

@@ -222,7 +222,8 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
                                         "events_per_frame": per_frame}])
         with processes((server([PY, "-m", "coordinator", "serve", "--log-level", "WARNING"]),
                         coordinator_env(port, pport)),
-                       ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
+                       ([PY, "-m", "provider_sim", "fleet", "--ephemeral-keys",
+                         "--file", str(fleet), "--coordinator",
                          f"ws://127.0.0.1:{pport}/"], {})) as procs:
             wait_for_port(port)
             await wait_ready(port, 4)
@@ -238,7 +239,8 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
         {"id": "good", "decode_tps": 1000.0, "prefill_tps": 1e6, "pace": True}])
     with processes((server([PY, "-m", "coordinator", "serve", "--log-level", "ERROR"]),
                     coordinator_env(port, pport, COORDINATOR_BREAKER_STRIKES="1000000000")),
-                   ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
+                   ([PY, "-m", "provider_sim", "fleet", "--ephemeral-keys",
+                     "--file", str(fleet), "--coordinator",
                      f"ws://127.0.0.1:{pport}/"], {})):
         wait_for_port(port)
         await wait_ready(port, 2)
@@ -266,7 +268,8 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
     with processes(([PY, "-m", "coordinator", "serve", "--log-level", "ERROR"],
                     coordinator_env(port, pport, COORDINATOR_QUEUE_MAX="4000",
                                     COORDINATOR_MAX_CONNECTIONS="4000")),
-                   ([PY, "-m", "provider_sim", "fleet", "--file", str(fleet), "--coordinator",
+                   ([PY, "-m", "provider_sim", "fleet", "--ephemeral-keys",
+                     "--file", str(fleet), "--coordinator",
                      f"ws://127.0.0.1:{pport}/"], {})) as procs:
         wait_for_port(port)
         await wait_ready(port, 4)

@@ -123,7 +123,7 @@ async def main_async(tmp: Path, seconds: float) -> dict[str, Any]:
         env = coordinator_env(port, pport, COORDINATOR_ADMIN_KEYS=ADMIN, **extra)
         commands += [(["sh", "-c", 'exec "$0" -m coordinator serve --log-level INFO 2>"$1"',
                        PY, str(log)], env),
-                     ([PY, "-m", "provider_sim", "fleet", "--file",
+                     ([PY, "-m", "provider_sim", "fleet", "--ephemeral-keys", "--file",
                        str(fleet_file(tmp, f"zombie-{name}", fleet)),
                        "--coordinator", f"ws://127.0.0.1:{pport}/"], {})]
         stacks[name] = (port, log, sum(p.get("count", 1) for p in fleet))

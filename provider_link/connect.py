@@ -83,7 +83,9 @@ async def keep_connected(
                 refused_for = _closed(client, refused_for)
         if not reconnect:
             return
-        admitted = client.admissions > admitted_before
+        # It answered a challenge and was not refused for who it is: admitted.
+        admitted = client.admissions > admitted_before and \
+            client.closed_with != POLICY_VIOLATION
         failures = 0 if admitted else failures + 1
         if admitted:
             refused_for = None

@@ -92,10 +92,9 @@ class SimProvider(ProviderClient):
     def keys(self) -> ProviderKeys:
         return ProviderKeys(self._signing, self._key)
 
-    @classmethod
-    def with_keys(cls, keys: ProviderKeys, *args: Any, **kw: Any) -> SimProvider:
-        """A simulated provider proving ``keys`` (a fleet's key directory)."""
-        return cls(*args, **{**kw, "key": keys.encryption, "signing": keys.signing})
+    def use_keys(self, keys: ProviderKeys) -> None:
+        """Prove ``keys`` from the next connection on (a fleet's key directory)."""
+        self._signing, self._key = keys.signing, keys.encryption
 
     def challenge_signer(self) -> nacl.signing.SigningKey:
         return self.sign_with or self._signing

@@ -102,13 +102,16 @@ class Cluster:
                    what=f"instance {name}")
         return entry
 
-    def fleet(self, *names: str, spec: str) -> subprocess.Popen[bytes]:
-        """A fleet file's providers, connected to the instances ``names`` (in order)."""
+    def fleet(self, *names: str, spec: str, keys: str | None = None) -> subprocess.Popen[bytes]:
+        """A fleet file's providers, connected to the instances ``names`` (in order), with
+        keys of their own (or those in the key directory ``keys``, kept across runs)."""
         path = self.tmp / f"fleet-{len(self.procs)}.toml"
         path.write_text(f'token = "{TOKEN}"\n' + spec)
         urls = ",".join(self.instances[n]["ws"] for n in names)
+        directory = self.tmp / (keys or f"keys-{len(self.procs)}")
         proc = subprocess.Popen([sys.executable, "-m", "provider_sim", "fleet", "--file",
-                                 str(path), "--coordinator", urls], cwd=ROOT,
+                                 str(path), "--coordinator", urls, "--keys", str(directory)],
+                                cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         return proc

@@ -506,7 +506,7 @@ async def test_several_events_in_one_frame_are_relayed_as_sent(autojump_clock):
 def _simulator_says(coordinator_url: str, token: str, expected: str) -> str:
     """Run ``provider-sim fleet`` until its log shows ``expected``; its whole output."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}
-    sim = subprocess.Popen([sys.executable, "-m", "provider_sim", "fleet", "--n", "1",
+    sim = subprocess.Popen([sys.executable, "-m", "provider_sim", "fleet", "--ephemeral-keys", "--n", "1",
                             "--token", token, "--coordinator", coordinator_url], env=environ,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []

@@ -14,11 +14,11 @@ import pytest
 import trio
 
 from coordinator.loadgen.load import PATHS, Mix, run_load, summary
+from provider_link.template_check import check_snapshot, collect_templates
 from provider_sim.behaviours import Behaviour, Fault, parse_behaviour
 from provider_sim.fleet import load_fleet
 from provider_sim.http import serve_http
 from provider_sim.script import Accepted, Chunk, Error, Pace, play
-from provider_link.template_check import check_snapshot, collect_templates
 
 from .harness import MODEL, open_harness
 from .live import live_coordinator
