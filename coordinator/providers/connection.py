@@ -233,6 +233,8 @@ class ProviderConnection:
 
     # -- writes (trio-websocket serializes them with its own lock)
     async def send(self, message: Message) -> None:
+        """Write ``message`` whole. Cancelled, it raises only before its first byte
+        (coordinator/wsio.py): the engine counts a request as sent when this returns."""
         if self.closed:
             raise ProviderGone(self.provider_id)
         try:
