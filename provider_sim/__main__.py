@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import trio
+
+from coordinator.untrusted import line_safe_handler
 
 from .behaviours import parse_behaviour
 from .fleet import FleetMember, demo_fleet, load_fleet, run_fleet
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command != "load" else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+                        handlers=[line_safe_handler(sys.stderr, "%(asctime)s %(name)s %(message)s")])
     if args.command == "fleet":
         members: list[FleetMember]
         try:

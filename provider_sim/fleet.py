@@ -52,6 +52,7 @@ import attrs
 import trio
 
 from coordinator.protocol import ModelInfo
+from coordinator.untrusted import printable
 
 from .behaviours import HEALTHY, Behaviour, parse_behaviour
 from .provider import SimProvider
@@ -230,15 +231,16 @@ async def _keep_connected(member: FleetMember, urls: list[str], reconnect: bool)
                 await provider.run(url)
             except (OSError, trio.BrokenResourceError) as exc:
                 log.warning("%s: cannot connect to %s: %s", provider.provider_id, url,
-                            _describe(exc))
+                            printable(_describe(exc), 300))
             except Exception as exc:  # the handshake library raises its own types
+                # A refused handshake quotes the coordinator's answer: outside text.
                 log.warning("%s: connection to %s failed: %s", provider.provider_id, url,
-                            _describe(exc))
+                            printable(_describe(exc), 300))
             else:
                 if provider.closed_with is not None:
                     log.warning("%s: the coordinator closed the connection: %d %s",
                                 provider.provider_id, provider.closed_with,
-                                provider.closed_reason or "(no reason given)")
+                                printable(provider.closed_reason, 120) or "(no reason given)")
         if not reconnect:
             return
         failures = 0 if provider.admissions > admitted_before else failures + 1

@@ -48,6 +48,7 @@ from coordinator.protocol import (
     sign_challenge,
 )
 from coordinator.protocol.crypto import DecryptError
+from coordinator.untrusted import printable
 from coordinator.wsio import open_websocket
 
 from .behaviours import HEALTHY, Behaviour
@@ -202,7 +203,8 @@ class SimProvider:
                     try:
                         message = decode_frame(raw)
                     except FrameError as exc:
-                        log.warning("%s: bad frame from coordinator: %s", self.provider_id, exc)
+                        log.warning("%s: bad frame from coordinator: %s", self.provider_id,
+                                    printable(str(exc)))
                         continue
                     self._on_message(ws, nursery, message)
                 nursery.cancel_scope.cancel(reason="connection closed")

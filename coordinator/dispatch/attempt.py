@@ -38,6 +38,7 @@ from coordinator.providers.connection import Directory, ProviderGone, ended_stre
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Refusal, Refused
 from coordinator.registry.table import Evidence, Grant, Lease, Outcome
+from coordinator.untrusted import printable
 
 from . import race
 from .race import Broken, Commit, Expired, Fail, Failure, Hold, Phase, RacerState, Sent
@@ -125,7 +126,7 @@ class Dispatcher:
                                                           cold_primary=cold)) is not None:
                 self.metrics.speculative.inc()
                 log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
-                         backup.lease.provider_id)
+                         printable(backup.lease.provider_id))
                 return self._start_racer(attempt, backup.lease, is_backup=True)
 
     def _start_racer(self, attempt: _Attempt, lease: Lease, *, is_backup: bool) -> None:
