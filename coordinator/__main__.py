@@ -23,6 +23,7 @@ from coordinator.api.server import ListenError
 from coordinator.app import Running, serve
 from coordinator.config import Config, ConfigError, unknown_variables
 from coordinator.providers.pinfile import PinFileError
+from coordinator.untrusted import line_safe_handler
 
 log = logging.getLogger("coordinator")
 
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         if status:
             sys.exit(status)
         return
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level, handlers=[line_safe_handler(
+        sys.stderr, "%(asctime)s %(levelname)s %(name)s %(message)s")])
     for warning in unknown_variables():
         log.warning("%s", warning)
     try:

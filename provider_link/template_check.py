@@ -24,6 +24,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from coordinator.untrusted import printable
+
 log = logging.getLogger(__name__)
 
 
@@ -158,10 +160,12 @@ def check_snapshot(snapshot: Path | str) -> bool | None:
                 try:
                     render(source, context, tokens)
                 except Exception as exc:  # any compile or render failure fences the model
-                    log.warning("template %s of %s fails fixture %s: %s", name, path.name, case,
-                                exc)
+                    # The snapshot's files are outside text: a template may quote anything.
+                    log.warning("template %s of %s fails fixture %s: %s", printable(name),
+                                printable(path.name), case, printable(str(exc)))
                     return False
         return True
     except Exception as exc:  # unreadable snapshot: a failed check, not a crash
-        log.warning("template check of %s failed: %s", snapshot, exc)
+        log.warning("template check of %s failed: %s", printable(str(snapshot)),
+                    printable(str(exc)))
         return False

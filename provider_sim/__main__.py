@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from coordinator.untrusted import line_safe_handler
 from provider_link.keys import KeyFileError, default_key_directory, keys_in_directory, lock_directory
 
 from .behaviours import parse_behaviour
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command != "load" else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+                        handlers=[line_safe_handler(sys.stderr, "%(asctime)s %(name)s %(message)s")])
     if args.command == "fleet":
         members: list[FleetMember]
         try:

@@ -17,7 +17,7 @@ import trio
 
 from coordinator.__main__ import _parser, main
 from coordinator.loadgen.cli import failure_reason
-from coordinator.loadgen.load import Mix, run_load
+from coordinator.loadgen.load import Mix, classify_reply, run_load
 from coordinator.loadgen.progress import WIPE, BarAwareHandler, ProgressBar
 
 from .harness import API_KEY
@@ -212,3 +212,11 @@ def test_a_default_run_shows_failover_at_work_but_almost_no_errors(tmp_path, cap
     assert report["success_rate"] >= 0.98, report["errors"]
     # The fleet did fail requests: the coordinator retried them before content.
     assert report["coordinator"]['coordinator_dispatch_total{result="retry_precontent"}'] > 0
+
+
+def test_an_error_kind_the_server_sends_is_reported_on_one_short_line():
+    assert classify_reply(429, b'{"error": {"code": "capacity"}}', False) == "http_429:capacity"
+    hostile = json.dumps({"error": {"code": "x\n" + "y" * 10_000}}).encode()
+    kind = classify_reply(503, hostile, False)
+    assert kind is not None and "\n" not in kind and len(kind) < 80
+    assert classify_reply(500, b'{"error": {"code": {"nested": 1}}}', False) == "http_500:<dict>"

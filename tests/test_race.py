@@ -30,7 +30,7 @@ from coordinator.dispatch.race import (
     Sent,
 )
 from coordinator.protocol import Usage
-from coordinator.registry.table import CANCELLED, Outcome
+from coordinator.registry.table import CANCELLED, Outcome, Outpaced
 
 LIMITS = race.Limits(preamble_timeout=90.0, inference_timeout=600.0, max_held=2)
 ROLE = {"choices": [{"delta": {"role": "assistant"}}]}
@@ -128,12 +128,37 @@ def test_a_provider_error_fails_with_its_status(phase, after_boilerplate):
                             Outcome.failure(500), cancel_provider=False)
 
 
-@pytest.mark.parametrize("phase", [Phase.STARTING, Phase.SENT, Phase.ACCEPTED, Phase.PREAMBLE])
+@pytest.mark.parametrize("phase", [Phase.SENT, Phase.ACCEPTED, Phase.PREAMBLE])
 def test_a_disconnect_or_bad_chunk_is_a_502_and_the_provider_is_told_to_stop(phase):
     state = racer_in(phase)
     decision = race.step(state, Broken("bad response chunk"), 3.0, LIMITS)
     assert isinstance(decision, Fail) and decision.failure.status == 502
     assert decision.verdict == Outcome.failure(502) and decision.cancel_provider
+
+
+@pytest.mark.parametrize("observation", [Broken("provider disconnected"), Expired()])
+def test_a_racer_whose_request_never_left_fails_without_telling_the_provider(observation):
+    decision = race.step(racer_in(Phase.STARTING), observation, 3.0, LIMITS)
+    assert isinstance(decision, Fail) and not decision.cancel_provider
+    assert decision.verdict in (CANCELLED, Outcome.failure(502))
+
+
+@pytest.mark.parametrize(("phase", "cancel", "evidence"), [
+    (Phase.STARTING, False, None),  # its request never left: nothing to stop, nothing proven
+    (Phase.SENT, True, Outpaced(4.0, boilerplate_only=False)),
+    (Phase.ACCEPTED, True, Outpaced(4.0, boilerplate_only=False)),
+    (Phase.PREAMBLE, True, Outpaced(4.0, boilerplate_only=True)),
+])
+def test_a_racer_that_lost_the_race(phase, cancel, evidence):
+    withdraw = race.withdraw(racer_in(phase), 5.0, lost=True)
+    assert withdraw == race.Withdraw(CANCELLED, cancel, evidence)
+
+
+@pytest.mark.parametrize("phase", [Phase.STARTING, Phase.SENT, Phase.PREAMBLE])
+def test_a_racer_cancelled_with_its_request_proves_nothing(phase):
+    withdraw = race.withdraw(racer_in(phase), 5.0, lost=False)
+    assert withdraw.evidence is None and withdraw.verdict == CANCELLED
+    assert withdraw.cancel_provider is (phase is not Phase.STARTING)
 
 
 @pytest.mark.parametrize(("phase", "verdict", "what"), [

@@ -400,9 +400,6 @@ async def test_a_cooldown_from_another_instance_refuses_queued_requests_at_once(
             nursery.cancel_scope.cancel()
 
 
-
-@pytest.mark.xfail(strict=True, reason="product bug (reported): a backup cancelled before "
-                   "its request left is recorded as outpaced (+0 s) and sent a cancel")
 async def test_a_late_backup_whose_request_never_left_is_no_evidence(
         autojump_clock, backup_granted_during_the_commit):
     async with open_harness() as h:

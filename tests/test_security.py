@@ -27,6 +27,7 @@ import trio.testing
 import trio_websocket
 
 from coordinator.app import serve
+from coordinator.cluster import entries, shared
 from coordinator.cluster.peer import PeerLink, PeerServer
 from coordinator.protocol import (
     EncryptedPayload,
@@ -1223,6 +1224,39 @@ async def test_a_hostile_lease_costs_its_frame_not_the_link(autojump_clock, dept
         assert answer == {"type": "refused", "provider_id": "nobody", "request_id": "r.1",
                           "reason": "gone"}
         nursery.cancel_scope.cancel()
+
+
+def _directory_page(instance: str, *provider_ids: str, hardware: str = "Mac M2") -> Any:
+    """A page of the directory as another instance writes it to Redis (JSON)."""
+    return json.loads(json.dumps(entries.dump(entries.InstanceEntry(instance, "ws://b/", tuple(
+        entries.ProviderEntry(provider_id, 1, "0.7.0", hardware, (model(),), 64.0, 100.0,
+                              1000.0, 4, 0, "pk", "sk", True, 1 << 20)
+        for provider_id in provider_ids)))))
+
+
+def test_a_directory_page_is_held_to_what_admission_asks_of_names():
+    """Names from another instance (through Redis) go into headers, logs and the status
+    page: an unsafe one is no more mirrored than a provider could register it."""
+    good = entries.load(_directory_page("b-1", "ok", hardware="x" * 128 + " " + "y" * 128))
+    assert good is not None and [e.provider_id for e in good.providers] == ["ok"]
+    mixed = entries.load(_directory_page("b-1", "ok", "p\n2026 CRITICAL FORGED", "é"))
+    assert mixed is not None and [e.provider_id for e in mixed.providers] == ["ok"]
+    assert entries.load(_directory_page("b\r\nX-Forged: 1", "ok")) is None
+    assert entries.load(_directory_page("b" * 257, "ok")) is None
+    page = _directory_page("b-1", "ok")
+    page["providers"][0]["models"][0]["id"] = "m1\nFORGED"
+    loaded = entries.load(page)
+    assert loaded is not None and loaded.providers == ()
+
+
+def test_a_breaker_key_from_redis_is_held_to_what_ids_may_be():
+    """Cooldown keys announced through Redis end up in the admin JSON and the status page."""
+    assert shared._triple(["p", "org/m|v2", "tools+vision"]) == ("p", "org/m|v2", "tools+vision")
+    for hostile in (["p" * 100_000, "m", "base"], ["p\nFORGED", "m", "base"], [1, "m", "base"]):
+        with pytest.raises(ValueError):
+            shared._triple(hostile)
+    assert shared._parts("{p|org/m|v2|base}") == ("p", "org/m|v2", "base")
+    assert shared._parts("{p|m\x1b[2J|base}") is None
 
 
 def encode_frame_of_relay(request_id: str, provider_id: str) -> str:

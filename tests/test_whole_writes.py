@@ -7,12 +7,17 @@ budget ends).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import nacl.public
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 
+from coordinator.cluster.peer import PeerLink, RemoteConnection
+from coordinator.registry.table import Lease
 from coordinator.wsio import WholeWriteStream
 
 from .harness import open_harness
@@ -133,3 +138,50 @@ async def _leave_mid_write() -> None:
         assert after.status == 200 and after.headers["x-provider-id"] == "slow"
         assert slow.closed_with is None
         await h.assert_quiescent()
+
+
+async def test_a_relay_cancelled_before_it_is_written_leaves_nothing_on_the_link(
+        autojump_clock):
+    """The engine takes a send cancelled before its first byte for a request that never
+    left, and sends no cancel for it (tests/test_routing.py, the late backup): so the
+    link must not wait for one. A retired link closes only once idle."""
+    link = PeerLink("b", "ws://b.invalid/", me="a", token="t")
+    other = RemoteConnection(provider_id="p", session=1, ws=None,  # type: ignore[arg-type]
+                             public_key=nacl.public.PrivateKey.generate().public_key,
+                             link=link, instance="b")
+
+    def lease(request_id: str) -> Lease:
+        return Lease(request_id, "p", 1, "m1", "base", "1", 1.0, instance="b")
+
+    with trio.fail_after(120):  # fail, rather than spin in virtual time, when wedged
+        async with trio.open_nursery() as nursery:
+            link._ws = await _slow_link(nursery, pause=0.1)
+            async with trio.open_nursery() as running:
+                await running.start(link.run)
+                # A 200 kB relay takes the link for ~5 s; the next waits behind it and
+                # is cancelled there, unwritten.
+                running.start_soon(link.relay, other, lease("big"), "x" * 200_000)
+                await trio.sleep(1.0)
+                with trio.move_on_after(1.0) as waited:
+                    await link.relay(other, lease("queued"), "{}")
+                assert waited.cancelled_caught
+                await link.cancel(other, "big")  # as the engine does for a request that left
+                link.retire()
+            nursery.cancel_scope.cancel()
+
+
+async def _slow_link(nursery: trio.Nursery, pause: float) -> Any:
+    """A client WebSocket (writing whole frames) to a peer that reads 4 KiB per ``pause``
+    and drains every message."""
+    client_end, peer_end = trio.testing.lockstep_stream_pair()
+
+    async def peer() -> None:
+        request = await trio_websocket.wrap_server_stream(nursery, SlowReader(peer_end, pause))
+        ws = await request.accept()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                await ws.get_message()
+
+    nursery.start_soon(peer)
+    return await trio_websocket.wrap_client_stream(
+        nursery, WholeWriteStream(client_end), "b", "/")  # type: ignore[arg-type]

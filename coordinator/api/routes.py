@@ -40,6 +40,7 @@ from coordinator.registry.actor import RegistryClient, RegistryFault
 from coordinator.registry.table import Job
 from coordinator.registry.traits import estimate_prompt_tokens, traits_of
 from coordinator.toolschema import normalize_tool_schemas
+from coordinator.untrusted import printable
 
 from . import sse
 from .assemble import assemble
@@ -232,8 +233,7 @@ class Api:
                     for item in batch:
                         if isinstance(item, InBandError):
                             self.metrics.inband_errors.labels(item.reason).inc()
-                            log.warning("in-band error after content on %s: %s",
-                                        committed.racer.lease.provider_id, item.message)
+                            _log_inband(committed.racer.lease.provider_id, item)
                             record.update(result="inband_error", error=item.reason)
                             last = True
                         elif isinstance(item, End):
@@ -373,7 +373,7 @@ class Api:
             outcome = Unpin.REMOVED if removed else Unpin.NOT_PINNED
         match outcome:
             case Unpin.REMOVED:
-                log.warning("admin removed the key pin of provider %s", provider_id)
+                log.warning("admin removed the key pin of provider %s", printable(provider_id))
                 return json_response({"provider_id": provider_id, "pin": "removed"})
             case Unpin.NOT_PINNED:
                 return error_response(errors.not_found(
@@ -384,6 +384,16 @@ class Api:
                     409, f"provider id {provider_id} is bound in the configuration "
                     "(provider_bindings); change it there", "invalid_request_error",
                     "configured_binding"), Family.OPENAI)
+
+
+def _log_inband(provider_id: str, error: InBandError) -> None:
+    """An in-band error: its reason and status; its text only at DEBUG, escaped and cut.
+
+    A provider's error text may quote the prompt (docs/operations.md, logs)."""
+    provider = printable(provider_id)  # a peer instance's provider, too
+    log.warning("in-band error after content on %s: %s (status %d)", provider, error.reason,
+                error.status)
+    log.debug("in-band error text from %s: %s", provider, printable(error.message))
 
 
 def _log_outcome(record: dict[str, Any], timing: Timing) -> None:
@@ -612,7 +622,7 @@ async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> bool:
     except* HTTPException as group:
         exc = group.exceptions[0]
         assert isinstance(exc, HTTPException)
-        log.warning("request refused outside the routes: %s", exc.description)
+        log.warning("request refused outside the routes: %s", printable(exc.description))
         await body.error(errors.ApiError(exc.code or 400, exc.description or exc.name,
                                          "invalid_request_error", "bad_request"), scope)
     except* Exception:

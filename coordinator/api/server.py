@@ -68,6 +68,7 @@ from coordinator import errors
 from coordinator.api import h2flow
 from coordinator.config import Config
 from coordinator.descriptors import AcceptErrors
+from coordinator.untrusted import printable
 
 from .framing import RequestFraming, Stage
 
@@ -446,7 +447,7 @@ async def _connection(server: Any, stream: GuardedStream) -> None:
         # Hostile bytes can trip the HTTP layer itself (hypercorn 0.18 raises on some
         # pipelined HTTP/1.0 input); the connection is gone, the listener carries on.
         log.warning("consumer connection %s ended by %s: %s", stream.peer,
-                    type(exc).__name__, str(exc)[:200])
+                    type(exc).__name__, printable(str(exc)))  # may quote the bytes sent
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()

@@ -9,7 +9,8 @@ and a malformed entry is skipped, never a crash.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Final
 
 import attrs
 import cattrs
@@ -17,7 +18,11 @@ import cattrs
 from coordinator.capabilities import parse_version
 from coordinator.protocol import ModelInfo
 from coordinator.protocol.messages import converter
+from coordinator.providers import admission
 from coordinator.registry.table import ProviderRecord
+
+# Instance ids: printable ASCII without spaces (a host name and a pid by default).
+_INSTANCE: Final = re.compile(r"[\x21-\x7e]{1,256}")
 
 
 @attrs.frozen
@@ -74,9 +79,24 @@ def dump(page: InstanceEntry) -> dict[str, Any]:
 
 
 def load(data: Any) -> InstanceEntry | None:
-    """A page read from the shared store, or None when it is not one."""
+    """A page read from the shared store, or None when it is not one.
+
+    Names go into headers (``X-Provider-Id``, ``X-Provider-Instance``), logs and the
+    status page, so they are held to what admission asks of a provider's own register:
+    a page from an instance with an unsafe name is dropped, and so is each entry of one.
+    """
     try:
         page: InstanceEntry = converter.structure(data, InstanceEntry)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError):
         return None
-    return page
+    if not _INSTANCE.fullmatch(page.instance):
+        return None
+    safe = tuple(entry for entry in page.providers if _names_safe(entry))
+    return page if len(safe) == len(page.providers) else attrs.evolve(page, providers=safe)
+
+
+def _names_safe(entry: ProviderEntry) -> bool:
+    hardware = entry.hardware
+    return (len(hardware) <= admission.MAX_HARDWARE_LABEL and hardware.isprintable()
+            and admission.names_problem(entry.provider_id, entry.version, entry.models,
+                                        ()) is None)

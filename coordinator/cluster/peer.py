@@ -317,8 +317,14 @@ class PeerLink:
 
     async def relay(self, connection: RemoteConnection, lease: Lease, frame: str) -> None:
         ws = await self._open()
-        self._track(lease.request_id, connection)
-        await _send(ws, Relay(_relay_lease(lease), frame))
+        self._track(lease.request_id, connection)  # before the write: answers may beat its return
+        try:
+            await _send(ws, Relay(_relay_lease(lease), frame))
+        except BaseException:
+            # Cancelled, nothing was written (wsio), so no cancel will follow; or the
+            # link broke. Either way nothing of this request is on the link.
+            self._untrack(lease.request_id)
+            raise
 
     async def cancel(self, connection: RemoteConnection, request_id: str) -> None:
         self._untrack(request_id)

@@ -30,6 +30,7 @@ and rejoins by itself when Redis answers again.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -124,7 +125,13 @@ def _parts(text: str) -> tuple[str, str, str] | None:
     """The breaker key in ``{provider|model|shape}``; model names may hold '|'."""
     provider, _, rest = text.removeprefix("{").removesuffix("}").partition("|")
     model, _, shape = rest.rpartition("|")
-    return (provider, model, shape) if provider and model and shape else None
+    parts = (provider, model, shape)
+    return parts if all(map(_NAME.fullmatch, parts)) else None
+
+
+# A breaker key's parts are ids (admission): printable ASCII without spaces. Held to that,
+# what Redis says cannot put unbounded or unprintable text in the admin JSON and the page.
+_NAME = re.compile(r"[\x21-\x7e]{1,256}")
 
 
 @attrs.define(eq=False)
@@ -219,7 +226,7 @@ class RedisShared:
             except UNREACHABLE as exc:
                 if not self.degraded:
                     log.warning("cluster degraded: Redis unreachable (%s: %s); routing to this "
-                                "instance's providers only", name, str(exc)[:200])
+                                "instance's providers only", name, printable(str(exc)))
                 self.degraded = True
                 self.metrics.cluster_degraded.set(1)
             await trio.sleep(self.config.cluster_refresh)
@@ -415,6 +422,7 @@ class RedisShared:
 
 
 def _triple(value: Any) -> tuple[str, str, str]:
-    if not isinstance(value, list | tuple) or len(value) != 3:
+    if not isinstance(value, list | tuple) or len(value) != 3 or not all(
+            isinstance(part, str) and _NAME.fullmatch(part) for part in value):
         raise ValueError("not a breaker key")
-    return str(value[0]), str(value[1]), str(value[2])
+    return value[0], value[1], value[2]

@@ -38,6 +38,7 @@ from coordinator.providers.connection import Directory, ProviderGone, ended_stre
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Refusal, Refused
 from coordinator.registry.table import Evidence, Grant, Lease, Outcome
+from coordinator.untrusted import printable
 
 from . import race
 from .race import Broken, Commit, Expired, Fail, Failure, Hold, Phase, RacerState, Sent
@@ -125,7 +126,7 @@ class Dispatcher:
                                                           cold_primary=cold)) is not None:
                 self.metrics.speculative.inc()
                 log.info("request %s: speculative backup on %s", attempt.ctx.job.request_id,
-                         backup.lease.provider_id)
+                         printable(backup.lease.provider_id))
                 return self._start_racer(attempt, backup.lease, is_backup=True)
 
     def _start_racer(self, attempt: _Attempt, lease: Lease, *, is_backup: bool) -> None:
@@ -153,9 +154,10 @@ class Dispatcher:
             decision = await self._race(attempt, racer)
         finally:
             if decision is None:  # lost the race (evidence of slowness), or was cancelled
-                lost = race.outpaced(racer.state, trio.current_time(), lost=bool(attempt.winner))
-                await self.close(racer, race.loser_verdict(racer.state.phase, timed_out=False),
-                                 cancel=racer.state.phase is not Phase.STARTING, evidence=lost)
+                withdraw = race.withdraw(racer.state, trio.current_time(),
+                                         lost=attempt.winner is not None)
+                await self.close(racer, withdraw.verdict, cancel=withdraw.cancel_provider,
+                                 evidence=withdraw.evidence)
             elif isinstance(decision, Fail):
                 await self.close(racer, decision.verdict, cancel=decision.cancel_provider)
         if isinstance(decision, Fail):
@@ -190,11 +192,14 @@ class Dispatcher:
             return self._gone(racer)
         with ctx.timing.measure("encrypt"):
             sealed = racer.cipher.seal_body(ctx.plaintext)
-        decision = self._step(racer, Sent())
+        began = trio.current_time()
         try:
+            # Cancelled here (a backup granted as the race was decided), nothing was
+            # written (wsio): the racer stays STARTING, with nothing to cancel or prove.
             await racer.connection.send(InferenceRequest(racer.lease.request_id, sealed))
         except ProviderGone:
             return self._gone(racer)
+        decision = race.step(racer.state, Sent(), began, self.limits)
         assert isinstance(decision, Hold)
         return decision
 

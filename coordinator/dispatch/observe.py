@@ -54,6 +54,8 @@ def _plaintext(chunk: InferenceResponseChunk, cipher: RequestCipher, encrypted: 
 
 
 def provider_message(text: str, limit: int = 300) -> str:
-    """A provider's error text as consumers and logs may see it: printable and bounded."""
+    """A provider's error text as consumers and the status page see it: printable and
+    bounded. Logs hold it only at DEBUG, through ``untrusted.printable`` (it may quote
+    the prompt)."""
     cleaned = "".join(c if c.isprintable() else " " for c in text[:limit]).strip()
     return cleaned or "provider error"

@@ -43,7 +43,7 @@ DETERMINISTIC: Final = frozenset({400, 404, 413, 422})
 
 
 class Phase(enum.Enum):
-    STARTING = "starting"  # the racer has a lease; nothing sent yet
+    STARTING = "starting"  # the racer has a lease; nothing has left (a cancelled send included)
     SENT = "sent"  # the request is on the wire, nothing heard yet
     ACCEPTED = "accepted"  # the provider is loading the model
     PREAMBLE = "preamble"  # holding boilerplate, no content yet
@@ -68,7 +68,11 @@ class IllegalMove(Exception):
 
 @attrs.frozen
 class Sent:
-    pass
+    """The request's frame was written (stepped with the time its send began).
+
+    Not before: a send cancelled before its first byte writes nothing (coordinator/wsio.py),
+    and a racer whose request never left has nothing to cancel and shows no slowness.
+    """
 
 
 @attrs.frozen
@@ -241,12 +245,18 @@ def step(state: RacerState, observation: Observation, now: float, limits: Limits
         case Errored(status, message):
             return _fail(state, state.failure(status, message), cancel=False)
         case Broken(message):
-            return _fail(state, state.failure(DISCONNECTED, message), cancel=True)
+            return _fail(state, state.failure(DISCONNECTED, message), cancel=_left(state))
         case Expired():
             verdict = loser_verdict(state.phase, timed_out=True)
             failure = state.failure(TIMEOUT, _silence(state, now), timeout=True)
+            cancel = _left(state)
             state.move(Phase.DONE)
-            return Fail(failure, verdict, cancel_provider=True)
+            return Fail(failure, verdict, cancel_provider=cancel)
+
+
+def _left(state: RacerState) -> bool:
+    """Whether the racer's request reached its provider, which must then be told to stop."""
+    return state.phase is not Phase.STARTING
 
 
 def _fail(state: RacerState, failure: Failure, *, cancel: bool) -> Fail:
@@ -255,11 +265,31 @@ def _fail(state: RacerState, failure: Failure, *, cancel: bool) -> Fail:
 
 
 def _silence(state: RacerState, now: float) -> str:
+    if state.phase is Phase.STARTING:
+        return "the request could not be sent in time"
     what = {
         Phase.ACCEPTED: "accepted the request, then went silent",
         Phase.PREAMBLE: "sent only boilerplate, then stalled",
     }.get(state.phase, "produced nothing")
     return f"provider {what} for {now - state.sent_at:.1f}s"
+
+
+@attrs.frozen
+class Withdraw:
+    """How to close a racer that ended without a decision of its own: it lost the race,
+    or the request was cancelled (the consumer left, the attempt was stopped)."""
+
+    verdict: Outcome
+    cancel_provider: bool
+    evidence: Outpaced | None
+
+
+def withdraw(state: RacerState, now: float, *, lost: bool) -> Withdraw:
+    """What a racer that lost (``lost``: the other racer committed) or was cancelled
+    leaves behind. One whose request never left (a backup granted as the race was
+    decided) is told nothing and proves nothing."""
+    return Withdraw(loser_verdict(state.phase, timed_out=False), _left(state),
+                    outpaced(state, now, lost=lost))
 
 
 def loser_verdict(phase: Phase, *, timed_out: bool) -> Outcome:

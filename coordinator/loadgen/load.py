@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from coordinator.protocol.endpoints import Endpoint
+from coordinator.untrusted import printable
 
 from .client import ConnectionLost, HttpConnection
 from .progress import ProgressBar, bar_for
@@ -140,7 +141,8 @@ def classify_reply(status: int, body: bytes, stream: bool, path: str = CHAT) -> 
             kind = error.get("code") or error.get("type") or "error"
         except (ValueError, AttributeError):
             kind = "unparsable"
-        return f"http_{status}:{kind}"
+        # The server's word, printed in the report: one short line, whatever it sent.
+        return f"http_{status}:{printable(kind, 60)}"
     if stream:
         text = body.decode(errors="replace")
         final = _FINAL_EVENTS.get(path)

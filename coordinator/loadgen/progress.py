@@ -17,6 +17,8 @@ from typing import TextIO
 
 import attrs
 
+from coordinator.untrusted import LineSafeFormatter
+
 WIPE = "\r\x1b[K"  # back to the line's start, erase to its end
 
 
@@ -81,7 +83,7 @@ def logging_above(bar: ProgressBar | None, stream: TextIO,
     root = logging.getLogger()
     level_before = root.level
     handler = BarAwareHandler(stream, bar)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(LineSafeFormatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     try:

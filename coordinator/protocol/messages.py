@@ -22,6 +22,8 @@ from coordinator.protocol import boundedjson
 from coordinator.untrusted import printable as short
 
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+# How much of an unknown frame type an error message (and so a log line) quotes.
+TYPE_EXCERPT: Final = 40
 # Token counts above this are not counts; a provider reporting one is broken.
 MAX_USAGE_TOKENS: Final = 10**9
 
@@ -288,7 +290,8 @@ class Codec:
         kind = raw.pop("type", None)
         cls = self._types.get(kind) if isinstance(kind, str) else None
         if cls is None:
-            raise FrameError(f"unknown message type {short(kind)}")
+            # An excerpt names a newer frame type; a whole one may be a quoted prompt.
+            raise FrameError(f"unknown message type {short(kind, TYPE_EXCERPT)}")
         try:
             return converter.structure(raw, cls)
         except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:

@@ -11,6 +11,7 @@ docs/protocol.md (admission).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Final
 
 from coordinator import sizes
@@ -22,6 +23,7 @@ _TOKEN: Final = re.compile(r"[A-Za-z0-9._+:\-]{1,64}")
 # Model ids: printable ASCII without spaces (e.g. "mlx-community/Qwen2.5-7B-4bit").
 _MODEL_ID: Final = re.compile(r"[\x21-\x7e]{1,256}")
 _MAX_LABEL: Final = 128
+MAX_HARDWARE_LABEL: Final = 2 * _MAX_LABEL + 1  # hardware_label(): two labels and a space
 
 # Plausible declared rates (tokens per second); 0 means "not declared".
 MAX_DECODE_TPS: Final = 5_000.0
@@ -36,33 +38,45 @@ class AdmissionError(Exception):
 
 def check_register(message: Register, config: Config) -> None:
     """Raise :class:`AdmissionError` naming the first claim that cannot be accepted."""
-    if message.provider_id is not None and not _TOKEN.fullmatch(message.provider_id):
-        raise AdmissionError("provider_id must be 1-64 characters of [A-Za-z0-9._+:-]")
-    if message.version and not _TOKEN.fullmatch(message.version):
-        raise AdmissionError("version must be at most 64 characters of [A-Za-z0-9._+:-]")
     if not message.models:
         raise AdmissionError("register lists no models")
     if len(message.models) > config.max_models_per_provider:
         raise AdmissionError(
             f"register lists {len(message.models)} models; at most "
             f"{config.max_models_per_provider} are accepted")
+    problem = names_problem(message.provider_id, message.version, message.models, (
+        message.backend, message.hardware.machine_model, message.hardware.chip_name))
+    if problem is not None:
+        raise AdmissionError(problem)
     for model in message.models:
-        if not _MODEL_ID.fullmatch(model.id):
-            raise AdmissionError("model ids must be 1-256 printable ASCII characters")
         if not 0 <= model.size_bytes <= MAX_MODEL_BYTES:
             raise AdmissionError(f"model {model.id} has an implausible size_bytes")
-    for label in (message.backend, message.hardware.machine_model, message.hardware.chip_name,
-                  *(m.model_type for m in message.models),
-                  *(m.quantization for m in message.models)):
-        if len(label) > _MAX_LABEL or not label.isprintable():
-            raise AdmissionError(f"descriptive fields must be at most {_MAX_LABEL} "
-                                 "printable characters")
     if message.max_concurrency is not None and message.max_concurrency < 1:
         raise AdmissionError("max_concurrency must be at least 1")
     if (message.max_request_bytes is not None
             and message.max_request_bytes < sizes.MIN_PROVIDER_REQUEST_BYTES):
         raise AdmissionError(
             f"max_request_bytes must be at least {sizes.MIN_PROVIDER_REQUEST_BYTES}")
+
+
+def names_problem(provider_id: str | None, version: str, models: Iterable[ModelInfo],
+                  labels: Iterable[str]) -> str | None:
+    """Why these names could not go into a header, a metric label or a log line, if so.
+
+    What a ``register`` must satisfy, and what a directory page from another instance
+    (cluster/entries.py) is held to as well.
+    """
+    if provider_id is not None and not _TOKEN.fullmatch(provider_id):
+        return "provider_id must be 1-64 characters of [A-Za-z0-9._+:-]"
+    if version and not _TOKEN.fullmatch(version):
+        return "version must be at most 64 characters of [A-Za-z0-9._+:-]"
+    models = tuple(models)
+    if any(not _MODEL_ID.fullmatch(model.id) for model in models):
+        return "model ids must be 1-256 printable ASCII characters"
+    for label in (*labels, *(m.model_type for m in models), *(m.quantization for m in models)):
+        if len(label) > _MAX_LABEL or not label.isprintable():
+            return f"descriptive fields must be at most {_MAX_LABEL} printable characters"
+    return None
 
 
 def clamp(value: float, high: float) -> float:

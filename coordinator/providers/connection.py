@@ -27,6 +27,7 @@ from coordinator.protocol import (
     Message,
     encode_frame,
 )
+from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class ProviderConnection:
 
     def _overflow(self, request_id: str) -> None:
         log.warning("request %s on %s overflowed its stream buffer", request_id,
-                    self.provider_id)
+                    printable(self.provider_id))  # a peer instance's provider, too
         self._end(request_id, "consumer too slow: stream buffer overflowed")
 
     def _end(self, request_id: str, reason: str) -> None:
@@ -233,6 +234,8 @@ class ProviderConnection:
 
     # -- writes (trio-websocket serializes them with its own lock)
     async def send(self, message: Message) -> None:
+        """Write ``message`` whole. Cancelled, it raises only before its first byte
+        (coordinator/wsio.py): the engine counts a request as sent when this returns."""
         if self.closed:
             raise ProviderGone(self.provider_id)
         try:

@@ -274,10 +274,10 @@ class ProviderEdge:
             try:
                 superseded = await self.registry.register(record)
             except RegisterRefused as exc:
-                log.warning("provider %s refused by the registry: %s", provider_id, exc)
+                reason = printable(str(exc), 120)
+                log.warning("provider %s refused by the registry: %s", provider_id, reason)
                 await self._undo_pin(admitted.new_pin)
-                await _close(ws, POLICY_VIOLATION, printable(str(exc), 120),
-                             self.config.close_timeout)
+                await _close(ws, POLICY_VIOLATION, reason, self.config.close_timeout)
                 return
             if superseded is not None:
                 old = self.directory.get(provider_id, superseded)
@@ -398,7 +398,8 @@ class ProviderEdge:
         # garbage in a loop must not fill the operator's disk (500 frames, 65 KB of log).
         connection.rejected += 1
         if connection.rejected <= LOGGED_REJECTIONS:
-            log.warning("provider %s: rejected frame (%s)", connection.provider_id, detail[:200])
+            log.warning("provider %s: rejected frame (%s)", connection.provider_id,
+                        printable(detail))
         if connection.rejected == LOGGED_REJECTIONS:
             log.warning("provider %s: further rejected frames of this session are counted "
                         "(coordinator_provider_frames_rejected_total), not logged",

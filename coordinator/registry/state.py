@@ -52,6 +52,7 @@ from coordinator.registry.table import (
     RegistrySnapshot,
     SpeedView,
 )
+from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -502,8 +503,8 @@ class RegistryState:
                 self._share(Struck(key, outcome.status))
             if self.breaker.record_failure(key, outcome.status, now):
                 self.metrics.cooldown_entered.inc()
-                log.warning("cooldown entered for %s/%s/%s after status %s", *key,
-                            outcome.status)
+                log.warning("cooldown entered for %s/%s/%s after status %s",
+                            *map(printable, key), outcome.status)
 
     def _learn(self, record: ProviderRecord, lease: Lease, evidence: Evidence,
                outcome: Outcome, now: float) -> Outcome:
@@ -523,8 +524,8 @@ class RegistryState:
                         times, now, window=self.config.breaker_window,
                         threshold=self.config.outpaced_strikes):
                     log.warning("%s/%s/%s outpaced with only boilerplate %d times: a strike",
-                                lease.provider_id, lease.model, lease.shape,
-                                self.config.outpaced_strikes)
+                                printable(lease.provider_id), printable(lease.model),
+                                lease.shape, self.config.outpaced_strikes)
                     return Outcome.failure(504)
         return outcome
 
