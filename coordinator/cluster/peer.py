@@ -183,12 +183,13 @@ class PeerServer:
             if refused is None:
                 await self.registry.release(lease, CANCELLED)
             return
-        finished = False
+        sent = finished = False
         events = connection.open_stream(lease.request_id)
         limit = _link_limit(self.config) - sizes.PEER_FRAME_OVERHEAD
         try:
             with scope:
                 await connection.send(request)
+                sent = True  # whole (wsio): before this, the provider has nothing to cancel
                 async for event in events:
                     self.relayed += 1
                     relayed = encode_frame(event)
@@ -211,7 +212,7 @@ class PeerServer:
             relays.pop(lease.request_id, None)
             connection.close_stream(lease.request_id)
             with trio.CancelScope(shield=True):
-                if not finished:
+                if sent and not finished:
                     with trio.move_on_after(self.config.cancel_send_timeout):
                         await connection.send_cancel(lease.request_id)
                 # Health verdicts are the requesting instance's (the shared breaker).
