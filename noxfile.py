@@ -60,14 +60,17 @@ def _install_debian(session: nox.Session, package: str, command: str, why: str) 
 def tests(session: nox.Session) -> None:
     _install_debian(session, "chromium", "chromium", "the status-page browser test")
     _install_debian(session, "redis-server", "redis-server", "the scale-out tests")
-    session.install(*CONSTRAINTS, "-e", ".[test]")
+    # The [engine] extra is llama.cpp's server (a prebuilt wheel) for provider-agent's
+    # real-engine tests (tests/test_agent_engine.py).
+    session.install(*CONSTRAINTS, "-e", ".[test,engine]")
     session.run("pytest", *session.posargs)
 
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "coordinator", "provider_sim", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "coordinator", "provider_sim", "provider_link", "provider_agent",
+                "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(python="3.11")

@@ -1,1 +1,2 @@
-"""provider-agent: serve a local inference engine (llama.cpp, vLLM, Ollama, SGLang, …) through the coordinator."""
+"""provider-agent: serve a local inference engine (llama.cpp, vLLM, SGLang, Ollama, mlx_lm)
+through the coordinator; see docs/provider-agent.md."""

@@ -16,7 +16,8 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -89,8 +90,10 @@ class ProviderClient(abc.ABC):
         """The ``register`` frame this provider opens each connection with."""
 
     @abc.abstractmethod
-    def answer(self, request_id: str, body: dict[str, Any]) -> AsyncIterator[Action]:
-        """What to send for one decrypted request (``body`` holds its ``"endpoint"``)."""
+    async def answer(self, request_id: str, body: dict[str, Any],
+                     send: Callable[[Action], Awaitable[None]]) -> None:
+        """Answer one decrypted request (``body`` holds its ``"endpoint"``), each action
+        through ``send``. Cancelled when the coordinator cancels the request."""
 
     heartbeat_interval: float = attrs.field(default=20.0, kw_only=True)
     # Whether response chunks are sealed (declared in register); the simulator can lie.
@@ -198,9 +201,7 @@ class ProviderClient(abc.ABC):
                 body = json.loads(plaintext)
                 if not isinstance(body, dict):
                     raise ValueError("the request body is not a JSON object")
-                async with contextlib.aclosing(self.answer(rid, body)) as actions:  # type: ignore[type-var]
-                    async for action in actions:
-                        await self._act(ws, rid, action, sealer)
+                await self.answer(rid, body, partial(self._act, ws, rid, sealer=sealer))
         except (DecryptError, ValueError):
             self.note("error", rid)
             await self._send(ws, InferenceError(rid, "request did not decrypt", 400))
@@ -212,7 +213,7 @@ class ProviderClient(abc.ABC):
         finally:
             self._active.pop(rid, None)
 
-    async def _act(self, ws: trio_websocket.WebSocketConnection, rid: str, action: Action,
+    async def _act(self, ws: trio_websocket.WebSocketConnection, rid: str, action: Action, *,
                    sealer: ResponseSealer) -> None:
         match action:
             case Accepted():

@@ -150,22 +150,28 @@ def check_snapshot(snapshot: Path | str) -> bool | None:
     """Tri-state verdict for a model snapshot directory. Never raises."""
     try:
         path = Path(snapshot)
-        templates = collect_templates(path)
-        if not templates:
-            return None
-        tokens = _special_tokens(path)
-        cases = fixtures(is_vision_snapshot(path))
-        for name, source in templates.items():
-            for case, context in cases.items():
-                try:
-                    render(source, context, tokens)
-                except Exception as exc:  # any compile or render failure fences the model
-                    # The snapshot's files are outside text: a template may quote anything.
-                    log.warning("template %s of %s fails fixture %s: %s", printable(name),
-                                printable(path.name), case, printable(str(exc)))
-                    return False
-        return True
+        return check_templates(collect_templates(path), _special_tokens(path),
+                               is_vision_snapshot(path), where=path.name)
     except Exception as exc:  # unreadable snapshot: a failed check, not a crash
         log.warning("template check of %s failed: %s", printable(str(snapshot)),
                     printable(str(exc)))
         return False
+
+
+def check_templates(templates: Mapping[str, str], tokens: Mapping[str, str], vision: bool,
+                    *, where: str = "the model") -> bool | None:
+    """Tri-state verdict for chat templates (by name): None when there are none, False
+    when any fails to compile or to render any fixture, True otherwise. Never raises."""
+    if not templates:
+        return None
+    cases = fixtures(vision)
+    for name, source in templates.items():
+        for case, context in cases.items():
+            try:
+                render(source, context, tokens)
+            except Exception as exc:  # any compile or render failure fences the model
+                # Templates are outside text: one may quote anything.
+                log.warning("template %s of %s fails fixture %s: %s", printable(name),
+                            printable(where), case, printable(str(exc)))
+                return False
+    return True

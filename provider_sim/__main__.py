@@ -16,10 +16,10 @@ import trio
 
 from coordinator.untrusted import line_safe_handler
 from provider_link.keys import KeyFileError, default_key_directory, keys_in_directory, lock_directory
+from provider_link.signals import until_signalled
 
 from .behaviours import parse_behaviour
 from .fleet import FleetMember, demo_fleet, load_fleet, run_fleet
-from .signals import until_signalled
 
 USAGE_ERROR = 2
 

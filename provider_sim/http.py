@@ -34,7 +34,8 @@ _TYPED_EVENTS = (Endpoint.RESPONSES, Endpoint.MESSAGES)
 
 
 def create_http_app(behaviour: Behaviour = HEALTHY, tokens: int = 16,
-                    provider_id: str = "sim-http", seed: int = 0) -> QuartTrio:
+                    provider_id: str = "sim-http", seed: int = 0,
+                    models: tuple[str, ...] = ("sim-chat-small",)) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config.update(RESPONSE_TIMEOUT=None)
     rng = random.Random(seed)
@@ -70,6 +71,13 @@ def create_http_app(behaviour: Behaviour = HEALTHY, tokens: int = 16,
 
     for endpoint in Endpoint:
         app.add_url_rule(endpoint.value, view_func=route(endpoint), methods=["POST"])
+
+    async def list_models() -> Response:
+        data = [{"id": m, "object": "model", "owned_by": "provider-sim"} for m in models]
+        return Response(json.dumps({"object": "list", "data": data}), 200,
+                        content_type="application/json")
+
+    app.add_url_rule("/v1/models", view_func=list_models, methods=["GET"])
     return app
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -159,7 +159,8 @@ class SimProvider(ProviderClient):
     def receive_limit(self) -> int:
         return self.max_request_bytes
 
-    async def answer(self, request_id: str, body: dict[str, Any]) -> AsyncIterator[Action]:
+    async def answer(self, request_id: str, body: dict[str, Any],
+                     send: Callable[[Action], Awaitable[None]]) -> None:
         scripted = self.script.popleft() if self.script else None
         # A scripted behaviour first, then the model's own, then the default.
         behaviour = scripted or self._drawn() or self.model_behaviours.get(
@@ -169,13 +170,14 @@ class SimProvider(ProviderClient):
         self.received.append(body)
         self.note("received", request_id)
         try:
-            async for action in self._play(request_id, body, behaviour):
-                yield action
+            async with contextlib.aclosing(self._play(request_id, body, behaviour)) as actions:
+                async for action in actions:  # a script of sleeps only: no scope crosses a yield
+                    await send(action)
         finally:
             self._ignoring.discard(request_id)
 
     async def _play(self, rid: str, body: dict[str, Any],
-                    behaviour: Behaviour) -> AsyncIterator[Action]:
+                    behaviour: Behaviour) -> AsyncGenerator[Action, None]:
         model = str(body.get("model", ""))
         actions = play(
             body, behaviour, provider_id=self.provider_id, request_id=rid, rng=self._rng,

@@ -119,11 +119,13 @@ class Harness:
         await self.connect(provider, wait=wait, stream_pair=stream_pair)
         return provider
 
-    async def connect(self, provider: SimProvider, *, wait: bool = True,
+    async def connect(self, provider: Any, *, wait: bool = True,
                       stream_pair: Any = trio.testing.memory_stream_pair) -> None:
-        """Connect ``provider`` over ``stream_pair()`` (client end, coordinator end)."""
+        """Connect ``provider`` (a SimProvider, or any ``provider_link`` client with a
+        ``provider_id``) over ``stream_pair()`` (client end, coordinator end)."""
         self.providers[provider.provider_id] = provider
-        self._everyone.append(provider)
+        if isinstance(provider, SimProvider):
+            self._everyone.append(provider)
         scope = trio.CancelScope()
         self._connections[provider.provider_id] = self._scopes[id(provider)] = scope
         await self.nursery.start(self._run_provider, provider, scope, stream_pair)
@@ -141,7 +143,7 @@ class Harness:
                 nursery.start_soon(self._serve_edge, nursery, server_stream)
                 ws = await trio_websocket.wrap_client_stream(
                     nursery, WholeWriteStream(client_stream), "coordinator", "/",  # type: ignore[arg-type]
-                    max_message_size=provider.max_request_bytes)
+                    max_message_size=provider.receive_limit())
                 task_status.started()
                 await provider.serve(ws)
                 nursery.cancel_scope.cancel()

@@ -12,7 +12,14 @@ from coordinator.protocol import ModelInfo
 from coordinator.protocol.endpoints import Endpoint
 from coordinator.registry import scheduler
 from coordinator.registry.breaker import Breaker
-from coordinator.registry.gates import Gate, capabilities, fail_fast_message, gate, incapable_message
+from coordinator.registry.gates import (
+    Gate,
+    capabilities,
+    endpoint_need,
+    fail_fast_message,
+    gate,
+    incapable_message,
+)
 from coordinator.registry.table import Job, Lease, ProviderRecord
 from coordinator.registry.traits import Traits, traits_of
 
@@ -122,8 +129,9 @@ def test_capabilities_are_what_the_gate_lets_through():
 
 
 def test_incapable_messages_name_what_no_provider_has():
-    tools_only, vision_only = frozenset({"tools"}), frozenset({"vision"})
-    text = incapable_message(TOOLS, [frozenset()], FLOORS)
+    chat = endpoint_need("/v1/chat/completions")
+    tools_only, vision_only = frozenset({"tools", chat}), frozenset({"vision", chat})
+    text = incapable_message(TOOLS, [frozenset({chat})], FLOORS)
     assert text.startswith("model m does not support tool calls") and "0.6.3" in text
     text = incapable_message(VISION, [tools_only], FLOORS)
     assert text == ("model m does not support image or video input: none of its providers "
@@ -131,8 +139,11 @@ def test_incapable_messages_name_what_no_provider_has():
     both = Job("r", "m", Traits(True, True))
     text = incapable_message(both, [tools_only, vision_only], FLOORS)
     assert "tool calls together with image or video input" in text
-    text = incapable_message(both, [frozenset()], FLOORS)
+    text = incapable_message(both, [frozenset({chat})], FLOORS)
     assert "tool calls" in text and "; nor image or video input" in text
+    responses = Job("r", "m", endpoint="/v1/responses")
+    assert incapable_message(responses, [tools_only], FLOORS) == (
+        "model m is not served on /v1/responses by any of its providers")
 
 
 def test_fail_fast_messages_are_specific():

@@ -408,3 +408,20 @@ async def test_a_late_backup_whose_request_never_left_is_no_evidence(
         assert backup.received == []
         assert h.coordinator.metrics.outpaced._value.get() == 0  # lost no race: never ran
         assert backup.cancelled == []  # nothing to cancel
+
+
+async def test_a_model_is_routed_only_to_providers_that_serve_its_endpoint(autojump_clock):
+    """A provider declares per model which endpoints it serves (an engine without
+    /v1/responses, say); requests to the others go elsewhere, or get a 400 saying so."""
+    async with open_harness() as h:
+        chat_only = await h.add_provider("chat-only", model(endpoints=("/v1/chat/completions",)))
+        assert (await h.chat()).headers["x-provider-id"] == "chat-only"
+        refused = await h.request("/v1/responses", {"model": MODEL, "input": "hi"})
+        assert refused.status == 400 and "retry-after" not in refused.headers
+        assert refused.json()["error"]["message"] == (
+            f"model {MODEL} is not served on /v1/responses by any of its providers")
+        everything = await h.add_provider("everything")
+        served = await h.request("/v1/responses", {"model": MODEL, "input": "hi"})
+        assert served.status == 200 and served.headers["x-provider-id"] == "everything"
+        assert len(chat_only.received) == 1 and len(everything.received) == 1
+        await h.assert_quiescent()

@@ -195,6 +195,7 @@ class Api:
             max_tokens=parsed.max_tokens,
             allowlist=parsed.allowlist,
             request_bytes=sizes.request_frame_bound(len(plaintext)),
+            endpoint=endpoint.value,
         )
         return parsed, plaintext, job
 
@@ -731,9 +732,11 @@ class _BodyWatch:
 
     async def _send_one(self, message: dict[str, Any]) -> None:
         if message["type"] != "http.response.start":
-            await self._send(message)
-            if not message.get("more_body", False) and message["type"] == "http.response.body":
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Handed over: HTTP/1 writes it whole or not at all, and a consumer that
+                # closes as soon as it has read it may cancel the rest of the call.
                 self.finished = True
+            await self._send(message)
             return
         # A head, once begun, is finished: over HTTP/2 hypercorn encodes it into the
         # connection's shared header table before it waits for the connection's writer,

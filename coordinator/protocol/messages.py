@@ -67,6 +67,9 @@ class ModelInfo:
     is_vision: bool | None = None
     # Tri-state: None = no opinion (old provider), False = fenced off.
     template_render_ok: bool | None = None
+    # The inference endpoints this model is served on ("/v1/chat/completions", …);
+    # None (a provider that does not say): every one.
+    endpoints: tuple[str, ...] | None = None
 
 
 @attrs.frozen

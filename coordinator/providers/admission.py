@@ -17,6 +17,7 @@ from typing import Final
 from coordinator import sizes
 from coordinator.config import Config
 from coordinator.protocol import ModelInfo, Register
+from coordinator.protocol.endpoints import Endpoint
 
 # Header-safe tokens: what may appear in X-Provider-Id / X-Provider-Version.
 _TOKEN: Final = re.compile(r"[A-Za-z0-9._+:\-]{1,64}")
@@ -30,6 +31,7 @@ MAX_DECODE_TPS: Final = 5_000.0
 MAX_PREFILL_TPS: Final = 500_000.0
 MAX_MEMORY_GB: Final = 65_536.0
 MAX_MODEL_BYTES: Final = 2**50
+_ENDPOINTS: Final = frozenset(e.value for e in Endpoint)
 
 
 class AdmissionError(Exception):
@@ -51,6 +53,9 @@ def check_register(message: Register, config: Config) -> None:
     for model in message.models:
         if not 0 <= model.size_bytes <= MAX_MODEL_BYTES:
             raise AdmissionError(f"model {model.id} has an implausible size_bytes")
+        if model.endpoints is not None and not set(model.endpoints) <= _ENDPOINTS:
+            raise AdmissionError(f"model {model.id} lists an unknown endpoint (known: "
+                                 f"{', '.join(sorted(_ENDPOINTS))})")
     if message.max_concurrency is not None and message.max_concurrency < 1:
         raise AdmissionError("max_concurrency must be at least 1")
     if (message.max_request_bytes is not None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping
+from typing import Final
 
 from coordinator.capabilities import TRAIT_NAMES, Version, meets_floor
 from coordinator.protocol import ModelInfo
+from coordinator.protocol.endpoints import Endpoint
 from coordinator.registry.breaker import Breaker
 from coordinator.registry.table import Job, ProviderRecord
 
@@ -25,6 +27,7 @@ class Gate(enum.Enum):
     NOT_ALLOWED = "not in the request's provider allowlist"
     EXCLUDED = "already failed this request"
     NO_MODEL = "does not serve the model"
+    ENDPOINT = "does not serve the model on this endpoint"
     TOO_LARGE = "model does not fit in the provider's memory"
     REQUEST_TOO_LARGE = "request is larger than the provider accepts"
     TEMPLATE = "model's chat template does not render"
@@ -51,6 +54,8 @@ def gate(
     model = record.models.get(job.model)
     if model is None:
         return Gate.NO_MODEL
+    if model.endpoints is not None and job.endpoint not in model.endpoints:
+        return Gate.ENDPOINT
     if record.memory_gb > 0 and model.size_bytes > record.memory_gb * GIB * memory_fraction:
         return Gate.TOO_LARGE
     if job.request_bytes > record.max_request_bytes:
@@ -78,9 +83,23 @@ def capabilities(record: ProviderRecord, model: ModelInfo,
     registration's): what a provider that leaves is remembered to have been able to do.
     """
     _, vision = TRAIT_NAMES
-    return frozenset(t for t in TRAIT_NAMES
-                     if (t != vision or model.is_vision)
-                     and meets_floor(record.version, floors.get(t)))
+    traits = (t for t in TRAIT_NAMES
+              if (t != vision or model.is_vision) and meets_floor(record.version, floors.get(t)))
+    endpoints = model.endpoints if model.endpoints is not None else ALL_ENDPOINTS
+    return frozenset((*traits, *(endpoint_need(e) for e in endpoints)))
+
+
+ALL_ENDPOINTS: Final = tuple(e.value for e in Endpoint)
+
+
+def endpoint_need(endpoint: str) -> str:
+    """How :func:`capabilities` names serving ``endpoint`` (next to the trait names)."""
+    return f"endpoint {endpoint}"
+
+
+def needs(job: Job) -> frozenset[str]:
+    """What a provider must be able to do at all for ``job``: its traits and its endpoint."""
+    return frozenset((*job.traits.names, endpoint_need(job.endpoint)))
 
 
 _CAPABILITY_WORDS = {"tools": "tool calls", "vision": "image or video input"}
@@ -90,10 +109,16 @@ def incapable_message(job: Job, known: Collection[frozenset[str]],
                       floors: Mapping[str, Version | None]) -> str:
     """For a request no known provider of its model could ever serve: what it needs that
     none has (``known``: the capability sets of the model's providers, live and departed)."""
+    endpoint = endpoint_need(job.endpoint)
+    if not any(endpoint in caps for caps in known):
+        return f"model {job.model} is not served on {job.endpoint} by any of its providers"
     missing = [t for t in job.traits.names if not any(t in caps for caps in known)]
-    if not missing:  # each trait somewhere, never both on one provider
+    if not missing:  # each need somewhere, never all on one provider
         both = " together with ".join(_CAPABILITY_WORDS[t] for t in job.traits.names)
-        return f"model {job.model} does not support {both}: none of its providers has both"
+        if not both:
+            return f"model {job.model} is not served on {job.endpoint} by any of its providers"
+        return (f"model {job.model} does not support {both} on {job.endpoint}: none of its "
+                "providers has all of them")
     clauses = []
     for trait in missing:
         floor = floors.get(trait)

@@ -32,6 +32,7 @@ from coordinator.registry.gates import (
     fail_fast_message,
     gate,
     incapable_message,
+    needs,
 )
 from coordinator.registry.hedging import HedgeBudget
 from coordinator.registry.index import ModelIndex, reference_key
@@ -339,9 +340,7 @@ class RegistryState:
         capable provider outside it keeps the refusal retryable (the allowlist may be
         the consumer's mistake of the moment, the model's capability is not).
         """
-        needed = frozenset(job.traits.names)
-        if not needed:
-            return None
+        needed = needs(job)
         known = [capabilities(r, r.models[job.model], self.floors)
                  for r in self.by_model.get(job.model, {}).values()]
         departed = self.departed_capabilities.of(job.model, now)

@@ -31,6 +31,8 @@ class Job:
     allowlist: frozenset[str] | None = None
     # The inference_request frame's size (an upper bound), for providers' limits.
     request_bytes: int = 0
+    # The endpoint it came to: a provider may serve a model on some endpoints only.
+    endpoint: str = "/v1/chat/completions"
 
 
 @attrs.frozen
