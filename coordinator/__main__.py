@@ -67,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("demo", "run the coordinator with simulated providers on loopback")):
         keys = ("COORDINATOR_API_KEYS, COORDINATOR_ADMIN_KEYS, COORDINATOR_PROVIDER_TOKENS, "
                 if name == "serve" else "")
-        secrets_note = ("" if name == "serve" else " The demo makes its own API key, admin key "
-                        "and provider token each run and prints them; those variables are "
-                        "not used.")
+        secrets_note = ("" if name == "serve" else " The demo makes its own API key and admin "
+                        "key each run and prints them, and its simulated providers use the "
+                        "token demo-provider-token; those variables are not used.")
         p = sub.add_parser(
             name, help=text, description=text + ". Every setting also comes from a "
             "COORDINATOR_<NAME> environment variable (docs/configuration.md), e.g. " + keys +
@@ -194,7 +194,8 @@ async def _demo(config: Config, providers: int) -> None:
 def _demo_banner(running: Running, config: Config, providers: int) -> str:
     key, admin = config.api_keys[0], config.admin_keys[0]
     return (
-        f"\nCoordinator ready with {providers} simulated providers "
+        f"\nCoordinator ready with {providers} simulated "
+        f"provider{'' if providers == 1 else 's'} "
         f"(models: sim-chat-small, sim-vision-large).\n"
         f"  HTTP API   {running.http_url}\n"
         f"  providers  {running.provider_url}\n"
@@ -205,7 +206,7 @@ def _demo_banner(running: Running, config: Config, providers: int) -> str:
         f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
         "    -d '{\"model\": \"sim-chat-small\", \"stream\": true, "
         "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
-        f"Status page: {running.http_url}/status?key={admin}\n"
+        f"Status page: {running.http_url}/status (sign in with the admin key)\n"
         f"Providers:   curl {running.http_url}/v1/admin/providers "
         f"-H 'Authorization: Bearer {admin}'\n"
         "Press Ctrl-C to stop (it drains first).")

@@ -83,5 +83,6 @@ class Committed:
 
 
 # Called once, synchronously, at the commit: from then on the winner belongs to
-# the request (the API starts its relay in the request's own nursery).
+# the request (the API makes its Relay and keeps it with the request, where
+# EdgeGuard releases it if the response did not).
 Handover = Callable[[Committed], None]

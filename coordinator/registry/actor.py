@@ -212,7 +212,9 @@ class RegistryClient:
 
     _send: trio.MemorySendChannel[_Command]
     config: Config
-    # The actor's state, for tests and introspection to *read*; never mutate it.
+    # The actor's state, to *read* synchronously (between two messages) where asking
+    # would cost a snapshot: health, model lists, tests (docs/architecture.md). Never
+    # mutate it; the one exception is wiring (app.py sets its outbox before start).
     state: RegistryState
     # Replaced after every message handled, so observers can wait for "the table changed".
     changed: trio.Event = attrs.field(factory=trio.Event)
