@@ -19,6 +19,9 @@ one consumer hanging up must not cost a provider its other streams.
 
 The coordinator's provider and peer listeners, its links to other instances
 and the provider clients (simulator, agent) all write through here.
+
+Importing this module also mends one trio-websocket bug (:func:`_pong_only_while_open`):
+every module that opens or serves a WebSocket imports it.
 """
 
 from __future__ import annotations
@@ -32,10 +35,34 @@ from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
+from wsproto.connection import ConnectionState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_TIMEOUT = 30.0
+
+
+def _pong_only_while_open() -> None:
+    """Answer a ping only on an open connection.
+
+    trio-websocket 0.12 answers every ping its reader task sees, also once this end
+    has sent its Close; wsproto refuses a pong then (``LocalProtocolError``), and the
+    reader task's failure ends the nursery it runs in: for a listener, the whole server.
+    So anyone who could open a socket could end the process: send a frame the server
+    closes the socket for, then answer its Close with a Ping (python-trio/trio-websocket
+    issue 184, unfixed in 0.12.2). Once a Close is sent, RFC 6455 lets a ping go
+    unanswered: the connection is ending anyway.
+    """
+    answer = trio_websocket.WebSocketConnection._handle_ping_event
+
+    async def handle_ping(self: trio_websocket.WebSocketConnection, event: Any) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            await answer(self, event)
+
+    trio_websocket.WebSocketConnection._handle_ping_event = handle_ping  # type: ignore[method-assign]
+
+
+_pong_only_while_open()
 
 
 class WholeWriteStream(trio.abc.Stream):

@@ -25,6 +25,8 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+import wsproto
+import wsproto.frame_protocol
 
 from coordinator.app import serve
 from coordinator.cluster.peer import PeerLink, PeerServer
@@ -773,6 +775,48 @@ async def test_an_upgrade_with_a_request_pipelined_behind_it_is_refused_quietly(
         nursery.cancel_scope.cancel()
     assert not errors.records
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def _ping_the_close(address: tuple[str, int], first: bytes) -> None:
+    """Open a WebSocket, send ``first`` (a frame the server closes the socket for), and
+    answer the server's Close with a Ping instead of a Close (raw wsproto: a library
+    client would answer the Close)."""
+    stream = await trio.open_tcp_stream(*address)
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(client.send(wsproto.events.Request(host="x", target="/")))
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        client.receive_data(data)
+        for event in client.events():
+            if isinstance(event, wsproto.events.AcceptConnection):
+                await stream.send_all(client.send(wsproto.events.TextMessage(data=first.decode())))
+            elif isinstance(event, wsproto.events.CloseConnection):
+                await stream.send_all(_CLIENT_FRAMES.ping(b"ping"))
+    await stream.aclose()
+
+
+_CLIENT_FRAMES = wsproto.frame_protocol.FrameProtocol(client=True, extensions=[])
+
+
+async def test_a_ping_answering_the_servers_close_does_not_end_the_listener(errors):
+    """A socket that answered the provider listener's Close with a Ping ended the whole
+    process: trio-websocket answered with a Pong, which wsproto refuses on a closing
+    connection, and the LocalProtocolError escaped the listener (trio-websocket issue 184).
+    Found by the fuzz campaign's peer-link target, whose far instance did just that."""
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery)
+        with trio.fail_after(20):
+            for _ in range(3):
+                await _ping_the_close(_address(running.provider_url), b'{"type":"nope"}')
+            await _still_serves_over(running)
+            # And a provider is still admitted: the listener lives.
+            provider = SimProvider("late", (model("sim-chat-small"),), token=TOKEN)
+            nursery.start_soon(provider.run, running.provider_url)
+            await provider.registered.wait()
+        nursery.cancel_scope.cancel()
+    assert not errors.records
 
 
 async def _still_serves_over(running: Any) -> None:
