@@ -1269,11 +1269,41 @@ async def test_a_hostile_lease_costs_its_frame_not_the_link(autojump_clock, dept
         nursery.cancel_scope.cancel()
 
 
-def encode_frame_of_relay(request_id: str, provider_id: str) -> str:
+async def test_a_relay_cannot_take_over_a_request_already_on_the_provider(autojump_clock):
+    """A relay naming the wire id of a consumer's request in flight on the provider took
+    over its slot and its stream: the link got the provider's frames and the consumer,
+    after 600 s of silence, an in-band error. Found by the fuzz campaign's peer target."""
+    async with open_harness(cluster_token="right") as h, trio.open_nursery() as nursery:
+        await h.add_provider("p", behaviour=Behaviour(token_interval=1.0))
+        results: list[Any] = []
+        answered = trio.Event()
+
+        async def consume() -> None:
+            results.append(await h.chat(stream=True))
+            answered.set()
+
+        nursery.start_soon(consume)
+        await h.until(lambda: h.state.providers["p"].leases)
+        [wire_id] = h.state.providers["p"].leases
+        link = await _linked(h, nursery)
+        await link.send_message(encode_frame_of_relay(wire_id, "p", h.state.providers["p"].session))
+        with trio.fail_after(5):
+            answer = json.loads(await link.get_message())
+        assert answer == {"type": "refused", "provider_id": "p", "request_id": wire_id,
+                          "reason": "duplicate"}
+        with trio.fail_after(60):
+            await answered.wait()
+        [result] = results
+        assert result.status == 200 and result.text and b'"error"' not in result.body
+        await h.assert_quiescent()
+        nursery.cancel_scope.cancel()
+
+
+def encode_frame_of_relay(request_id: str, provider_id: str, session: int = 1) -> str:
     """A well-formed relay of a sealed request (sealed to a throwaway key)."""
     from coordinator.protocol import EncryptedPayload, InferenceRequest, encode_frame
     from coordinator.protocol.cluster import Relay, RelayLease, encode_peer_frame
 
     sealed = encode_frame(InferenceRequest(request_id, EncryptedPayload("k", "c")))
-    return encode_peer_frame(Relay(RelayLease(request_id, provider_id, 1, "m1", "base", "0.7"),
-                                   sealed))
+    return encode_peer_frame(Relay(RelayLease(request_id, provider_id, session, "m1", "base",
+                                              "0.7"), sealed))
