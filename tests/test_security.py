@@ -777,10 +777,10 @@ async def test_an_upgrade_with_a_request_pipelined_behind_it_is_refused_quietly(
     assert "Traceback" not in capfd.readouterr().err
 
 
-async def _ping_the_close(address: tuple[str, int], first: bytes) -> None:
+async def _answer_the_close(address: tuple[str, int], first: bytes, answer: bytes) -> None:
     """Open a WebSocket, send ``first`` (a frame the server closes the socket for), and
-    answer the server's Close with a Ping instead of a Close (raw wsproto: a library
-    client would answer the Close)."""
+    answer the server's Close with the raw frame ``answer`` instead of a Close (raw
+    wsproto: a library client would answer the Close)."""
     stream = await trio.open_tcp_stream(*address)
     client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     await stream.send_all(client.send(wsproto.events.Request(host="x", target="/")))
@@ -793,23 +793,28 @@ async def _ping_the_close(address: tuple[str, int], first: bytes) -> None:
             if isinstance(event, wsproto.events.AcceptConnection):
                 await stream.send_all(client.send(wsproto.events.TextMessage(data=first.decode())))
             elif isinstance(event, wsproto.events.CloseConnection):
-                await stream.send_all(_CLIENT_FRAMES.ping(b"ping"))
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(answer)
     await stream.aclose()
 
 
 _CLIENT_FRAMES = wsproto.frame_protocol.FrameProtocol(client=True, extensions=[])
 
 
-async def test_a_ping_answering_the_servers_close_does_not_end_the_listener(errors):
-    """A socket that answered the provider listener's Close with a Ping ended the whole
-    process: trio-websocket answered with a Pong, which wsproto refuses on a closing
-    connection, and the LocalProtocolError escaped the listener (trio-websocket issue 184).
-    Found by the fuzz campaign's peer-link target, whose far instance did just that."""
+@pytest.mark.parametrize("answer", [
+    _CLIENT_FRAMES.ping(b"ping"),
+    _CLIENT_FRAMES.send_data("x" * (300 * 1024), fin=True),  # over register_frame_bytes
+], ids=["a ping", "a message over the limit"])
+async def test_answering_the_servers_close_with_a_frame_does_not_end_the_listener(errors, answer):
+    """A socket that answered the provider listener's Close with a Ping, or with a message
+    over its size limit, ended the whole process: trio-websocket's reader answered with a
+    Pong (or a Close of its own) that wsproto refuses on a closing connection, and the
+    LocalProtocolError escaped the listener (trio-websocket issue 184). Found by the fuzz
+    campaign's peer-link target."""
     async with trio.open_nursery() as nursery:
-        running = await _serve_fleet(nursery)
+        running = await _serve_fleet(nursery, close_timeout=0.2)  # it waits for our Close
         with trio.fail_after(20):
-            for _ in range(3):
-                await _ping_the_close(_address(running.provider_url), b'{"type":"nope"}')
+            await _answer_the_close(_address(running.provider_url), b'{"type":"nope"}', answer)
             await _still_serves_over(running)
             # And a provider is still admitted: the listener lives.
             provider = SimProvider("late", (model("sim-chat-small"),), token=TOKEN)
