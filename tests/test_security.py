@@ -1312,3 +1312,38 @@ def encode_frame_of_relay(request_id: str, provider_id: str, session: int = 1) -
     sealed = encode_frame(InferenceRequest(request_id, EncryptedPayload("k", "c")))
     return encode_peer_frame(Relay(RelayLease(request_id, provider_id, session, "m1", "base",
                                               "0.7"), sealed))
+
+
+@pytest.mark.parametrize("relay", [
+    encode_frame_of_relay("r.1", "nobody"),  # refused: no such provider
+    encode_frame_of_relay("r.1", "p").replace('"frame":"{', '"frame":"[{'),  # not a request
+], ids=["gone", "malformed"])
+async def test_a_relay_whose_link_closes_before_its_refusal_is_no_error(autojump_clock, errors,
+                                                                        relay):
+    """The refusal of a relay whose link had closed meanwhile raised out of the link's
+    handler: "peer link handler failed" and a traceback. Found by the peer fuzz target."""
+    async with open_harness(cluster_token="right") as h, trio.open_nursery() as nursery:
+        await h.add_provider("p")
+        peers = PeerServer(h.coordinator.config, h.registry, h.coordinator.dispatcher.directory)
+        client, server = trio.testing.memory_stream_pair()
+
+        async def serve_peer() -> None:
+            await peers.handle(await trio_websocket.wrap_server_stream(nursery, server))
+
+        nursery.start_soon(serve_peer)
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        await client.send_all(ws.send(wsproto.events.Request(host="x", target="/")))
+        ws.receive_data(await client.receive_some())
+        assert isinstance(next(ws.events()), wsproto.events.AcceptConnection)
+        hello = '{"type":"hello","instance":"x","token":"right"}'
+        await client.send_all(ws.send(wsproto.events.TextMessage(data=hello)))
+        await trio.testing.wait_all_tasks_blocked()
+        # The relay and the link's end in one write: the refusal finds the link closed.
+        await client.send_all(ws.send(wsproto.events.TextMessage(data=relay))
+                              + ws.send(wsproto.events.CloseConnection(code=1000)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not peers.serving
+        await h.assert_quiescent()
+        await _still_serves(h)
+        nursery.cancel_scope.cancel()
+    assert not errors.records
