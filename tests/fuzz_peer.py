@@ -1090,6 +1090,7 @@ def link_scenario(case: LinkCase) -> Scenario:
                 wire.cancel_scope.cancel()
         for hostile in every:
             seen.extend(hostile.problems)
+        await trio.testing.wait_all_tasks_blocked()  # p reads the cancels sent at the cut
         seen.extend(_left_serving(sim.log, every, local_rid))
         return seen
 
