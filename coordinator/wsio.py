@@ -19,6 +19,9 @@ one consumer hanging up must not cost a provider its other streams.
 
 The coordinator's provider and peer listeners, its links to other instances
 and the provider clients (simulator, agent) all write through here.
+
+Importing this module also mends one trio-websocket bug (:func:`_mend_closing_sends`):
+every module that opens or serves a WebSocket imports it.
 """
 
 from __future__ import annotations
@@ -32,10 +35,46 @@ from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
+from wsproto.connection import ConnectionState
+from wsproto.utilities import LocalProtocolError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_TIMEOUT = 30.0
+
+
+def _mend_closing_sends() -> None:
+    """Make trio-websocket's sends on a closing connection end it, never the process.
+
+    trio-websocket 0.12's reader task answers what it reads also once this end has sent
+    its Close: a Pong to a Ping, a Close (1009) to a message over the size limit.
+    wsproto refuses to send either then (``LocalProtocolError``), and the reader task's
+    failure ends the nursery it runs in: for a listener, the whole server. So anyone who
+    could open a socket could end the process: send a frame the server closes the socket
+    for, then answer its Close with a Ping or a large message (python-trio/trio-websocket
+    issue 184, unfixed in 0.12.2). Now a ping is answered only on an open connection (RFC
+    6455 lets it go unanswered once a Close is out), and any event the connection's state
+    no longer allows is ``ConnectionClosed``, which every caller and the reader handle.
+    """
+    connection = trio_websocket.WebSocketConnection
+    answer, send = connection._handle_ping_event, connection._send
+
+    async def handle_ping(self: trio_websocket.WebSocketConnection, event: Any) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            await answer(self, event)
+
+    async def send_while_open(self: trio_websocket.WebSocketConnection, event: Any) -> None:
+        try:
+            await send(self, event)
+        except LocalProtocolError:
+            reason = self._close_reason or trio_websocket.CloseReason(1006, "closing")
+            raise trio_websocket.ConnectionClosed(reason) from None
+
+    connection._handle_ping_event = handle_ping  # type: ignore[method-assign]
+    connection._send = send_while_open  # type: ignore[method-assign]
+
+
+_mend_closing_sends()
 
 
 class WholeWriteStream(trio.abc.Stream):

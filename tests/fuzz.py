@@ -1,6 +1,6 @@
 """The hostile-input fuzz campaign: strategies and drivers (the tests are in test_fuzz.py).
 
-Four surfaces, each fed what an attacker or a broken peer can send:
+Five surfaces, each fed what an attacker or a broken peer can send:
 
 * **HTTP bodies** for every POST route: arbitrary bytes, arbitrary JSON (huge
   numbers, NaN, lone surrogates, nesting 2,000 deep) and, above all, *valid
@@ -13,6 +13,8 @@ Four surfaces, each fed what an attacker or a broken peer can send:
   from admitted providers while a consumer request is in flight to them).
 * **Raw HTTP bytes** on a real loopback server (bad request lines, huge heads,
   bad chunking, pipelining, WebSocket upgrades on API paths, TCP resets).
+* **Peer-link frames** between instances, both ways (tests/fuzz_peer.py, which
+  builds on this module's machinery).
 
 How it runs
 -----------
@@ -146,8 +148,12 @@ def digits(count: int, sign: str = "") -> Raw:
     return Raw(sign + "9" * count, f"digits({count}{', ' + repr(sign) if sign else ''})")
 
 
+class Placeholder:
+    """A value filled in when its frame is sent (the ``resolve`` of :func:`dumps`)."""
+
+
 @attrs.frozen
-class Rid:
+class Rid(Placeholder):
     """A request id filled in when the frame is sent: ``puppet`` / ``sim`` (the request in
     flight there), ``stale`` (an earlier request of the puppet) or ``unknown``."""
 
@@ -155,27 +161,24 @@ class Rid:
 
 
 @attrs.frozen
-class Sealed:
+class Sealed(Placeholder):
     """``encrypted_data`` that really decrypts, for the puppet's request, to ``plaintext``."""
 
     plaintext: Any  # a str, or a JSON value written with dumps()
 
 
 @attrs.frozen
-class Key:
+class Key(Placeholder):
     """The puppet's own ``public`` (X25519) or ``signing`` (Ed25519) key, base64."""
 
     which: str
-
-
-Placeholder = Rid | Sealed | Key
 
 
 def dumps(value: Any, resolve: Callable[[Any], Any] | None = None, *, ascii_only: bool = True) -> str:
     """JSON text for ``value``; :class:`Raw` is written as is, placeholders via ``resolve``."""
     if isinstance(value, Raw):
         return value.text
-    if isinstance(value, Rid | Sealed | Key):
+    if isinstance(value, Placeholder):
         if resolve is None:
             raise TypeError(f"no resolver for {value!r}")
         return dumps(resolve(value), resolve, ascii_only=ascii_only)
@@ -1421,7 +1424,7 @@ class Report:
     seen: list[Seen] = attrs.field(factory=list)
     crash: BaseException | None = None  # escaped the world: the coordinator is down
     error: BaseException | None = None  # escaped the example (an ASGI app exception, a hang)
-    edge_errors: list[BaseException] = attrs.field(factory=list)  # escaped edge.handle
+    edge_errors: list[BaseException] = attrs.field(factory=list)  # escaped edge/peer handle
     logs: list[logging.LogRecord] = attrs.field(factory=list)
     canary: str | None = None
     quiescence: str | None = None
@@ -1444,8 +1447,8 @@ class Report:
             out.append(f"the example {what}:\n{_trace(self.error)}")
         for exc in self.edge_errors:
             causes += _real(exc)
-            out.append("an exception escaped ProviderEdge.handle (it would end serve_websocket and the "
-                       f"process):\n{_trace(exc)}")
+            out.append("an exception escaped a connection handler (ProviderEdge.handle or "
+                       f"PeerServer.handle: it would end its server and the process):\n{_trace(exc)}")
         for record in self.logs:
             if record.exc_info and record.exc_info[1] is not None:
                 causes.append(record.exc_info[1])

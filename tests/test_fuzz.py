@@ -59,6 +59,15 @@ from .fuzz import (
     raw_scenario,
     valid_register,
 )
+from .fuzz_peer import (
+    FarCase,
+    LinkCase,
+    Send,
+    peer_cases,
+    peer_scenario,
+    peer_world,
+    relay_to_p,
+)
 
 _DB = os.environ.get("FUZZ_DB", ".hypothesis/fuzz")
 
@@ -88,6 +97,12 @@ def plain_world(request: pytest.FixtureRequest) -> Iterator[Campaign]:
 def puppet_world(request: pytest.FixtureRequest) -> Iterator[Campaign]:
     """Plus a hand-driven provider serving ``fz``; the simulated one streams a token a second."""
     yield from _campaign(request, in_process(sim_behaviour=Behaviour(token_interval=1.0), puppet=True))
+
+
+@pytest.fixture
+def link_world(request: pytest.FixtureRequest) -> Iterator[Campaign]:
+    """Plus the peer server, and a link to a hostile far instance whose provider serves ``fm``."""
+    yield from _campaign(request, peer_world())
 
 
 @pytest.fixture
@@ -163,3 +178,17 @@ def test_hostile_frames_after_admission(puppet_world: Campaign, case: InflightCa
                  read=False))
 def test_hostile_http_bytes(live_world: Campaign, case: RawCase) -> None:
     live_world.example(raw_scenario(case), repr(case))
+
+
+@fuzz
+@given(case=peer_cases())
+# A relay naming a consumer's request in flight on p took over its slot and stream.
+@example(LinkCase(None, (Send(0, relay_to_p(Rid("local"))),), True, "close"))
+# A relay refused (its inner request names another id) on a link already gone: an ERROR.
+@example(LinkCase(None, (Send(0, relay_to_p(Rid("a"), Rid("b"))),), False, "cut-abort"))
+def test_hostile_peer_frames(link_world: Campaign, case: LinkCase | FarCase) -> None:
+    link_world.example(peer_scenario(case), repr(case))
+
+
+# The HTTP/2 flow-control target (issue 22, item 2: streams that never open their window)
+# goes here, with its group in noxfile.py's FUZZ_GROUPS and its line in docs/testing.md.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -274,6 +275,19 @@ def test_a_verdict_on_an_old_session_is_ignored():
 
 
 # -- scale-out: what other instances publish (docs/scale-out.md)
+
+def test_a_reservation_never_replaces_a_lease_with_the_same_id():
+    """Another instance's relay named the wire id of a request already on the provider and
+    took over its lease (and, in the peer server, its stream). Found by the fuzz campaign."""
+    s = state()
+    s.register(record("a", slots=4), now=0.0)
+    grant = s.acquire(ask(), 1.0)
+    assert isinstance(grant, Grant)
+    clash = attrs.evolve(grant.lease, cost=99.0)
+    assert s.reserve(clash, 2.0) == "duplicate"
+    assert s.providers["a"].leases == {grant.lease.request_id: grant.lease}
+    assert s.reserve(attrs.evolve(clash, request_id="other.1"), 2.0) is None  # others still fit
+
 
 def test_mirrored_work_weighs_like_own_work():
     s = state()

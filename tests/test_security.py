@@ -25,6 +25,8 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+import wsproto
+import wsproto.frame_protocol
 
 from coordinator.app import serve
 from coordinator.cluster import entries, shared
@@ -776,6 +778,53 @@ async def test_an_upgrade_with_a_request_pipelined_behind_it_is_refused_quietly(
     assert "Traceback" not in capfd.readouterr().err
 
 
+async def _answer_the_close(address: tuple[str, int], first: bytes, answer: bytes) -> None:
+    """Open a WebSocket, send ``first`` (a frame the server closes the socket for), and
+    answer the server's Close with the raw frame ``answer`` instead of a Close (raw
+    wsproto: a library client would answer the Close)."""
+    stream = await trio.open_tcp_stream(*address)
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(client.send(wsproto.events.Request(host="x", target="/")))
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        client.receive_data(data)
+        for event in client.events():
+            if isinstance(event, wsproto.events.AcceptConnection):
+                await stream.send_all(client.send(wsproto.events.TextMessage(data=first.decode())))
+            elif isinstance(event, wsproto.events.CloseConnection):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(answer)
+    await stream.aclose()
+
+
+_CLIENT_FRAMES = wsproto.frame_protocol.FrameProtocol(client=True, extensions=[])
+
+
+@pytest.mark.parametrize("answer", [
+    _CLIENT_FRAMES.ping(b"ping"),
+    _CLIENT_FRAMES.send_data("x" * (300 * 1024), fin=True),  # over register_frame_bytes
+], ids=["a ping", "a message over the limit"])
+async def test_answering_the_servers_close_with_a_frame_does_not_end_the_listener(errors, answer):
+    """A socket that answered the provider listener's Close with a Ping, or with a message
+    over its size limit, ended the whole process: trio-websocket's reader answered with a
+    Pong (or a Close of its own) that wsproto refuses on a closing connection, and the
+    LocalProtocolError escaped the listener (trio-websocket issue 184). Found by the fuzz
+    campaign's peer-link target."""
+    async with trio.open_nursery() as nursery:
+        running = await _serve_fleet(nursery, close_timeout=0.2)  # it waits for our Close
+        with trio.fail_after(20):
+            await _answer_the_close(_address(running.provider_url), b'{"type":"nope"}', answer)
+            await _still_serves_over(running)
+            # And a provider is still admitted: the listener lives.
+            provider = SimProvider("late", (model("sim-chat-small"),), token=TOKEN)
+            nursery.start_soon(provider.run, running.provider_url)
+            await provider.registered.wait()
+        nursery.cancel_scope.cancel()
+    assert not errors.records
+
+
 async def _still_serves_over(running: Any) -> None:
     stream = await trio.open_tcp_stream(*_address(running.http_url))
     await stream.send_all(_post())
@@ -1259,11 +1308,76 @@ def test_a_breaker_key_from_redis_is_held_to_what_ids_may_be():
     assert shared._parts("{p|m\x1b[2J|base}") is None
 
 
-def encode_frame_of_relay(request_id: str, provider_id: str) -> str:
+async def test_a_relay_cannot_take_over_a_request_already_on_the_provider(autojump_clock):
+    """A relay naming the wire id of a consumer's request in flight on the provider took
+    over its slot and its stream: the link got the provider's frames and the consumer,
+    after 600 s of silence, an in-band error. Found by the fuzz campaign's peer target."""
+    async with open_harness(cluster_token="right") as h, trio.open_nursery() as nursery:
+        await h.add_provider("p", behaviour=Behaviour(token_interval=1.0))
+        results: list[Any] = []
+        answered = trio.Event()
+
+        async def consume() -> None:
+            results.append(await h.chat(stream=True))
+            answered.set()
+
+        nursery.start_soon(consume)
+        await h.until(lambda: h.state.providers["p"].leases)
+        [wire_id] = h.state.providers["p"].leases
+        link = await _linked(h, nursery)
+        await link.send_message(encode_frame_of_relay(wire_id, "p", h.state.providers["p"].session))
+        with trio.fail_after(5):
+            answer = json.loads(await link.get_message())
+        assert answer == {"type": "refused", "provider_id": "p", "request_id": wire_id,
+                          "reason": "duplicate"}
+        with trio.fail_after(60):
+            await answered.wait()
+        [result] = results
+        assert result.status == 200 and result.text and b'"error"' not in result.body
+        await h.assert_quiescent()
+        nursery.cancel_scope.cancel()
+
+
+def encode_frame_of_relay(request_id: str, provider_id: str, session: int = 1) -> str:
     """A well-formed relay of a sealed request (sealed to a throwaway key)."""
     from coordinator.protocol import EncryptedPayload, InferenceRequest, encode_frame
     from coordinator.protocol.cluster import Relay, RelayLease, encode_peer_frame
 
     sealed = encode_frame(InferenceRequest(request_id, EncryptedPayload("k", "c")))
-    return encode_peer_frame(Relay(RelayLease(request_id, provider_id, 1, "m1", "base", "0.7"),
-                                   sealed))
+    return encode_peer_frame(Relay(RelayLease(request_id, provider_id, session, "m1", "base",
+                                              "0.7"), sealed))
+
+
+@pytest.mark.parametrize("relay", [
+    encode_frame_of_relay("r.1", "nobody"),  # refused: no such provider
+    encode_frame_of_relay("r.1", "p").replace('"frame":"{', '"frame":"[{'),  # not a request
+], ids=["gone", "malformed"])
+async def test_a_relay_whose_link_closes_before_its_refusal_is_no_error(autojump_clock, errors,
+                                                                        relay):
+    """The refusal of a relay whose link had closed meanwhile raised out of the link's
+    handler: "peer link handler failed" and a traceback. Found by the peer fuzz target."""
+    async with open_harness(cluster_token="right") as h, trio.open_nursery() as nursery:
+        await h.add_provider("p")
+        peers = PeerServer(h.coordinator.config, h.registry, h.coordinator.dispatcher.directory)
+        client, server = trio.testing.memory_stream_pair()
+
+        async def serve_peer() -> None:
+            await peers.handle(await trio_websocket.wrap_server_stream(nursery, server))
+
+        nursery.start_soon(serve_peer)
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        await client.send_all(ws.send(wsproto.events.Request(host="x", target="/")))
+        ws.receive_data(await client.receive_some())
+        assert isinstance(next(ws.events()), wsproto.events.AcceptConnection)
+        hello = '{"type":"hello","instance":"x","token":"right"}'
+        await client.send_all(ws.send(wsproto.events.TextMessage(data=hello)))
+        await trio.testing.wait_all_tasks_blocked()
+        # The relay and the link's end in one write: the refusal finds the link closed.
+        await client.send_all(ws.send(wsproto.events.TextMessage(data=relay))
+                              + ws.send(wsproto.events.CloseConnection(code=1000)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not peers.serving
+        await h.assert_quiescent()
+        await _still_serves(h)
+        nursery.cancel_scope.cancel()
+    assert not errors.records

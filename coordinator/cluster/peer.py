@@ -25,7 +25,9 @@ but its link lives on until the streams on it are done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -102,6 +104,14 @@ class _Frames:
 
 
 @attrs.define(eq=False)
+class _Served:
+    """One link being served: the instance on it and its relays in flight, by request id."""
+
+    peer: str
+    relays: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
 class PeerServer:
     """Accepts links from other instances and relays their requests to local providers."""
 
@@ -110,6 +120,12 @@ class PeerServer:
     directory: Directory
     relayed: int = 0  # frames relayed, for the status page and tests
     pending: int = 0  # links accepted that have not said hello yet
+    serving: set[_Served] = attrs.field(factory=set)  # links past hello, until they close
+
+    @property
+    def in_flight(self) -> int:
+        """Relays in flight on every link (each holds a slot on a provider here)."""
+        return sum(len(link.relays) for link in self.serving)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """trio-websocket handler: one call per link. Never raises."""
@@ -144,25 +160,31 @@ class PeerServer:
         return None
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, peer: str) -> None:
-        relays: dict[str, trio.CancelScope] = {}
+        link = _Served(peer)
+        relays = link.relays
         frames = _Frames(_link_limit(self.config), peer)
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    message = frames.decode(await ws.get_message())
-                except trio_websocket.ConnectionClosed:
-                    break
-                match message:
-                    case Relay(relayed, frame) if relayed.request_id not in relays:
-                        lease = _lease_of(relayed)
-                        scope = trio.CancelScope()
-                        relays[lease.request_id] = scope
-                        nursery.start_soon(self._relay, ws, lease, frame, scope, relays)
-                    case RelayCancel(request_id=request_id) if request_id in relays:
-                        relays[request_id].cancel(reason="cancelled by the requesting instance")
-                    case _:
-                        pass  # malformed (dropped above), a duplicate, or not ours to act on
-            nursery.cancel_scope.cancel(reason=f"link from {peer} closed")
+        self.serving.add(link)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        message = frames.decode(await ws.get_message())
+                    except trio_websocket.ConnectionClosed:
+                        break
+                    match message:
+                        case Relay(relayed, frame) if relayed.request_id not in relays:
+                            lease = _lease_of(relayed)
+                            scope = trio.CancelScope()
+                            relays[lease.request_id] = scope
+                            nursery.start_soon(self._relay, ws, lease, frame, scope, relays)
+                        case RelayCancel(request_id=request_id) if request_id in relays:
+                            relays[request_id].cancel(
+                                reason="cancelled by the requesting instance")
+                        case _:
+                            pass  # malformed (dropped above), a duplicate, or not ours to act on
+                nursery.cancel_scope.cancel(reason=f"link from {peer} closed")
+        finally:
+            self.serving.discard(link)
 
     async def _relay(self, ws: trio_websocket.WebSocketConnection, lease: Lease, frame: str,
                      scope: trio.CancelScope, relays: dict[str, trio.CancelScope]) -> None:
@@ -173,20 +195,21 @@ class PeerServer:
             request = None
         if not isinstance(request, InferenceRequest) or request.request_id != lease.request_id:
             relays.pop(lease.request_id, None)
-            await _send(ws, RelayRefused(lease.provider_id, lease.request_id, "malformed relay"))
+            await _refuse(ws, lease, "malformed relay")
             return
         refused = await self.registry.reserve(lease)
         connection = self.directory.get(lease.provider_id, lease.session)
         if refused is not None or connection is None:
             relays.pop(lease.request_id, None)
-            await _send(ws, RelayRefused(lease.provider_id, lease.request_id, refused or "gone"))
-            if refused is None:
-                await self.registry.release(lease, CANCELLED)
+            if refused is None:  # held, but its provider has just gone: give the slot back first
+                with trio.CancelScope(shield=True):
+                    await self.registry.release(lease, CANCELLED)
+            await _refuse(ws, lease, refused or "gone")
             return
         sent = finished = False
-        events = connection.open_stream(lease.request_id)
         limit = _link_limit(self.config) - sizes.PEER_FRAME_OVERHEAD
         try:
+            events = connection.open_stream(lease.request_id)
             with scope:
                 await connection.send(request)
                 sent = True  # whole (wsio): before this, the provider has nothing to cancel
@@ -217,6 +240,12 @@ class PeerServer:
                         await connection.send_cancel(lease.request_id)
                 # Health verdicts are the requesting instance's (the shared breaker).
                 await self.registry.release(lease, CANCELLED)
+
+
+async def _refuse(ws: trio_websocket.WebSocketConnection, lease: Lease, reason: str) -> None:
+    """Say why a relay was not taken; a link that has closed meanwhile needs no answer."""
+    with contextlib.suppress(ProviderGone):
+        await _send(ws, RelayRefused(lease.provider_id, lease.request_id, reason))
 
 
 async def _send(ws: trio_websocket.WebSocketConnection, message: PeerMessage) -> None:
@@ -270,6 +299,8 @@ class PeerLink:
     me: str
     token: str
     config: Config = attrs.field(factory=Config)
+    # Opens the socket: wsio.connect (tests dial the other end over memory streams).
+    dial: Callable[..., Awaitable[trio_websocket.WebSocketConnection]] = wsio.connect
     _ws: trio_websocket.WebSocketConnection | None = None
     _opening: trio.Lock = attrs.field(factory=trio.Lock)
     _requests: dict[str, RemoteConnection] = attrs.field(factory=dict)
@@ -304,9 +335,9 @@ class PeerLink:
                 raise ProviderGone(f"instance {self.instance}: link retired")
             try:
                 with trio.fail_after(self.config.register_timeout):
-                    ws = await wsio.connect(self._nursery, self.url,
-                                            max_message_size=_link_limit(self.config),
-                                            write_timeout=self.config.write_timeout)
+                    ws = await self.dial(self._nursery, self.url,
+                                         max_message_size=_link_limit(self.config),
+                                         write_timeout=self.config.write_timeout)
                     await _send(ws, PeerHello(self.me, self.token))
             except (OSError, ValueError, trio.TooSlowError, trio_websocket.HandshakeError,
                     ProviderGone) as exc:
@@ -332,6 +363,11 @@ class PeerLink:
         if self._ws is not None and not self._ws.closed:
             await _send(self._ws, RelayCancel(connection.provider_id, connection.session,
                                               request_id))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests relayed over this link that have not ended."""
+        return len(self._requests)
 
     def _track(self, request_id: str, connection: RemoteConnection) -> None:
         self._requests[request_id] = connection

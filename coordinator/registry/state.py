@@ -559,11 +559,16 @@ class RegistryState:
         """Hold a slot on one of this instance's providers for another instance's request.
 
         This instance is authoritative for its providers' slots: None when the
-        slot is held, else why not ("gone", "full") — a capacity refusal, no strike.
+        slot is held, else why not ("gone", "full", "duplicate") — a capacity refusal,
+        no strike. A request id already holding a slot on the provider (a request of
+        this instance's, or a relay on another link) is never replaced: its lease and
+        its stream are keyed by that id.
         """
         record = self.providers.get(lease.provider_id)
         if record is None or record.session != lease.session or record.instance:
             return "gone"
+        if lease.request_id in record.leases:
+            return "duplicate"
         if record.free_slots <= 0:
             return "full"
         record.leases[lease.request_id] = lease
