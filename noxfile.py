@@ -87,7 +87,7 @@ def bench(session: nox.Session) -> None:
 
     On two or more CPUs the servers run on CPU 0 and their load on the others
     (BENCH_SERVER_CPUS; set it empty to share every CPU)."""
-    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.install(*CONSTRAINTS, "-e", ".[test,engine]")
     if "BENCH_SERVER_CPUS" not in os.environ and len(os.sched_getaffinity(0)) >= 2:
         session.env["BENCH_SERVER_CPUS"] = "0"
     session.run("python", "-m", "benchmarks.bench_toolschema")
@@ -96,6 +96,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.bench_drain")
     session.run("python", "-m", "benchmarks.bench_zombie")
     session.run("python", "-m", "benchmarks.bench_scale")
+    session.run("python", "-m", "benchmarks.bench_agent")  # a real engine, direct vs through
     if shutil.which("redis-server"):
         session.run("python", "-m", "benchmarks.bench_cluster")
     else:

@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--providers", type=_positive, default=4,
                            help="simulated providers to start (default: 4)")
+            p.add_argument("--engine", default=None, metavar="URL",
+                           help="instead of the simulated providers, a provider agent for the "
+                           "OpenAI-compatible engine at URL (e.g. `provider-agent "
+                           "tiny-engine`'s http://127.0.0.1:8080)")
     from coordinator.loadgen.cli import add_arguments
 
     add_arguments(sub.add_parser(
@@ -174,29 +178,55 @@ async def _serve(config: Config) -> None:
             await _until_signalled(running, signals)
 
 
-async def _demo(config: Config, providers: int) -> None:
-    from provider_sim.behaviours import Behaviour
-    from provider_sim.fleet import demo_fleet, run_fleet
-
+async def _demo(config: Config, providers: int, engine: str | None) -> None:
     with _signals() as signals:
         async with trio.open_nursery() as nursery:
             running: Running = await nursery.start(serve, config)
-            # Paced like a real model (about 30 tokens/s) so the stream is visible.
-            fleet = demo_fleet(providers, token=config.provider_tokens[0],
-                               behaviour=Behaviour(token_interval=0.03, tokens=40))
-            nursery.start_soon(run_fleet, fleet, running.provider_url)
-            await running.registry.wait_for(lambda state: len(state.providers) >= providers)
-            print(_demo_banner(running, config, providers), flush=True)
+            if engine is None:
+                ready = await _simulated_fleet(nursery, running, config, providers)
+            else:
+                ready = await _engine_agent(nursery, running, config, engine)
+            print(_demo_banner(running, config, ready), flush=True)
             await _until_signalled(running, signals)
-            nursery.cancel_scope.cancel(reason="the demo is over")  # the simulated fleet
+            nursery.cancel_scope.cancel(reason="the demo is over")  # its providers
 
 
-def _demo_banner(running: Running, config: Config, providers: int) -> str:
+async def _simulated_fleet(nursery: trio.Nursery, running: Running, config: Config,
+                           providers: int) -> tuple[str, str]:
+    """Start the simulated fleet; (what serves, the model for the curl)."""
+    from provider_sim.behaviours import Behaviour
+    from provider_sim.fleet import demo_fleet, run_fleet
+
+    # Paced like a real model (about 30 tokens/s) so the stream is visible.
+    fleet = demo_fleet(providers, token=config.provider_tokens[0],
+                       behaviour=Behaviour(token_interval=0.03, tokens=40))
+    nursery.start_soon(run_fleet, fleet, running.provider_url)
+    await running.registry.wait_for(lambda state: len(state.providers) >= providers)
+    return (f"{providers} simulated provider{'' if providers == 1 else 's'} "
+            "(models: sim-chat-small, sim-vision-large)", "sim-chat-small")
+
+
+async def _engine_agent(nursery: trio.Nursery, running: Running, config: Config,
+                        engine: str) -> tuple[str, str]:
+    """Start a provider agent (fresh keys: the demo's coordinator is new) for ``engine``."""
+    from provider_agent.agent import AgentConfig, run_agent
+    from provider_link.keys import ProviderKeys
+
+    agent = AgentConfig(engine, (running.provider_url,), config.provider_tokens[0],
+                        ProviderKeys.generate(), "demo-agent")
+    print(f"waiting for the engine at {engine} …", flush=True)
+    provider = await nursery.start(run_agent, agent)
+    await running.registry.wait_for(lambda state: "demo-agent" in state.providers)
+    models = ", ".join(m.id for m in provider.catalog.models)
+    return f"a provider agent for the engine at {engine} (models: {models})", \
+        provider.catalog.models[0].id
+
+
+def _demo_banner(running: Running, config: Config, ready: tuple[str, str]) -> str:
     key, admin = config.api_keys[0], config.admin_keys[0]
+    serving, model = ready
     return (
-        f"\nCoordinator ready with {providers} simulated "
-        f"provider{'' if providers == 1 else 's'} "
-        f"(models: sim-chat-small, sim-vision-large).\n"
+        f"\nCoordinator ready with {serving}.\n"
         f"  HTTP API   {running.http_url}\n"
         f"  providers  {running.provider_url}\n"
         f"  API key    {key}\n"
@@ -204,7 +234,7 @@ def _demo_banner(running: Running, config: Config, providers: int) -> str:
         "Stream tokens:\n\n"
         f"  curl -N {running.http_url}/v1/chat/completions \\\n"
         f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"sim-chat-small\", \"stream\": true, "
+        f"    -d '{{\"model\": \"{model}\", \"stream\": true, "
         "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
         f"Status page: {running.http_url}/status (sign in with the admin key)\n"
         f"Providers:   curl {running.http_url}/v1/admin/providers "
@@ -244,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc))
     try:
         if args.command == "demo":
-            trio.run(_demo, config, args.providers)
+            trio.run(_demo, config, args.providers, args.engine)
         else:
             trio.run(_serve, config)
     except* (ListenError, PinFileError) as group:

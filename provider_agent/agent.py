@@ -53,6 +53,8 @@ async def run_agent(config: AgentConfig, *,
                     task_status: trio.TaskStatus[EngineProvider] = trio.TASK_STATUS_IGNORED
                     ) -> None:
     """Serve until cancelled; ``task_status`` gets the first provider once the engine is read."""
+    # httpx says every request it makes at INFO: one line per consumer request is noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     engine = Engine(config.engine_url)
     started = False
     try:
