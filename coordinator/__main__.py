@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from coordinator.api.server import ListenError
+from coordinator.api.transport import ListenError
 from coordinator.app import Running, serve
 from coordinator.config import Config, ConfigError, unknown_variables
 from coordinator.providers.pinfile import PinFileError

@@ -16,8 +16,9 @@ import attrs
 import trio
 import trio_websocket
 
-from coordinator.api.routes import Api, EdgeGuard, create_app
-from coordinator.api.server import ConnectionTable, ListenError, bind_http, serve_http
+from coordinator.api.exchange import Edge
+from coordinator.api.routes import Api, create_app
+from coordinator.api.transport import Connections, ListenError, bind_http, serve_http
 from coordinator.cluster.peer import PeerServer
 from coordinator.cluster.seam import Shared, Solo
 from coordinator.config import Config
@@ -51,10 +52,15 @@ class Coordinator:
     metrics: Metrics
     dispatcher: Dispatcher
     edge: ProviderEdge
-    asgi: Any  # the ASGI application, edge guard included
-    connections: ConnectionTable
+    http_edge: Edge  # what hypercorn runs: the API behind the HTTP edge's rules
+    connections: Connections
     drain: Drain
     shared: Shared  # Solo, or the Redis seam (cluster/shared.py)
+
+    @property
+    def asgi(self) -> Any:
+        """The API as a plain ASGI application (in-process clients: tests, the load run)."""
+        return self.http_edge.asgi
 
     async def shutdown(self) -> None:
         """Drain (docs/operations.md, shutdown): returns once every request has ended.
@@ -125,11 +131,11 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
         pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
     app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
-    connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout,
+    connections = Connections(config.keep_alive_timeout, config.request_head_timeout,
                                   config.max_body_bytes)
     return Coordinator(config, registry, metrics, dispatcher,
                        ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
-                       EdgeGuard(app, connections, drain), connections, drain, shared)
+                       Edge(app, drain), connections, drain, shared)
 
 
 async def serve(
@@ -180,7 +186,7 @@ async def serve(
         )
         await nursery.start(ws_server.run)
         http_url = await nursery.start(
-            serve_http, coordinator.asgi, config, coordinator.connections, http_socket)
+            serve_http, coordinator.http_edge, config, coordinator.connections, http_socket)
         provider_port = provider_listeners[0].socket.getsockname()[1]
         provider_url = f"ws://{config.provider_host}:{provider_port}/"
         log.info("coordinator listening: http %s, providers %s", http_url, provider_url)

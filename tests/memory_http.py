@@ -1,7 +1,7 @@
 """One consumer connection served by the coordinator's real HTTP stack, in memory.
 
-hypercorn's ``TCPServer``, the listener's ``GuardedStream`` and the ASGI edge
-run exactly as ``coordinator serve`` runs them (``server._connection``); only
+hypercorn's ``TCPServer``, the transport's ``ConsumerConnection`` and the edge
+run exactly as ``coordinator serve`` runs them (``transport.serve_connection``); only
 the socket under them is an in-memory stream. So virtual time works, and every
 write that reaches the "socket" is counted.
 """
@@ -11,19 +11,19 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
-from typing import Any
 
 import attrs
 import h11
 import trio
 import trio.testing
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
-from hypercorn.utils import wrap_app
 
-from coordinator.api.server import ConnectionTable, GuardedStream, _connection, hypercorn_config
+from coordinator.api.exchange import Edge
+from coordinator.api.transport import (
+    Connections,
+    ConsumerConnection,
+    hypercorn_config,
+    serve_connection,
+)
 
 from .harness import make_config
 
@@ -74,7 +74,7 @@ class Connection:
 
     client: trio.abc.HalfCloseableStream
     socket: MemorySocketStream
-    table: ConnectionTable
+    table: Connections
     slots: trio.Semaphore
     closed: trio.Event
 
@@ -110,15 +110,13 @@ class Connection:
 
 
 @asynccontextmanager
-async def open_connection(app: Any, table: ConnectionTable | None = None, *,
+async def open_connection(edge: Edge, table: Connections | None = None, *,
                           write_timeout: float = 30.0) -> AsyncIterator[Connection]:
-    """Serve one connection with ``app`` (an ASGI app, usually ``EdgeGuard``-wrapped, that
-    knows ``table``) until the server closes it; the block's end waits for that."""
+    """Serve one connection with ``edge`` (the coordinator's, or one around a test's ASGI
+    app) until the server closes it; the block's end waits for that."""
     config = make_config()
-    table = table if table is not None else ConnectionTable(config.keep_alive_timeout)
+    table = table if table is not None else Connections(config.keep_alive_timeout)
     hconfig = hypercorn_config(config)
-    server = partial(TCPServer, wrap_app(app, hconfig.wsgi_max_body_size, "asgi"), hconfig,
-                     WorkerContext(None), ConnectionState({}))
     client, ours = trio.testing.memory_stream_pair()
     sock = MemorySocketStream(ours)
     slots = trio.Semaphore(1)
@@ -127,7 +125,8 @@ async def open_connection(app: Any, table: ConnectionTable | None = None, *,
 
     async def serve() -> None:
         try:
-            await _connection(server, GuardedStream(sock, table, write_timeout, slots))
+            await serve_connection(edge, hconfig, {}, ConsumerConnection(
+                sock, table, write_timeout, slots))  # type: ignore[arg-type]
         finally:
             connection.closed.set()
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from coordinator.api.server import ConnectionTable, GuardedListener
+from coordinator.api.transport import ConnectionListener, Connections
 from coordinator.descriptors import LOG_INTERVAL, RESERVE, UNLIMITED_TARGET, Plan, needed, plan
 from coordinator.providers.handshakes import capped
 
@@ -76,7 +76,7 @@ class _Exhausted(trio.abc.Listener[Any]):
 
 
 def _http(inner: Any) -> Any:
-    return GuardedListener(inner, ConnectionTable(5.0), 10, 5.0)
+    return ConnectionListener(inner, Connections(5.0), 10, 5.0)
 
 
 def _providers(inner: Any) -> Any:

@@ -20,9 +20,10 @@ import trio_websocket
 from quart import request as quart_request
 from quart_trio import QuartTrio
 
-from coordinator.api.routes import _CONSUMER_GONE, EdgeGuard
-from coordinator.api.server import ConnectionTable
+from coordinator.api.exchange import _CONSUMER_GONE, Edge
+from coordinator.api.transport import Connections
 from coordinator.app import Running, serve
+from coordinator.lifecycle import Drain
 from provider_sim.behaviours import Behaviour
 from provider_sim.fleet import demo_fleet, run_fleet
 
@@ -575,16 +576,16 @@ async def test_a_consumer_gone_before_its_answer_is_no_error(autojump_clock, cap
 
         await app(scope, receive_and_note, send)
 
-    table = ConnectionTable(5.0)
+    table = Connections(5.0)
     with caplog.at_level("DEBUG", logger="coordinator"):
-        async with open_connection(EdgeGuard(hearing, table), table) as connection:
+        async with open_connection(Edge(hearing, Drain()), table) as connection:
             await connection.client.send_all(b"POST /echo HTTP/1.1\r\nHost: edge\r\n"
                                               b"Content-Length: 1\r\n\r\nx")
             await connection.client.send_eof()  # the consumer hangs up (we still read)
             written = await connection.rest()
     assert heard.is_set() and answered == ["late answer"]  # ready after the hang-up
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
-    assert connection.slots.value == 1 and not table.streams  # closed, its slot given back
+    assert connection.slots.value == 1 and not table.open  # closed, its slot given back
     if _CONSUMER_GONE:  # quart 0.23: nothing is written, the edge says why at DEBUG
         assert written == b""
         assert "consumer left before its answer was sent" in caplog.text

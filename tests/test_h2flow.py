@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from coordinator.api import h2flow
+from coordinator.api.exchange import Edge
 from provider_sim.behaviours import Behaviour
 
 from .harness import API_KEY, Harness, open_harness
@@ -31,19 +32,23 @@ SLOW_BIG = Behaviour(text=" ".join(["y" * CHUNK] * 200), token_interval=0.5)
 STREAMS = 10
 
 
-def _counting(app: Any, accepted: dict[int, int]) -> Any:
-    """``app`` with the body bytes handed to hypercorn for each answer counted (they sit in
-    hypercorn's buffer from the moment they are handed over, sent or not)."""
-    async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+class _CountingEdge:
+    """``edge`` with the body bytes handed to hypercorn for each answer counted (they sit
+    in hypercorn's buffer from the moment they are handed over, sent or not)."""
+
+    def __init__(self, edge: Edge, accepted: dict[int, int]) -> None:
+        self.edge, self.accepted = edge, accepted
+
+    async def handle(self, connection: Any, scope: dict[str, Any], receive: Any,
+                     send: Any) -> None:
         key = id(scope)
 
         async def send_counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.body":
-                accepted[key] = accepted.get(key, 0) + len(message.get("body", b""))
+                self.accepted[key] = self.accepted.get(key, 0) + len(message.get("body", b""))
             await send(message)
 
-        await app(scope, receive, send_counted)
-    return counted
+        await self.edge.handle(connection, scope, receive, send_counted)
 
 
 async def _open_streams(connection: Connection, count: int) -> h2.connection.H2Connection:
@@ -81,8 +86,8 @@ async def test_a_stream_without_window_buffers_a_bounded_amount_and_is_cut_at_wr
     async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
         provider = await h.add_provider("big", behaviour=SLOW_BIG, max_concurrency=STREAMS)
         accepted: dict[int, int] = {}
-        app = _counting(h.coordinator.asgi, accepted)
-        async with open_connection(app, h.coordinator.connections) as connection, \
+        edge: Any = _CountingEdge(h.coordinator.http_edge, accepted)
+        async with open_connection(edge, h.coordinator.connections) as connection, \
                 trio.open_nursery() as nursery:
             client = await _open_streams(connection, STREAMS)
             events: list[Any] = []
@@ -107,7 +112,7 @@ async def test_a_stream_without_window_buffers_a_bounded_amount_and_is_cut_at_wr
 async def test_a_connection_that_goes_frees_its_streams_slots_at_once(autojump_clock):
     async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
         provider = await h.add_provider("big", behaviour=SLOW_BIG, max_concurrency=STREAMS)
-        async with open_connection(h.coordinator.asgi, h.coordinator.connections) as connection:
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection:
             await _open_streams(connection, STREAMS)
             await h.until(lambda: _in_use(h) == STREAMS)
             await trio.sleep(5)
@@ -137,7 +142,7 @@ async def test_a_head_once_begun_is_finished_when_its_request_is_cancelled(autoj
     """hypercorn encodes an HTTP/2 head into the connection's shared header table before
     it waits for the connection's writer: a head dropped there would leave the consumer
     unable to decode any later answer on the connection."""
-    from coordinator.api.routes import _BodyWatch
+    from coordinator.api.exchange import Exchange
     from coordinator.lifecycle import Drain
 
     written: list[tuple[str, float]] = []
@@ -151,7 +156,8 @@ async def test_a_head_once_begun_is_finished_when_its_request_is_cancelled(autoj
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    watch = _BodyWatch(receive, server_send, False, Drain(), None, stall_limit=30.0)
+    watch = Exchange(None, {"type": "http", "http_version": "2", "path": "/v1/chat/completions"},
+                     receive, server_send, Drain())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_set_after, writer_free, 5.0)
         with trio.move_on_after(1.0) as request:  # the consumer leaves at 1 s

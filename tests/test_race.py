@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 
+from coordinator.api.outcomes import dispatch_error
 from coordinator.dispatch import race
 from coordinator.dispatch.chunks import ChunkKind
 from coordinator.dispatch.race import (
@@ -29,6 +30,7 @@ from coordinator.dispatch.race import (
     RacerState,
     Sent,
 )
+from coordinator.dispatch.request import DispatchFailed, FailureKind
 from coordinator.protocol import Usage
 from coordinator.registry.table import CANCELLED, Outcome, Outpaced
 
@@ -227,10 +229,13 @@ def test_retry_labels(failures, label):
     (Failure("a", "1", 500, "boom"), 503, "provider_error"),
 ])
 def test_what_an_exhausted_request_becomes(last, status, code):
-    error = race.exhausted([Failure("b", "1", 500, "first"), last])
+    """The engine says why (a kind, never a status); the API edge picks the status."""
+    failures = (Failure("b", "1", 500, "first"), last)
+    kind = FailureKind(race.exhausted(list(failures)))
+    error = dispatch_error(DispatchFailed(kind, failures))
     assert (error.status, error.code) == (status, code)
     assert error.message.startswith("all 2 provider(s) tried failed; last error: ")
-    assert race.exhausted([]).status == 503
+    assert dispatch_error(DispatchFailed(FailureKind(race.exhausted([])))).status == 503
 
 
 def test_deterministic_statuses_are_recognised():

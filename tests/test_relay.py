@@ -9,7 +9,7 @@ import attrs
 import trio
 
 from coordinator.config import Config
-from coordinator.dispatch.items import End, InBandError
+from coordinator.dispatch.items import Batch, End, InBandError, InBandReason
 from coordinator.dispatch.race import RacerState
 from coordinator.dispatch.relay import Relay
 from coordinator.dispatch.request import Committed, Racer
@@ -67,14 +67,14 @@ async def test_a_stream_read_to_its_end_closes_the_winner_before_the_last_batch(
         assert dispatcher.closed == [(SUCCESS, False)]
         batches.append(batch)
     await relay.abandon()  # the request ends: nothing left to close
-    assert batches == [[ROLE, CONTENT, End(Usage(1, 2))]]
+    assert batches == [Batch((ROLE, CONTENT, End(Usage(1, 2))), last=True)]
     assert dispatcher.closed == [(SUCCESS, False)]
 
 
 async def test_a_consumer_leaving_half_way_closes_the_winner_at_once():
     relay, dispatcher, _ = _relay()
     async with contextlib.aclosing(relay.batches()) as batches:
-        assert await batches.__anext__() == [ROLE, CONTENT]
+        assert await batches.__anext__() == Batch((ROLE, CONTENT))
     assert dispatcher.closed == [(CANCELLED, True)]  # at aclose, not at the request's end
     await relay.abandon()
     assert dispatcher.closed == [(CANCELLED, True)]
@@ -85,9 +85,11 @@ async def test_a_silent_winner_ends_the_stream_in_band_after_idle_timeout(autoju
     started = trio.current_time()
     batches = [batch async for batch in relay.batches()]
     assert trio.current_time() - started == 60.0
-    assert batches[0] == [ROLE, CONTENT]
-    [error] = batches[1]
-    assert isinstance(error, InBandError) and (error.reason, error.status) == ("timeout", 504)
+    assert batches[0] == Batch((ROLE, CONTENT))
+    [error] = batches[1].items
+    assert batches[1].last and batches[1].ending is error
+    assert isinstance(error, InBandError) and \
+        (error.reason, error.status) == (InBandReason.TIMEOUT, 504)
     assert dispatcher.closed == [(Outcome.failure(504), True)]
 
 
@@ -102,8 +104,8 @@ async def test_the_drain_deadline_ends_the_stream_without_a_verdict(autojump_clo
     async with trio.open_nursery() as request:
         request.start_soon(drain_soon)
         batches = [batch async for batch in relay.batches()]
-    [error] = batches[-1]
-    assert isinstance(error, InBandError) and error.reason == "shutdown"
+    [error] = batches[-1].items
+    assert isinstance(error, InBandError) and error.reason is InBandReason.SHUTDOWN
     assert trio.current_time() == 6.0
     assert dispatcher.closed == [(CANCELLED, True)]
 
@@ -112,6 +114,7 @@ async def test_a_provider_gone_after_content_ends_the_stream_with_a_502():
     relay, dispatcher, send = _relay()
     send.close()
     batches = [batch async for batch in relay.batches()]
-    [error] = batches[-1]
-    assert isinstance(error, InBandError) and (error.reason, error.status) == ("disconnected", 502)
+    [error] = batches[-1].items
+    assert isinstance(error, InBandError) and \
+        (error.reason, error.status) == (InBandReason.DISCONNECTED, 502)
     assert dispatcher.closed == [(Outcome.failure(502), False)]

@@ -1,8 +1,8 @@
 """A response's head goes out with its first body part, a stream's last part with its end.
 
 Each response is served by the real stack — hypercorn's ``TCPServer`` over the
-listener's ``GuardedStream``, the ASGI edge (``EdgeGuard`` and its
-``_BodyWatch``) — over an in-memory connection (tests/memory_http.py), and the
+transport's ``ConsumerConnection``, the edge (``Edge`` and each request's
+``Exchange``) — over an in-memory connection (tests/memory_http.py), and the
 writes that reach the socket are counted. The applications are scripted ASGI
 apps, so each test says exactly which parts a response has.
 """
@@ -20,9 +20,11 @@ import h2.settings
 import trio
 import trio.testing
 
-from coordinator.api.routes import WRITES_KEY, EdgeGuard
-from coordinator.api.server import ConnectionTable, WriteLock
+from coordinator.api import exchange
+from coordinator.api.exchange import Edge
 from coordinator.api.sse import DONE
+from coordinator.api.transport import Connections, WriteLock
+from coordinator.lifecycle import Drain
 from provider_sim.behaviours import Behaviour
 
 from .harness import API_KEY, MODEL, open_harness
@@ -62,21 +64,23 @@ class _Script:
         assert self.connection is not None
         for part in self.parts:
             if part == "last":
-                scope[WRITES_KEY].last_part_next()
+                current = exchange.current()
+                assert current is not None
+                current.last_part_next()
                 continue
             await send(part)
             self.writes_after.append(len(self.connection.writes))
 
 
 async def _serve(script: _Script, request: bytes, *,
-                 table: ConnectionTable | None = None) -> tuple[Connection, bytes]:
+                 table: Connections | None = None) -> tuple[Connection, bytes]:
     """Serve one request through the edge; the whole response as the client read it."""
-    table = table if table is not None else ConnectionTable(5.0)
-    async with open_connection(EdgeGuard(script, table), table) as connection:
+    table = table if table is not None else Connections(5.0)
+    async with open_connection(Edge(script, Drain()), table) as connection:
         script.connection = connection
         await connection.client.send_all(request)
         received = await connection.rest()
-    assert connection.slots.value == 1 and not table.streams  # closed, its slot given back
+    assert connection.slots.value == 1 and not table.open  # closed, its slot given back
     return connection, received
 
 
@@ -111,7 +115,7 @@ async def test_a_streamed_chat_answer_leaves_head_with_content_and_done_with_end
         request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                    b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (API_KEY.encode(), len(body), body))
-        async with open_connection(h.coordinator.asgi, h.coordinator.connections) as connection:
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection:
             await connection.client.send_all(request)
             received = await connection.rest()
     first, *_, last = connection.writes
@@ -134,7 +138,7 @@ async def test_a_head_whose_body_writes_nothing_still_goes_out(autojump_clock):
 
 
 async def test_a_peer_gone_before_the_held_write_is_no_error(autojump_clock, caplog):
-    table = ConnectionTable(5.0)
+    table = Connections(5.0)
     sent: list[str] = []
 
     async def answer_after_the_hang_up(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -144,35 +148,40 @@ async def test_a_peer_gone_before_the_held_write_is_no_error(autojump_clock, cap
             await send(part)  # the head's write (the edge's flush) meets a closed peer
             sent.append(part["type"])
 
-    async with open_connection(EdgeGuard(answer_after_the_hang_up, table), table) as connection:
+    async with open_connection(Edge(answer_after_the_hang_up, Drain()), table) as connection:
         await connection.client.send_all(_request(b"HEAD"))
         await connection.client.aclose()
     assert sent == ["http.response.start", "http.response.body", "http.response.body"]
     [write] = connection.writes  # the attempt, refused by the closed peer
     assert _is_head(write)
-    assert connection.slots.value == 1 and not table.streams
+    assert connection.slots.value == 1 and not table.open
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-async def test_without_a_stream_nothing_is_held(autojump_clock):
-    # A request whose connection the edge does not know (no table: its peer was
-    # reset before it could be looked up) is written as hypercorn writes it.
-    script = _Script(START, "last", _body(b"x"), _body(b"", more=False))
-    async with open_connection(EdgeGuard(script), None) as connection:
-        script.connection = connection
-        await connection.client.send_all(_request())
-        received = await connection.rest()
-    head, body, end = connection.writes
-    assert _is_head(head) and head.endswith(b"\r\n\r\n")
-    assert (body, end) == (_chunk(b"x"), CHUNKED_END)
-    assert script.writes_after == [1, 2, 3]
-    assert received == head + body + end
+async def test_each_request_is_handed_its_own_connection(autojump_clock):
+    # Requests were matched to their connections by peer address: two connections the
+    # same address (a proxy reusing a port) shared one entry, and one request's writes
+    # were held on the other connection. Here both come from the same address.
+    table = Connections(5.0)
+    scripts = [_Script(START, "last", _body(name), _body(b"", more=False))
+               for name in (b"first ", b"second ")]
+    async with open_connection(Edge(scripts[0], Drain()), table) as one, \
+            open_connection(Edge(scripts[1], Drain()), table) as two:
+        for script, connection in zip(scripts, (one, two), strict=True):
+            script.connection = connection
+            await connection.client.send_all(_request())
+        answers = [await one.rest(), await two.rest()]
+    for connection, name, answer in zip((one, two), (b"first ", b"second "), answers,
+                                        strict=True):
+        [write] = connection.writes  # each answer in one write, on its own connection
+        assert _is_head(write) and write.endswith(_chunk(name) + CHUNKED_END)
+        assert answer == write
 
 
 async def test_a_head_is_written_even_when_its_body_is_cancelled_on_the_way(autojump_clock):
     # HTTP/2, the consumer giving no window: hypercorn buffers the first part and
     # waits, and the request is cancelled there. The held head must not wait with it.
-    table = ConnectionTable(5.0)
+    table = Connections(5.0)
     cut, checked = trio.Event(), trio.Event()
 
     async def cancelled_while_sending(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -185,7 +194,7 @@ async def test_a_head_is_written_even_when_its_body_is_cancelled_on_the_way(auto
         cut.set()
         await checked.wait()  # the request's cleanup is still running
 
-    async with open_connection(EdgeGuard(cancelled_while_sending, table), table) as connection:
+    async with open_connection(Edge(cancelled_while_sending, Drain()), table) as connection:
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         client.initiate_connection()
         client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})

@@ -55,5 +55,6 @@ def error_headers(error: ApiError) -> dict[str, str]:
     return headers
 
 
-def error_json(error: ApiError, family: Family) -> str:
-    return json.dumps(error_body(error, family))
+def render(error: ApiError, family: Family) -> tuple[int, dict[str, str], bytes]:
+    """The one rendering of an error: status, headers and body, in the family's shape."""
+    return error.status, error_headers(error), json.dumps(error_body(error, family)).encode()

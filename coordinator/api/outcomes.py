@@ -7,12 +7,38 @@ import contextlib
 import orjson
 
 from coordinator import errors
+from coordinator.dispatch import race
 from coordinator.dispatch.chunks import Event
-from coordinator.dispatch.items import End, InBandError
+from coordinator.dispatch.items import End, InBandError, InBandReason
 from coordinator.dispatch.relay import Relay
+from coordinator.dispatch.request import DispatchFailed, FailureKind
 from coordinator.metrics import Metrics
 from coordinator.protocol import Usage
 from coordinator.registry.state import Refusal, Refused
+
+
+def dispatch_error(failed: DispatchFailed) -> errors.ApiError:
+    """A request no provider answered, as the status and error body a consumer gets."""
+    match failed.kind:
+        case FailureKind.REFUSED:
+            assert failed.refused is not None
+            return refusal_error(failed.refused)
+        case FailureKind.SHUTDOWN:
+            return errors.shutting_down()
+        case FailureKind.REJECTED:
+            rejected = race.rejected(list(failed.failures))
+            assert rejected is not None
+            return errors.rejected_by_provider(rejected.status, rejected.message)
+    if not failed.failures:
+        return errors.unavailable("no provider could serve this request")
+    tried = len({f.provider_id for f in failed.failures})
+    message = f"all {tried} provider(s) tried failed; last error: {failed.failures[-1].message}"
+    match failed.kind:
+        case FailureKind.TIMEOUT:
+            return errors.ApiError(504, message, "provider_error", "timeout")
+        case FailureKind.CAPACITY:
+            return errors.ApiError(429, message, "rate_limit_error", "capacity", retry_after=5)
+    return errors.ApiError(503, message, "provider_error", "provider_error", retry_after=5)
 
 
 def refusal_error(refused: Refused) -> errors.ApiError:
@@ -43,15 +69,15 @@ async def collect(relay: Relay, metrics: Metrics,
     held = 0
     async with contextlib.aclosing(relay.batches()) as batches:
         async for batch in batches:
-            for item in batch:
+            for item in batch.items:
                 match item:
                     case End(usage):
                         return events, usage
-                    case InBandError("shutdown", _):
+                    case InBandError(InBandReason.SHUTDOWN, _):
                         raise errors.shutting_down()
                     case InBandError(reason, message):
-                        metrics.inband_errors.labels(reason).inc()
-                        timeout = reason == "timeout"
+                        metrics.inband_errors.labels(reason.value).inc()
+                        timeout = reason is InBandReason.TIMEOUT
                         raise errors.ApiError(
                             504 if timeout else 502,
                             f"provider failed after it began answering: {message}",

@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
-import h11
-import quart.wrappers.base
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -30,7 +28,7 @@ from coordinator.credentials import matches_any
 from coordinator.dispatch.attempt import Dispatcher
 from coordinator.dispatch.items import End, InBandError
 from coordinator.dispatch.relay import Relay
-from coordinator.dispatch.request import Committed, NotDispatched, RequestContext
+from coordinator.dispatch.request import Committed, DispatchFailed, RequestContext
 from coordinator.dispatch.timing import Timing
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
@@ -42,34 +40,19 @@ from coordinator.registry.traits import estimate_prompt_tokens, traits_of
 from coordinator.toolschema import normalize_tool_schemas
 from coordinator.untrusted import printable
 
-from . import sse
+from . import exchange, sse
 from .assemble import assemble
-from .errors import Family, error_body, error_headers, error_json, family_of
-from .outcomes import collect, refusal_error
+from .errors import Family, family_of, render
+from .outcomes import collect, dispatch_error
+from .requestlog import RequestRecord, Result
 from .requests import ParsedRequest, parse_body, validate
-from .server import ConnectionTable, FramingRefused, GuardedStream
 from .status import group_failovers, render_sign_in, render_status
 from .status_sessions import COOKIE, COOKIE_PATH, StatusSessions
 
 log = logging.getLogger(__name__)
-outcomes = logging.getLogger("coordinator.requests")
 
-# quart 0.23 (with quart-trio 0.13, Python >= 3.13) raises this when the consumer
-# hangs up before the response's first write; quart 0.22 has no such error.
-_gone = getattr(quart.wrappers.base, "ClientDisconnectedError", None)
-_CONSUMER_GONE: tuple[type[Exception], ...] = (_gone,) if _gone is not None else ()
-
-# The request's relays (its committed winners), which EdgeGuard closes when the request
-# is over if their streams have not: the request owns its winner however it ends.
-RELAYS_KEY = "coordinator.request_relays"
 # Bodies larger than this are parsed in a worker thread (Api._prepare).
 PARSE_IN_THREAD_BYTES = 256 * 1024
-# The request's _BodyWatch, which a stream tells when its last part comes.
-WRITES_KEY = "coordinator.response_writes"
-
-
-class ConsumerStalled(Exception):
-    """An HTTP/2 consumer gave its stream no flow-control window for ``write_timeout``."""
 
 
 @attrs.define(eq=False)
@@ -110,67 +93,65 @@ class Api:
 
     # -- the one inference path
     async def inference(self, endpoint: Endpoint) -> Response:
-        family = Family.ANTHROPIC if endpoint is Endpoint.MESSAGES else Family.OPENAI
         timing = Timing(started=trio.current_time())
-        request_id = uuid.uuid4().hex[:16]
-        record: dict[str, Any] = {"request_id": request_id, "route": endpoint.value}
+        record = RequestRecord(uuid.uuid4().hex[:16], endpoint.value, timing)
         try:
-            response = await self._inference(endpoint, timing, request_id, record)
+            response = await self._inference(endpoint, record)
         except errors.ApiError as exc:
-            record.update(result="error", status=exc.status, error=exc.code or exc.type)
-            response = error_response(exc, family)
+            record.failed(exc.status, exc.code or exc.type)
+            response = error_response(exc, family_of(endpoint.value))
         except RegistryFault:
             # The actor has logged the fault; this request gets a clean 500.
-            record.update(result="error", status=500, error="internal_error")
+            record.failed(500, "internal_error")
             response = error_response(errors.ApiError(
-                500, "internal error", "server_error", "internal_error"), family)
+                500, "internal error", "server_error", "internal_error"),
+                family_of(endpoint.value))
         finally:
-            # A stream's outcome is known only when it ends: the relay logs it then.
-            if record.get("result") != "streaming":
-                _log_outcome(record, timing)
+            # A stream's outcome is known only when it is over: its exchange logs it then.
+            if not record.streaming:
+                record.write()
         self.metrics.requests.labels(endpoint.value, str(response.status_code)).inc()
         return response
 
-    async def _inference(
-        self, endpoint: Endpoint, timing: Timing, request_id: str, record: dict[str, Any]
-    ) -> Response:
+    async def _inference(self, endpoint: Endpoint, record: RequestRecord) -> Response:
         if not self._authorized(self.config.api_keys):
             raise errors.unauthorized()
         raw = await _read_body(self.config.max_body_bytes)
+        timing = record.timing
         if len(raw) > PARSE_IN_THREAD_BYTES:
             # Seconds of pure Python for a large body of an odd shape: in a worker
             # thread, the event loop (every other request) keeps its turns.
             # One such thread at a time: under the GIL more would only take more turns
             # from the event loop, not finish sooner.
             parsed, plaintext, job = await trio.to_thread.run_sync(
-                self._prepare, endpoint, raw, request_id, limiter=self._parse_threads)
+                self._prepare, endpoint, raw, record.request_id, limiter=self._parse_threads)
         else:
-            parsed, plaintext, job = self._prepare(endpoint, raw, request_id)
-        record["model"] = parsed.model
+            parsed, plaintext, job = self._prepare(endpoint, raw, record.request_id)
+        record.model = parsed.model
         ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
         relay = await self._dispatch(ctx, record)
         committed = relay.committed
-        record["provider"] = committed.racer.lease.provider_id
+        record.provider = committed.racer.lease.provider_id
         headers = {
             "X-Provider-Id": committed.racer.lease.provider_id,
             "X-Provider-Version": committed.racer.lease.version,
             "X-Attempts": str(committed.attempts),
             "X-Timing": timing.header(),
-            "X-Request-Id": request_id,
+            "X-Request-Id": record.request_id,
         }
         link = getattr(committed.racer.connection, "link", None)
         if link is not None:  # a provider connected to another instance (docs/scale-out.md)
             headers["X-Provider-Instance"] = link.instance
-            record["instance"] = link.instance
+            record.instance = link.instance
         if not parsed.stream:
             chunks, usage = await collect(relay, self.metrics, self.config.max_response_bytes)
-            record.update(result="success", status=200)
-            body = assemble(endpoint, chunks, usage, request_id)
+            record.result, record.status = Result.SUCCESS, 200
+            body = assemble(endpoint, chunks, usage, record.request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")
-        record.update(result="streaming", status=200)
+        record.status, record.streaming = 200, True
         response = Response(
-            self._sse(endpoint, relay, record, timing, _writes_of(request.scope)),
+            self._sse(endpoint, relay, record, exchange.current()),
             200,
             {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             content_type="text/event-stream",
@@ -199,59 +180,49 @@ class Api:
         )
         return parsed, plaintext, job
 
-    async def _dispatch(self, ctx: RequestContext, record: dict[str, Any]) -> Relay:
+    async def _dispatch(self, ctx: RequestContext, record: RequestRecord) -> Relay:
         """Dispatch; the winner's relay is made at the commit, and owned by the request."""
-        owned: list[Relay] = request.scope[RELAYS_KEY]  # type: ignore[literal-required]
+        owner = exchange.current()
+        relays: list[Relay] = []
 
         def handover(winner: Committed) -> None:
-            owned.append(Relay(self.dispatcher, winner))
+            relays.append(Relay(self.dispatcher, winner))
+            if owner is not None:  # the request owns it, however the response ends
+                owner.own(relays[-1])
 
-        committed: Committed | None = None
         try:
-            # Waiting for a provider (queue, attempts) ends with the drain, if one begins.
-            with self.drain.bounded():
-                committed = await self.dispatcher.dispatch(ctx, handover)
-        except NotDispatched as exc:
-            raise refusal_error(exc.refused) from None
+            await self.dispatcher.dispatch(ctx, handover)
+        except DispatchFailed as exc:
+            raise dispatch_error(exc) from None
         finally:
-            record.update(attempts=ctx.attempts, providers_tried=ctx.providers_tried)
-        if committed is None:
-            raise errors.shutting_down()
-        return owned[-1]
+            record.attempts, record.providers_tried = ctx.attempts, ctx.providers_tried
+        return relays[-1]
 
-    async def _sse(
-        self, endpoint: Endpoint, relay: Relay, record: dict[str, Any], timing: Timing,
-        writes: _BodyWatch | None = None,
-    ) -> AsyncIterator[bytes]:
-        """The stream's SSE bytes, a batch per write (``writes``: the request's _BodyWatch)."""
+    async def _sse(self, endpoint: Endpoint, relay: Relay, record: RequestRecord,
+                   owner: exchange.Exchange | None) -> AsyncIterator[bytes]:
+        """The stream's SSE bytes, a batch per write."""
         writer = sse.SseWriter(endpoint)
-        committed = relay.committed
-        record["result"] = "client_gone"
+        record.result = Result.CLIENT_GONE
         try:
             async with contextlib.aclosing(relay.batches()) as batches:
                 async for batch in batches:
-                    last = False  # an ending: nothing comes after this batch
-                    for item in batch:
-                        if isinstance(item, InBandError):
-                            self.metrics.inband_errors.labels(item.reason).inc()
-                            _log_inband(committed.racer.lease.provider_id, item)
-                            record.update(result="inband_error", error=item.reason)
-                            last = True
-                        elif isinstance(item, End):
-                            record["result"] = "success"
-                            last = True
-                    data = b"".join(writer.frame(item) for item in batch)
+                    match batch.ending:
+                        case InBandError() as error:
+                            self.metrics.inband_errors.labels(error.reason.value).inc()
+                            _log_inband(relay.committed.racer.lease.provider_id, error)
+                            record.result, record.error = Result.INBAND_ERROR, error.reason.value
+                        case End():
+                            record.result = Result.SUCCESS
+                    data = b"".join(writer.frame(item) for item in batch.items)
                     if data:
-                        if last and writes is not None:  # out with the end, at once
-                            writes.last_part_next()
+                        if batch.last and owner is not None:  # out with the end, at once
+                            owner.last_part_next()
                         yield data
-                    if last:
-                        return
         finally:
-            if writes is not None:  # once the server has (or has not) sent the end
-                writes.pending_log = (record, timing)
+            if owner is not None:  # written once the server has (or has not) sent the end
+                owner.record = record
             else:
-                _log_outcome(record, timing)
+                record.write()
 
     # -- the rest of the surface
     async def models(self) -> Response:
@@ -392,18 +363,9 @@ def _log_inband(provider_id: str, error: InBandError) -> None:
 
     A provider's error text may quote the prompt (docs/operations.md, logs)."""
     provider = printable(provider_id)  # a peer instance's provider, too
-    log.warning("in-band error after content on %s: %s (status %d)", provider, error.reason,
+    log.warning("in-band error after content on %s: %s (status %d)", provider, error.reason.value,
                 error.status)
     log.debug("in-band error text from %s: %s", provider, printable(error.message))
-
-
-def _log_outcome(record: dict[str, Any], timing: Timing) -> None:
-    """One JSON line per request outcome. Never any prompt or output content."""
-    if not outcomes.isEnabledFor(logging.INFO):
-        return  # the usual production level: no line, so no encoding either
-    record["latency_ms"] = round((trio.current_time() - timing.started) * 1000, 3)
-    record.setdefault("result", "cancelled")
-    outcomes.info(json.dumps(record))
 
 
 async def _read_body(limit: int) -> bytes:
@@ -457,7 +419,8 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def error_response(error: errors.ApiError, family: Family) -> Response:
-    return Response(json.dumps(error_body(error, family)), error.status, error_headers(error))
+    status, headers, body = render(error, family)
+    return Response(body, status, headers)
 
 
 def routing_error(exc: HTTPException, method: str, path: str) -> errors.ApiError:
@@ -525,313 +488,3 @@ def create_app(api: Api) -> QuartTrio:
                                               "internal_error"), family_of(request.path))
 
     return app
-
-
-class EdgeGuard:
-    """ASGI wrapper around the application: what every request gets, whatever its route.
-
-    * Each request owns the relay of its committed winner, however the
-      response ends — read to the end, abandoned between the headers and the
-      body, or cut by the write timeout: once the application is done, a
-      winner its stream has not released is released here.
-    * The response head waits for the first body part, and a stream's last
-      part for the end, so that each pair leaves in one write (``_BodyWatch``).
-    * The connection table hears when a request starts and ends, so the
-      keep-alive idle timeout applies only between requests.
-    * WebSocket upgrades are refused (403): the API has none; providers use
-      their own port.
-    * While the coordinator drains, new requests get 503 with ``Retry-After``
-      (``/healthz`` says "draining", ``/metrics`` still answers), every
-      response closes its connection, and requests in flight are counted so
-      the drain knows when they are all done.
-    """
-
-    def __init__(self, app: QuartTrio, connections: ConnectionTable | None = None,
-                 drain: Drain | None = None) -> None:
-        self.app: Any = app
-        self.connections = connections
-        self.drain = drain if drain is not None else Drain()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        kind = scope.get("type")
-        if kind == "websocket":
-            try:
-                await send({"type": "websocket.close", "code": 1008})
-            except h11.LocalProtocolError:
-                # The peer broke HTTP/1 framing after the upgrade request (hypercorn's
-                # h11 is in its ERROR state): there is no one to refuse any more.
-                log.debug("websocket upgrade refused on a broken connection")
-            return
-        if kind != "http":
-            await self.app(scope, receive, send)
-            return
-        peer = _peer(scope)
-        if self.connections is not None:
-            self.connections.request_started(peer)
-        stream = self.connections.stream(peer) if self.connections is not None else None
-        has_body = _has_body(scope)
-        if stream is not None and has_body:
-            receive = stream.guard_body(receive)  # a body the listener refuses fails here
-        body = _BodyWatch(receive, send, has_body, self.drain, stream,
-                          _stall_limit(scope, stream), closing=_asks_to_close(scope))
-        scope[WRITES_KEY] = body
-        try:
-            with self.drain.request():
-                if self.drain.draining and scope.get("path") not in _WHILE_DRAINING:
-                    await body.error(errors.shutting_down(), scope)
-                elif _both_lengths(scope):
-                    await body.error(_BOTH_LENGTHS, scope)  # and closed: never read
-                else:
-                    relays: list[Relay] = []
-                    scope[RELAYS_KEY] = relays
-                    stalled = False
-                    try:
-                        stalled = await _isolated(self.app, scope, body)
-                    finally:
-                        for relay in relays:  # a stream nobody read to its end
-                            await relay.abandon()
-                        body.log_outcome(stalled=stalled)
-        finally:
-            if self.connections is not None:
-                self.connections.request_ended(peer, close=body.closing)
-
-
-async def _isolated(app: Any, scope: dict[str, Any], body: _BodyWatch) -> bool:
-    """Run the application; what escapes it becomes an error response, not a crash.
-
-    Quart raises some HTTP errors outside its handlers (werkzeug's ``BadHost``
-    for a Host header that does not encode); they get their own status. A
-    consumer that left is not an error: quart 0.23 raises
-    ``ClientDisconnectedError`` when the hang-up lands between the handler's
-    return and the response's first write, and there is no one to answer.
-    Anything else is a bug: logged, and a 500 in the family's shape. Returns
-    whether the consumer stalled its HTTP/2 stream (and was cut).
-    """
-    stalled = False
-    try:
-        await app(scope, body.receive, body.send)
-    except* _CONSUMER_GONE:
-        log.debug("consumer left before its answer was sent")
-    except* ConsumerStalled as group:
-        log.info("%s; its stream is cut", group.exceptions[0])
-        stalled = True
-    except* FramingRefused as group:
-        refused = group.exceptions[0]
-        assert isinstance(refused, FramingRefused)
-        log.info("request body refused by the listener: %s", refused.error.message)
-        await body.error(refused.error, scope)
-    except* HTTPException as group:
-        exc = group.exceptions[0]
-        assert isinstance(exc, HTTPException)
-        log.warning("request refused outside the routes: %s", printable(exc.description))
-        await body.error(errors.ApiError(exc.code or 400, exc.description or exc.name,
-                                         "invalid_request_error", "bad_request"), scope)
-    except* Exception:
-        log.error("unhandled error in the application", exc_info=True)
-        await body.error(errors.ApiError(500, "internal error", "server_error",
-                                         "internal_error"), scope)
-    return stalled
-
-
-class _BodyWatch:
-    """The request's ASGI messages on their way between hypercorn and the application.
-
-    * Closes the connection after a response that was sent before the request
-      body was read. An early answer (401 before the body is read, 413 from
-      Content-Length) leaves the unread body on the connection; hypercorn 0.18
-      then sometimes leaves the connection hanging, so the client's next request
-      on it is never answered. ``Connection: close`` makes the client open a
-      fresh connection instead, and the listener (``server.GuardedStream``)
-      closes this one once the request ends.
-    * Holds the response head until the first body part, and a stream's last
-      part (:meth:`last_part_next`) until the end, and has the stream write each
-      group as one: a write fewer each, and the head never travels alone ahead
-      of the first content.
-    """
-
-    def __init__(self, receive: Any, send: Any, has_body: bool, drain: Drain,
-                 stream: GuardedStream | None = None, stall_limit: float | None = None, *,
-                 closing: bool = False) -> None:
-        self._receive = receive
-        self._send = send
-        self._stall_limit = stall_limit
-        self._drain = drain
-        self._stream = stream
-        self._held: list[dict[str, Any]] = []
-        self._last_next = False
-        self.body_read = not has_body
-        # A client that asked for the connection to close (it would otherwise wait
-        # keep_alive_timeout for it), or, once the response starts, an early answer.
-        self.closing = closing
-        self.started = False
-        self.finished = False  # the response's last part was handed to the server
-        # A stream's outcome, logged once the response is over (what the consumer got:
-        # an answer the server never sent is not a success).
-        self.pending_log: tuple[dict[str, Any], Timing] | None = None
-
-    def log_outcome(self, *, stalled: bool) -> None:
-        """Log the stream's outcome, corrected by what became of its last part."""
-        if self.pending_log is None:
-            return
-        record, timing = self.pending_log
-        self.pending_log = None
-        if stalled:
-            record["result"] = "consumer_stalled"  # whatever it had got to: it was cut
-        elif not self.finished and record.get("result") == "success":
-            record["result"] = "client_gone"
-        _log_outcome(record, timing)
-
-    def last_part_next(self) -> None:
-        """The next body part is the last before the end: hold it for the end's write."""
-        self._last_next = True
-
-    async def receive(self) -> dict[str, Any]:
-        message: dict[str, Any] = await self._receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self.body_read = True
-        return message
-
-    async def error(self, error: errors.ApiError, scope: dict[str, Any]) -> None:
-        """Answer with ``error``, unless the response has already begun."""
-        if self.started:
-            return
-        family = family_of(str(scope.get("path", "")))
-        headers = [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
-        await self.send({"type": "http.response.start", "status": error.status,
-                         "headers": headers})
-        await self.send({"type": "http.response.body", "body": error_json(error, family).encode()})
-
-    async def send(self, message: dict[str, Any]) -> None:
-        if self._stall_limit is None:
-            return await self._pass(message)
-        with trio.move_on_after(self._stall_limit) as stalled:
-            await self._pass(message)
-        if stalled.cancelled_caught:
-            raise ConsumerStalled(f"consumer gave its HTTP/2 stream no window for "
-                                  f"{self._stall_limit:g}s")
-
-    async def _pass(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-            if not self.body_read or self._drain.draining:
-                self.closing = True
-                message = {**message, "headers": [*message.get("headers", ()),
-                                                  (b"connection", b"close")]}
-            if self._stream is not None:  # it goes out with the first body part
-                self._held.append(message)
-                return
-        elif (message["type"] == "http.response.body" and self._last_next
-              and message.get("more_body", False) and self._stream is not None):
-            self._last_next = False
-            self._held.append(message)
-            return
-        if self._held:
-            await self._send_with_held(message)
-        else:
-            await self._send_one(message)
-
-    async def _send_one(self, message: dict[str, Any]) -> None:
-        if message["type"] != "http.response.start":
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                # Handed over: HTTP/1 writes it whole or not at all, and a consumer that
-                # closes as soon as it has read it may cancel the rest of the call.
-                self.finished = True
-            await self._send(message)
-            return
-        # A head, once begun, is finished: over HTTP/2 hypercorn encodes it into the
-        # connection's shared header table before it waits for the connection's writer,
-        # and a head cut on its way leaves the consumer's decoder out of step for every
-        # later answer on the connection. It waits on no flow-control window, only on
-        # that writer, whose every write is bounded by write_timeout.
-        with trio.CancelScope(shield=True):
-            await self._send(message)
-
-    async def _send_with_held(self, message: dict[str, Any]) -> None:
-        """The held messages, then ``message``: hypercorn writes each, the stream sends one."""
-        assert self._stream is not None
-        held, self._held = self._held, []
-        self._stream.holding = True
-        try:
-            for earlier in held:
-                await self._send_one(earlier)
-        finally:
-            self._stream.holding = False
-        try:
-            await self._send_one(message)
-        finally:
-            # Nothing stays held: not when hypercorn wrote nothing for ``message`` (an
-            # empty part), nor when its write never came (cancelled on the way).
-            with trio.CancelScope(shield=True):
-                await self._stream.flush()
-
-
-_WHILE_DRAINING = frozenset({"/healthz", "/metrics"})
-
-
-def _writes_of(scope: Any) -> _BodyWatch | None:
-    """The request's _BodyWatch (absent when the app is driven without EdgeGuard)."""
-    writes = scope.get(WRITES_KEY)
-    return writes if isinstance(writes, _BodyWatch) else None
-
-
-def _has_body(scope: dict[str, Any]) -> bool:
-    """Whether an HTTP/1 request's framing announces a body (HTTP/2 needs no help here)."""
-    if scope.get("http_version") not in ("1.0", "1.1"):
-        return False
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"transfer-encoding":
-            return True
-        if name.lower() == b"content-length":
-            return bool(value.strip() != b"0")
-    return False
-
-
-def _asks_to_close(scope: dict[str, Any]) -> bool:
-    """HTTP/1.1 with ``Connection: close``, or any HTTP/1.0 request.
-
-    HTTP/1.0 even with ``Connection: keep-alive``: hypercorn's h11 keeps no HTTP/1.0
-    connection alive (its answer says ``Connection: close``), so waiting
-    ``keep_alive_timeout`` for another request only kept the client waiting.
-    """
-    version = scope.get("http_version")
-    if version == "1.0":
-        return True
-    if version != "1.1":
-        return False
-    return any(token.strip().lower() == b"close" for name, value in scope.get("headers", ())
-               if name.lower() == b"connection" for token in value.split(b","))
-
-
-# RFC 9112 §6.3: a request with both may be a smuggling attempt (a proxy in front may
-# have framed it by the other header); refused, and its connection closed.
-_BOTH_LENGTHS = errors.bad_request(
-    "a request may not carry both Content-Length and Transfer-Encoding", "bad_request")
-
-
-def _both_lengths(scope: dict[str, Any]) -> bool:
-    """An HTTP/1 request framed both by ``Content-Length`` and ``Transfer-Encoding``."""
-    if scope.get("http_version") not in ("1.0", "1.1"):
-        return False
-    names = {name.lower() for name, _ in scope.get("headers", ())}
-    return b"content-length" in names and b"transfer-encoding" in names
-
-
-def _stall_limit(scope: dict[str, Any], stream: GuardedStream | None) -> float | None:
-    """How long an HTTP/2 response may wait on the consumer's flow control.
-
-    Over HTTP/1 a consumer that stops reading blocks a socket write, which the listener
-    bounds (``write_timeout``). Over HTTP/2 hypercorn waits for the stream's window
-    without writing: with no bound, one consumer advertising a window of 0 held each
-    connection (and its handler) for good, and ``max_connections`` of them locked
-    everyone out.
-    """
-    if scope.get("http_version") != "2" or stream is None:
-        return None
-    return stream.write_timeout
-
-
-def _peer(scope: dict[str, Any]) -> tuple[str, int] | None:
-    client = scope.get("client")
-    if isinstance(client, list | tuple) and len(client) == 2:
-        return (str(client[0]), int(client[1]))
-    return None

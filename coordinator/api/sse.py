@@ -97,6 +97,6 @@ class SseWriter:
         if self.endpoint is Endpoint.RESPONSES:
             return _event("error", {"type": "error", "code": "provider_error",
                                     "message": error.message, "param": None})
-        body = {"error": {"message": error.message, "type": "provider_error", "code": error.reason,
-                          "param": None}}
+        body = {"error": {"message": error.message, "type": "provider_error",
+                          "code": error.reason.value, "param": None}}
         return _data(body) + DONE

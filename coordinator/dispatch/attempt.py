@@ -29,7 +29,6 @@ from collections import deque
 import attrs
 import trio
 
-from coordinator import errors
 from coordinator.config import Config
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
@@ -42,7 +41,7 @@ from coordinator.untrusted import printable
 
 from . import race
 from .race import Broken, Commit, Expired, Fail, Failure, Hold, Phase, RacerState, Sent
-from .request import Committed, Handover, NotDispatched, Racer, RequestContext
+from .request import Committed, DispatchFailed, FailureKind, Handover, Racer, RequestContext
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,13 @@ class Dispatcher:
         default=attrs.Factory(lambda self: race.Limits.from_config(self.config), takes_self=True))
 
     async def dispatch(self, ctx: RequestContext, handover: Handover) -> Committed:
-        """Run attempts until one commits and is handed over; raise :class:`NotDispatched`
-        (a registry refusal) or :class:`~coordinator.errors.ApiError` when none can."""
+        """Run attempts until one commits and is handed over; raise :class:`DispatchFailed`
+        when none can. Waiting for a provider ends with the drain, if one begins."""
+        with self.drain.bounded():
+            return await self._dispatch(ctx, handover)
+        raise DispatchFailed(FailureKind.SHUTDOWN)
+
+    async def _dispatch(self, ctx: RequestContext, handover: Handover) -> Committed:
         failures: list[Failure] = []
         for attempt in range(1, self.config.max_attempts + 1):
             ctx.attempts = attempt
@@ -84,22 +88,22 @@ class Dispatcher:
             if isinstance(granted, Refused):  # with failures: nobody left to try, they say why
                 if failures and granted.kind not in (Refusal.QUEUE_FULL, Refusal.QUEUE_TIMEOUT):
                     break
-                raise NotDispatched(granted)
+                raise DispatchFailed(FailureKind.REFUSED, tuple(failures), granted)
             ctx.timing.queue += granted.queued
             outcome = await self._attempt(ctx, granted, exclude, handover)
             if isinstance(outcome, Committed):
                 self.metrics.dispatches.labels("success").inc()
                 return outcome
             failures.extend(outcome)
-            if (rejected := race.rejected(outcome)) is not None:
+            if race.rejected(outcome) is not None:
                 self.metrics.dispatches.labels("rejected").inc()
-                raise errors.rejected_by_provider(rejected.status, rejected.message)
+                raise DispatchFailed(FailureKind.REJECTED, tuple(failures))
             if attempt < self.config.max_attempts:
                 self.metrics.dispatches.labels(race.retry_label(outcome)).inc()
                 self.failovers.extend((trio.current_time(), ctx.job.request_id, f)
                                       for f in outcome)
         self.metrics.dispatches.labels("failure").inc()
-        raise race.exhausted(failures)
+        raise DispatchFailed(FailureKind(race.exhausted(failures)), tuple(failures))
 
     async def _attempt(self, ctx: RequestContext, grant: Grant, exclude: frozenset[str],
                        handover: Handover) -> Committed | list[Failure]:

@@ -25,7 +25,6 @@ from typing import Final
 
 import attrs
 
-from coordinator import errors
 from coordinator.config import Config
 from coordinator.dispatch.chunks import ChunkKind, Event
 from coordinator.protocol import Usage
@@ -343,15 +342,12 @@ def rejected(failures: list[Failure]) -> Failure | None:
     return next((f for f in failures if f.status in DETERMINISTIC), None)
 
 
-def exhausted(failures: list[Failure]) -> errors.ApiError:
-    """What a request whose attempts all failed before content becomes."""
-    if not failures:
-        return errors.unavailable("no provider could serve this request")
-    last = failures[-1]
-    tried = len({f.provider_id for f in failures})
-    message = f"all {tried} provider(s) tried failed; last error: {last.message}"
-    if last.timeout:
-        return errors.ApiError(504, message, "provider_error", "timeout")
-    if last.status in (429, 503):
-        return errors.ApiError(429, message, "rate_limit_error", "capacity", retry_after=5)
-    return errors.ApiError(503, message, "provider_error", "provider_error", retry_after=5)
+def exhausted(failures: list[Failure]) -> str:
+    """Why a request whose attempts all failed before content failed: its last failure's
+    ``timeout``, ``capacity`` or ``failed`` (``request.FailureKind`` values)."""
+    last = failures[-1] if failures else None
+    if last is not None and last.timeout:
+        return "timeout"
+    if last is not None and last.status in (429, 503):
+        return "capacity"
+    return "failed"

@@ -33,7 +33,7 @@ from coordinator.providers.connection import EventStream, ProviderEvent
 from coordinator.registry.table import CANCELLED, SUCCESS, Outcome
 
 from .attempt import Dispatcher
-from .items import Batch, End, InBandError, RelayItem
+from .items import Batch, End, InBandError, InBandReason, RelayItem
 from .race import DISCONNECTED, TIMEOUT, Broken, Completed, Errored, Events
 from .request import Committed
 
@@ -68,32 +68,33 @@ class Relay:
         await self._close(_CONSUMER_LEFT)
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
-        """The winner's output; the last batch carries its ending (an End or an in-band error).
+        """The winner's output, in batches; the last (``Batch.last``) ends with the stream's
+        ending: an End or one in-band error. The one place that knows the stream ended.
 
         Iterate it inside ``contextlib.aclosing``: leaving early closes the winner
         at once (the consumer left), not when the garbage collector gets to it.
         """
         committed = self.committed
         ending: _Ending = _CONSUMER_LEFT
-        last: Batch = []
+        last: list[RelayItem] = []
         try:
             if committed.usage is not None:  # it completed before any content
                 ending, last = _completed(committed.usage), [*committed.events,
                                                              End(committed.usage)]
             else:
                 if committed.events:
-                    yield list(committed.events)
+                    yield Batch(committed.events)
                 while True:
                     batch, end = await self._next_batch(committed.racer.events)
                     if end is not None:
                         ending, last = end, batch
                         break
-                    yield batch
+                    yield Batch(tuple(batch))
         finally:
             await self._close(ending)
-        yield last
+        yield Batch(tuple(last), last=True)
 
-    async def _next_batch(self, events: EventStream) -> tuple[Batch, _Ending | None]:
+    async def _next_batch(self, events: EventStream) -> tuple[list[RelayItem], _Ending | None]:
         """Wait for the provider's next event; return it with every one already delivered."""
         event: ProviderEvent | None = None
         with trio.move_on_after(self.dispatcher.config.idle_timeout) as idle, \
@@ -105,7 +106,7 @@ class Relay:
             # One pass through the scheduler lets frames already on their way join
             # this batch: a write to the consumer costs far more than the pass.
             await trio.lowlevel.checkpoint()
-        batch: Batch = []
+        batch: list[RelayItem] = []
         for ready in events.ready(event, _MAX_BATCH):
             items, end = _translate(self.committed, ready)
             batch.extend(items)
@@ -113,13 +114,13 @@ class Relay:
                 return batch, end
         return batch, None
 
-    def _silence(self, idle: bool) -> tuple[Batch, _Ending]:
+    def _silence(self, idle: bool) -> tuple[list[RelayItem], _Ending]:
         if not idle:  # the drain's deadline: no verdict on the provider, we are leaving
-            return [InBandError("shutdown", "the coordinator is shutting down", 503)], \
-                _CONSUMER_LEFT
+            return [InBandError(InBandReason.SHUTDOWN, "the coordinator is shutting down",
+                                503)], _CONSUMER_LEFT
         timeout = self.dispatcher.config.idle_timeout
-        return ([InBandError("timeout", f"no output from the provider for {timeout:g}s",
-                             TIMEOUT)],
+        return ([InBandError(InBandReason.TIMEOUT,
+                             f"no output from the provider for {timeout:g}s", TIMEOUT)],
                 _Ending(Outcome.failure(TIMEOUT), cancel_provider=True))
 
     async def _close(self, ending: _Ending) -> None:
@@ -139,7 +140,7 @@ def _translate(
     """One provider event after the commit: items for the consumer, and the end if it is one."""
     racer = committed.racer
     if event is None:
-        return ((InBandError("disconnected", racer.end_reason(), DISCONNECTED),),
+        return ((InBandError(InBandReason.DISCONNECTED, racer.end_reason(), DISCONNECTED),),
                 _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
     match racer.observe(event, committed.endpoint, committed=True):
         case Events(_, chunk_events):
@@ -147,10 +148,10 @@ def _translate(
         case Completed(usage):
             return (End(usage),), _completed(usage)
         case Errored(status, message):
-            return ((InBandError("provider_error", message, status),),
+            return ((InBandError(InBandReason.PROVIDER_ERROR, message, status),),
                     _Ending(Outcome.failure(status), cancel_provider=False))
         case Broken(message):
-            return ((InBandError("provider_error", message, DISCONNECTED),),
+            return ((InBandError(InBandReason.PROVIDER_ERROR, message, DISCONNECTED),),
                     _Ending(Outcome.failure(DISCONNECTED), cancel_provider=True))
         case _:
             return (), None  # a late inference_accepted

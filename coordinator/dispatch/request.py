@@ -1,7 +1,8 @@
-"""The values the engine works with: a request, a racer, a winner, a refusal."""
+"""The values the engine works with: a request, a racer, a winner, a failure."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 
 import attrs
@@ -14,15 +15,29 @@ from coordinator.registry.table import Job, Lease, Observed
 
 from .chunks import Event
 from .observe import observe
-from .race import Observation, RacerState, observed
+from .race import Failure, Observation, RacerState, observed
 from .timing import Timing
 
 
-class NotDispatched(Exception):
-    """The registry refused the request before any attempt (the API maps the kind)."""
+class FailureKind(enum.Enum):
+    """Why no provider's answer reached the consumer (the API edge picks the status)."""
 
-    def __init__(self, refused: Refused) -> None:
-        super().__init__(refused.detail)
+    REFUSED = "refused"  # the registry refused before an attempt: ``refused`` says why
+    REJECTED = "rejected"  # a provider said the request itself is wrong: no one else tried
+    TIMEOUT = "timeout"  # every attempt failed; the last by its budget running out
+    CAPACITY = "capacity"  # … the last because its provider was full (429, 503)
+    FAILED = "failed"  # … the last with an error or a disconnect
+    SHUTDOWN = "shutdown"  # the coordinator began to drain while the request waited
+
+
+class DispatchFailed(Exception):
+    """The request could not be dispatched; ``kind`` says why, ``failures`` what was tried."""
+
+    def __init__(self, kind: FailureKind, failures: tuple[Failure, ...] = (),
+                 refused: Refused | None = None) -> None:
+        super().__init__(refused.detail if refused is not None else kind.value)
+        self.kind = kind
+        self.failures = failures
         self.refused = refused
 
 

@@ -1,8 +1,11 @@
-"""The HTTP listener: hypercorn's HTTP machinery over TCP streams the coordinator owns.
+"""The HTTP transport: one object per consumer connection, under hypercorn.
 
-hypercorn parses HTTP and runs the ASGI application; three limits it does not
-keep (each reproduced against hypercorn 0.18 + quart-trio) are kept here, on
-the stream under it:
+hypercorn parses HTTP and runs the ASGI application; the coordinator owns the
+TCP stream under it, one :class:`ConsumerConnection` per connection, and hands
+that object to every request on it explicitly: the application hypercorn runs
+for a connection is the edge bound to it (:func:`serve_connection`), so nothing
+is matched by address and nothing rides in the ASGI scope. What each request
+does with it is ``exchange.py``'s business; here is what a connection keeps:
 
 * **Keep-alive idle timeout.** hypercorn re-arms its idle timer from inside
   the application's task, which quart-trio cancels when the response is done,
@@ -24,25 +27,23 @@ the stream under it:
 * **Close after an early answer.** A response sent before the request body was
   read (401, 413) says ``Connection: close``; hypercorn does not always close
   such a connection (its close runs in the application's task, which
-  quart-trio may cancel first), so the stream ends it here once the request is
-  over — otherwise the client's next request on it would never be answered.
-
-* **HTTP/1 framing h11 gets wrong.** The stream follows each request's framing
+  quart-trio may cancel first), so the connection ends it here once the request
+  is over — otherwise the client's next request on it would never be answered.
+* **HTTP/1 framing h11 gets wrong.** The connection follows each request's framing
   (``framing.RequestFraming``): nothing after a request that ends its connection
   reaches the HTTP layer (h11 answered two pipelined HTTP/1.0 requests with one bare
   400, the first unanswered), and a chunk announcing more than the body limit fails
-  its request's body at once (:meth:`GuardedStream.guard_body`: a 413, not the body
-  timeout).
+  its request's body at once (:meth:`ConsumerConnection.guard_body`: a 413, not the
+  body timeout).
+* **Coalesced writes: the one place.** hypercorn writes a response's head, each
+  body part and the chunked terminator separately, each a system call and
+  scheduler passes. While :meth:`ConsumerConnection.hold` is on, writes are kept
+  back and go out with the next one, as one write: the exchange holds a head for
+  its first body part and a stream's last part for its terminator, so a short
+  streamed answer goes out in one write.
 
-It also coalesces writes it is told belong together (``GuardedStream.holding``):
-hypercorn writes a response's head, each body part and the chunked terminator
-separately, each a system call and scheduler passes; the ASGI edge holds the head
-for the first body part and a stream's last part for the terminator, so a short
-streamed answer goes out in one write.
-
-The stream learns when requests start and end from :class:`ConnectionTable`,
-which the ASGI edge (``routes.EdgeGuard``) calls with the request's peer
-address — the one thing an ASGI scope and a TCP stream both know.
+hypercorn's serving internals (its per-connection ``TCPServer`` and lifespan)
+are used in one function, :func:`_hypercorn_connection`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ import contextlib
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import hypercorn.config
@@ -72,9 +73,14 @@ from coordinator.untrusted import printable
 
 from .framing import RequestFraming, Stage
 
+if TYPE_CHECKING:
+    from .exchange import Edge
+
 log = logging.getLogger(__name__)
 
 Peer = tuple[str, int]
+# The edge, bound to one connection: what hypercorn runs for it (an ASGI application).
+BoundApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
 class ListenError(Exception):
@@ -82,26 +88,24 @@ class ListenError(Exception):
 
 
 @attrs.define(eq=False)
-class ConnectionTable:
-    """Open consumer connections by peer address, and their request counts."""
+class Connections:
+    """The open consumer connections, and the door they come in by."""
 
     keep_alive_timeout: float
     request_head_timeout: float = 10.0
     body_limit: int = 10 * 1024 * 1024  # max_body_bytes: no chunk may announce more
-    streams: dict[Peer, GuardedStream] = attrs.field(factory=dict)
+    open: set[ConsumerConnection] = attrs.field(factory=set)
     # The accept loop runs in this scope: cancelling it stops taking connections.
     accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
-    def add(self, stream: GuardedStream) -> None:
-        if stream.peer is not None:
-            self.streams[stream.peer] = stream
-            self._touch()
+    def add(self, connection: ConsumerConnection) -> None:
+        self.open.add(connection)
+        self._touch()
 
-    def remove(self, stream: GuardedStream) -> None:
-        if stream.peer is not None and self.streams.get(stream.peer) is stream:
-            del self.streams[stream.peer]
-            self._touch()
+    def remove(self, connection: ConsumerConnection) -> None:
+        self.open.discard(connection)
+        self._touch()
 
     def _touch(self) -> None:
         self._changed.set()
@@ -112,15 +116,8 @@ class ConnectionTable:
         self.accepting.cancel(reason="draining")
 
     async def wait_all_closed(self) -> None:
-        while self.streams:
+        while self.open:
             await self._changed.wait()
-
-    def request_started(self, peer: Peer | None) -> None:
-        stream = self.stream(peer)
-        if stream is not None:
-            stream.in_flight += 1
-            stream.started += 1
-            stream.rearm()
 
     def close_idle(self, after: float) -> None:
         """Close connections once idle for ``after`` seconds (the coordinator is draining).
@@ -129,20 +126,8 @@ class ConnectionTable:
         still gets an answer (503, ``Connection: close``) instead of a reset.
         """
         self.keep_alive_timeout = min(self.keep_alive_timeout, after)
-        for stream in list(self.streams.values()):
-            stream.move_deadline()
-
-    def stream(self, peer: Peer | None) -> GuardedStream | None:
-        """The open connection of ``peer``, if there is one."""
-        return self.streams.get(peer) if peer is not None else None
-
-    def request_ended(self, peer: Peer | None, *, close: bool = False) -> None:
-        """A request is over; ``close`` ends its connection once nothing else is in flight."""
-        stream = self.stream(peer)
-        if stream is not None:
-            stream.in_flight -= 1
-            stream.closing |= close
-            stream.rearm()
+        for connection in list(self.open):
+            connection.move_deadline()
 
 
 class FramingRefused(Exception):
@@ -179,15 +164,19 @@ class WriteLock:
 STALLED_GRACE = 1.0
 
 
-class GuardedStream(trio.abc.HalfCloseableStream):
-    """A consumer's TCP stream with an idle deadline on reads and a deadline on writes."""
+class ConsumerConnection(trio.abc.HalfCloseableStream):
+    """One consumer's TCP connection: what hypercorn reads and writes, and the requests on it.
 
-    def __init__(self, inner: trio.SocketStream, table: ConnectionTable, write_timeout: float,
+    A stream with an idle deadline on reads and a deadline on writes; requests tell it
+    when they begin and end (:meth:`begin_request`, :meth:`end_request`).
+    """
+
+    def __init__(self, inner: trio.SocketStream, table: Connections, write_timeout: float,
                  on_close: trio.Semaphore) -> None:
         self.inner = inner
         self.socket = inner.socket  # hypercorn reads the peer and local addresses from it
         self.in_flight = 0
-        self.started = 0  # requests the ASGI edge has seen start on this connection
+        self.started = 0  # requests that began on this connection
         self.closing = False  # a response said "Connection: close": end after it
         self._table = table
         self.write_timeout = write_timeout  # also what an HTTP/2 stream may stall (routes)
@@ -201,10 +190,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._closed = False
         # While set, writes are kept back and go out with the next one, as one
         # write: a response head with its first body, a stream's last event
-        # with its terminator (set by the ASGI edge, routes._BodyWatch).
+        # with its terminator (:meth:`hold`, from the request's exchange).
         self.holding = False
         self._held: list[bytes] = []
-        # The whole connection's budget (set by _connection): it ends a connection whose
+        # The whole connection's budget (set by serve_connection): it ends a connection whose
         # HTTP layer stopped reading — hypercorn can wait forever on some pipelined input
         # from a peer that then reset — shortly after the read deadline would have.
         self.watchdog: trio.CancelScope | None = None
@@ -215,6 +204,23 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._body_waits: dict[int, trio.CancelScope] = {}
         self.peer: Peer | None = _peer(inner.socket)
         table.add(self)
+
+    def begin_request(self) -> int:
+        """A request began on this connection; its number (for :meth:`guard_body`)."""
+        self.in_flight += 1
+        self.started += 1
+        self.rearm()
+        return self.started
+
+    def end_request(self, *, close: bool = False) -> None:
+        """A request is over; ``close`` ends the connection once nothing else is in flight."""
+        self.in_flight -= 1
+        self.closing |= close
+        self.rearm()
+
+    def hold(self, on: bool) -> None:
+        """Keep writes back (``on``), or let the next one carry them out (``off``)."""
+        self.holding = on
 
     def _deadline(self) -> float:
         if self.in_flight > 0:
@@ -275,11 +281,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if waiting is not None:
             waiting.cancel(reason="request body refused")
 
-    def guard_body(self, receive: Callable[[], Awaitable[dict[str, Any]]]
+    def guard_body(self, request: int, receive: Callable[[], Awaitable[dict[str, Any]]]
                    ) -> Callable[[], Awaitable[dict[str, Any]]]:
-        """``receive`` (ASGI) for the request starting now, failing with
+        """``receive`` (ASGI) for request number ``request``, failing with
         :class:`FramingRefused` once the listener refuses that request's body."""
-        request = self.started
 
         async def receive_body() -> dict[str, Any]:
             if self.refused is None or self.refused[0] != request:
@@ -319,10 +324,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def flush(self) -> None:
-        """Write what :attr:`holding` kept back, if anything still is.
+        """Write what :meth:`hold` kept back, if anything still is.
 
-        Called by the ASGI edge, not by hypercorn, so a peer gone by now is not an
-        error here: hypercorn learns of it from its own next read or write.
+        Called by the request's exchange, not by hypercorn, so a peer gone by now is not
+        an error here: hypercorn learns of it from its own next read or write.
         """
         if self._held:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -342,10 +347,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
-class GuardedListener(trio.abc.Listener[GuardedStream]):
+class ConnectionListener(trio.abc.Listener[ConsumerConnection]):
     """Accepts at most ``slots`` concurrent connections; the rest wait in the backlog."""
 
-    def __init__(self, inner: trio.SocketListener, table: ConnectionTable, slots: int,
+    def __init__(self, inner: trio.SocketListener, table: Connections, slots: int,
                  write_timeout: float) -> None:
         self.inner = inner
         self._table = table
@@ -353,7 +358,7 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
         self._write_timeout = write_timeout
         self._errors = AcceptErrors("HTTP")
 
-    async def accept(self) -> GuardedStream:
+    async def accept(self) -> ConsumerConnection:
         while True:
             await self._slots.acquire()
             try:
@@ -366,7 +371,7 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
                 self._slots.release()
                 raise
             self._errors.recovered()
-            return GuardedStream(stream, self._table, self._write_timeout, self._slots)
+            return ConsumerConnection(stream, self._table, self._write_timeout, self._slots)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -402,55 +407,80 @@ def bind_http(config: Config) -> socket.socket:
 
 
 async def serve_http(
-    app: Any,
+    edge: Edge,
     config: Config,
-    table: ConnectionTable,
+    table: Connections,
     sock: socket.socket,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``sock`` (from :func:`bind_http`) until cancelled; report the URL."""
+    """Serve ``edge`` on ``sock`` (from :func:`bind_http`) until cancelled; report the URL."""
     hconfig = hypercorn_config(config)
-    wrapped = wrap_app(app, hconfig.wsgi_max_body_size, "asgi")
-    state: dict[str, Any] = {}
-    lifespan = Lifespan(wrapped, hconfig, state)
-    context = WorkerContext(None)
-    listener = GuardedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
-                               table, config.max_connections, config.write_timeout)
+    listener = ConnectionListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                                  table, config.max_connections, config.write_timeout)
     host, port = sock.getsockname()[:2]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lifespan.handle_lifespan)
-        await lifespan.wait_for_startup()
+    async with trio.open_nursery() as nursery, _hypercorn_lifespan(
+            nursery, edge.asgi, hconfig) as state:
         task_status.started(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}")
         # Connections live in the outer nursery, so they outlast the accept loop.
         with table.accepting:
-            await trio.serve_listeners(
-                partial(_connection, partial(TCPServer, wrapped, hconfig, context,
-                                             ConnectionState(state))),
-                [listener], handler_nursery=nursery)
+            await trio.serve_listeners(partial(serve_connection, edge, hconfig, state),
+                                       [listener], handler_nursery=nursery)
         await listener.aclose()
-        log.info("HTTP listener closed; %d connection(s) still open", len(table.streams))
+        log.info("HTTP listener closed; %d connection(s) still open", len(table.open))
         await trio.sleep_forever()  # until the coordinator stops: its connections finish
 
 
-async def _connection(server: Any, stream: GuardedStream) -> None:
-    """One consumer connection, isolated: whatever ends it ends only it."""
+async def serve_connection(edge: Edge, hconfig: hypercorn.config.Config,
+                           state: dict[str, Any], connection: ConsumerConnection) -> None:
+    """One consumer connection, isolated: whatever ends it ends only it. Its requests get
+    the edge bound to it: each is handed the connection, explicitly."""
     try:
-        with trio.CancelScope() as stream.watchdog:
-            stream.move_deadline()
-            tcp = server(stream)
-            tcp.send_lock = WriteLock()  # hypercorn's: only ever held around a write
-            await tcp
-        if stream.watchdog.cancelled_caught:
-            log.info("consumer connection %s stalled in the HTTP layer; closed", stream.peer)
+        with trio.CancelScope() as connection.watchdog:
+            connection.move_deadline()
+            await _hypercorn_connection(partial(edge.handle, connection), hconfig, state,
+                                        connection)
+        if connection.watchdog.cancelled_caught:
+            log.info("consumer connection %s stalled in the HTTP layer; closed",
+                     connection.peer)
     except Exception as exc:
         # Hostile bytes can trip the HTTP layer itself (hypercorn 0.18 raises on some
         # pipelined HTTP/1.0 input); the connection is gone, the listener carries on.
-        log.warning("consumer connection %s ended by %s: %s", stream.peer,
+        log.warning("consumer connection %s ended by %s: %s", connection.peer,
                     type(exc).__name__, printable(str(exc)))  # may quote the bytes sent
     finally:
         with trio.CancelScope(shield=True):
-            await stream.aclose()
+            await connection.aclose()
+
+
+# ---- hypercorn's serving internals: here and nowhere else ------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _hypercorn_lifespan(nursery: trio.Nursery, app: BoundApp,
+                              hconfig: hypercorn.config.Config) -> AsyncIterator[dict[str, Any]]:
+    """Run the application's lifespan (startup) in ``nursery``; the state it leaves."""
+    state: dict[str, Any] = {}
+    lifespan = Lifespan(wrap_app(app, hconfig.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                        hconfig, state)
+    await nursery.start(lifespan.handle_lifespan)
+    await lifespan.wait_for_startup()
+    yield state
+
+
+async def _hypercorn_connection(app: BoundApp, hconfig: hypercorn.config.Config,
+                                state: dict[str, Any], connection: ConsumerConnection) -> None:
+    """hypercorn's HTTP/1 and HTTP/2 machinery over ``connection``, running ``app``.
+
+    hypercorn's public ``serve`` opens its own sockets; the coordinator's limits live on
+    the stream under it, so its per-connection server is used directly (checked against
+    the real hypercorn by tests/test_writes.py and tests/test_h2flow.py).
+    """
+    stream: Any = connection  # typed by hypercorn for its own TLS stream; any stream serves
+    tcp = TCPServer(wrap_app(app, hconfig.wsgi_max_body_size, "asgi"), hconfig,  # type: ignore[arg-type]
+                    WorkerContext(None), ConnectionState(state), stream)
+    tcp.send_lock = WriteLock()  # type: ignore[assignment]  # only ever held around a write
+    await tcp
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
