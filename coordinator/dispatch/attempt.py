@@ -1,24 +1,16 @@
-"""The dispatch engine: attempts, racers and the deferred commit.
+"""The dispatch engine: attempts, racers and the deferred commit (docs/architecture.md).
 
-Theory of operation
--------------------
-A request gets up to ``max_attempts`` attempts. An attempt is one nursery:
-
-* the **primary** racer is started on the provider the registry chose;
-* at the hedge delay (the registry's, adaptive; at most ``backup_fraction`` of
-  the TTFT budget), if the primary has neither committed nor failed, a
-  **backup** racer is started on another eligible provider with a free slot
-  (happy eyeballs); one refused is asked for again, with backoff;
-* each racer runs in **its own budget**, a cancel scope whose deadline starts
-  at the TTFT deadline and moves only as its own provider earns it
-  (:func:`.race.step` decides; a backup's cold load never keeps a silent
-  primary alive);
-* the first racer with *content* commits: it hands itself to the relay, which
-  the request owns from then on, and cancels the nursery (the loser is cut).
+A request gets up to ``max_attempts`` attempts, each one nursery: the **primary**
+racer on the registry's choice; at the hedge delay, if the primary has neither
+committed nor failed, a **backup** on another eligible provider (happy eyeballs;
+asked for again, with backoff, while refused). Each racer runs in its own budget,
+a cancel scope whose deadline moves only as its own provider earns it
+(:func:`.race.step` decides). The first racer with *content* commits: it hands
+itself to the relay, which the request owns from then on, and cancels the nursery.
 
 Before the commit nothing reaches the consumer, so any failure is retried
-invisibly on another provider. Every racer but the winner closes itself, once,
-when its task ends; the winner is closed by the relay, once.
+invisibly. Every racer but the winner closes itself, once, when its task ends;
+the winner is closed by the relay, once.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ metric label of a retry, what an exhausted request becomes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import attrs
@@ -29,7 +29,9 @@ from coordinator.config import Config
 from coordinator.dispatch.chunks import ChunkKind, Event
 from coordinator.protocol import Usage
 from coordinator.providers.admission import MAX_DECODE_TPS
-from coordinator.registry.table import CANCELLED, Observed, Outcome, Outpaced
+from coordinator.registry.table import CANCELLED, SUCCESS, Observed, Outcome, Outpaced
+
+from .items import End, InBandError, InBandReason, RelayItem
 
 DISCONNECTED: Final = 502
 TIMEOUT: Final = 504
@@ -351,3 +353,57 @@ def exhausted(failures: list[Failure]) -> str:
     if last is not None and last.status in (429, 503):
         return "capacity"
     return "failed"
+
+
+# ---- after the commit -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Closing:
+    """How the winner is closed when its stream ends: the verdict, and what else to do."""
+
+    outcome: Outcome
+    cancel_provider: bool
+    usage: Usage | None = None  # for a completion: what the provider's speed was
+
+
+CONSUMER_LEFT: Final = Closing(CANCELLED, cancel_provider=True)
+
+
+def completed(usage: Usage) -> Closing:
+    return Closing(SUCCESS, cancel_provider=False, usage=usage)
+
+
+def after_commit(observation: Observation | None, end_reason: Callable[[], str]
+                 ) -> tuple[tuple[RelayItem, ...], Closing | None]:
+    """What the winner's next observation (None: its stream ended) means for the consumer:
+    items to relay, and how to close the winner if the stream is over.
+
+    Nothing can be retried any more: an error ends the stream with one in-band error.
+    """
+    match observation:
+        case None:
+            return ((InBandError(InBandReason.DISCONNECTED, end_reason(), DISCONNECTED),),
+                    Closing(Outcome.failure(DISCONNECTED), cancel_provider=False))
+        case Events(_, events):
+            return events, None
+        case Completed(usage):
+            return (End(usage),), completed(usage)
+        case Errored(status, message):
+            return ((InBandError(InBandReason.PROVIDER_ERROR, message, status),),
+                    Closing(Outcome.failure(status), cancel_provider=False))
+        case Broken(message):
+            return ((InBandError(InBandReason.PROVIDER_ERROR, message, DISCONNECTED),),
+                    Closing(Outcome.failure(DISCONNECTED), cancel_provider=True))
+        case _:
+            return (), None  # a late inference_accepted
+
+
+def silence(idle: bool, idle_timeout: float) -> tuple[InBandError, Closing]:
+    """The winner said nothing for ``idle_timeout`` (``idle``), or the drain's deadline came."""
+    if not idle:  # the drain's deadline: no verdict on the provider, we are leaving
+        return InBandError(InBandReason.SHUTDOWN, "the coordinator is shutting down",
+                           503), CONSUMER_LEFT
+    return (InBandError(InBandReason.TIMEOUT,
+                        f"no output from the provider for {idle_timeout:g}s", TIMEOUT),
+            Closing(Outcome.failure(TIMEOUT), cancel_provider=True))

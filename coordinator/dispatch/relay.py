@@ -28,29 +28,12 @@ from collections.abc import AsyncGenerator
 import attrs
 import trio
 
-from coordinator.protocol import Usage
 from coordinator.providers.connection import EventStream, ProviderEvent
-from coordinator.registry.table import CANCELLED, SUCCESS, Outcome
 
 from .attempt import Dispatcher
-from .items import Batch, End, InBandError, InBandReason, RelayItem
-from .race import DISCONNECTED, TIMEOUT, Broken, Completed, Errored, Events
+from .items import Batch, End, RelayItem
+from .race import CONSUMER_LEFT, Closing, after_commit, completed, silence
 from .request import Committed
-
-
-@attrs.frozen
-class _Ending:
-    outcome: Outcome
-    cancel_provider: bool
-    usage: Usage | None = None  # for a completion: what the provider's speed was
-
-
-_CONSUMER_LEFT = _Ending(CANCELLED, cancel_provider=True)
-
-
-def _completed(usage: Usage) -> _Ending:
-    return _Ending(SUCCESS, cancel_provider=False, usage=usage)
-
 
 _MAX_BATCH = 64
 
@@ -65,7 +48,7 @@ class Relay:
 
     async def abandon(self) -> None:
         """The request is over: close the winner unless :meth:`batches` has (cancel sent)."""
-        await self._close(_CONSUMER_LEFT)
+        await self._close(CONSUMER_LEFT)
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """The winner's output, in batches; the last (``Batch.last``) ends with the stream's
@@ -75,12 +58,12 @@ class Relay:
         at once (the consumer left), not when the garbage collector gets to it.
         """
         committed = self.committed
-        ending: _Ending = _CONSUMER_LEFT
+        ending: Closing = CONSUMER_LEFT
         last: list[RelayItem] = []
         try:
             if committed.usage is not None:  # it completed before any content
-                ending, last = _completed(committed.usage), [*committed.events,
-                                                             End(committed.usage)]
+                ending, last = completed(committed.usage), [*committed.events,
+                                                            End(committed.usage)]
             else:
                 if committed.events:
                     yield Batch(committed.events)
@@ -94,14 +77,15 @@ class Relay:
             await self._close(ending)
         yield Batch(tuple(last), last=True)
 
-    async def _next_batch(self, events: EventStream) -> tuple[list[RelayItem], _Ending | None]:
+    async def _next_batch(self, events: EventStream) -> tuple[list[RelayItem], Closing | None]:
         """Wait for the provider's next event; return it with every one already delivered."""
         event: ProviderEvent | None = None
         with trio.move_on_after(self.dispatcher.config.idle_timeout) as idle, \
                 self.dispatcher.drain.bounded() as cut:
             event = await events.next()
         if idle.cancelled_caught or cut.cancelled_caught:
-            return self._silence(idle.cancelled_caught)
+            item, closing = silence(idle.cancelled_caught, self.dispatcher.config.idle_timeout)
+            return [item], closing
         if event is not None:
             # One pass through the scheduler lets frames already on their way join
             # this batch: a write to the consumer costs far more than the pass.
@@ -114,16 +98,7 @@ class Relay:
                 return batch, end
         return batch, None
 
-    def _silence(self, idle: bool) -> tuple[list[RelayItem], _Ending]:
-        if not idle:  # the drain's deadline: no verdict on the provider, we are leaving
-            return [InBandError(InBandReason.SHUTDOWN, "the coordinator is shutting down",
-                                503)], _CONSUMER_LEFT
-        timeout = self.dispatcher.config.idle_timeout
-        return ([InBandError(InBandReason.TIMEOUT,
-                             f"no output from the provider for {timeout:g}s", TIMEOUT)],
-                _Ending(Outcome.failure(TIMEOUT), cancel_provider=True))
-
-    async def _close(self, ending: _Ending) -> None:
+    async def _close(self, ending: Closing) -> None:
         """Release the winner with the ending's verdict; only the first call does anything."""
         if self._closed:
             return
@@ -134,24 +109,10 @@ class Relay:
                                     cancel=ending.cancel_provider, evidence=evidence or None)
 
 
-def _translate(
-    committed: Committed, event: ProviderEvent | None
-) -> tuple[tuple[RelayItem, ...], _Ending | None]:
+def _translate(committed: Committed, event: ProviderEvent | None
+               ) -> tuple[tuple[RelayItem, ...], Closing | None]:
     """One provider event after the commit: items for the consumer, and the end if it is one."""
     racer = committed.racer
-    if event is None:
-        return ((InBandError(InBandReason.DISCONNECTED, racer.end_reason(), DISCONNECTED),),
-                _Ending(Outcome.failure(DISCONNECTED), cancel_provider=False))
-    match racer.observe(event, committed.endpoint, committed=True):
-        case Events(_, chunk_events):
-            return chunk_events, None
-        case Completed(usage):
-            return (End(usage),), _completed(usage)
-        case Errored(status, message):
-            return ((InBandError(InBandReason.PROVIDER_ERROR, message, status),),
-                    _Ending(Outcome.failure(status), cancel_provider=False))
-        case Broken(message):
-            return ((InBandError(InBandReason.PROVIDER_ERROR, message, DISCONNECTED),),
-                    _Ending(Outcome.failure(DISCONNECTED), cancel_provider=True))
-        case _:
-            return (), None  # a late inference_accepted
+    observation = None if event is None else racer.observe(event, committed.endpoint,
+                                                           committed=True)
+    return after_commit(observation, racer.end_reason)
