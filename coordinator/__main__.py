@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from coordinator.accounts.store import StoreError
 from coordinator.api.transport import ListenError
 from coordinator.app import Running, serve
 from coordinator.config import Config, ConfigError, unknown_variables
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             trio.run(_demo, config, args.providers, args.engine)
         else:
             trio.run(_serve, config)
-    except* (ListenError, PinFileError) as group:
+    except* (ListenError, PinFileError, StoreError) as group:
         _fail("; ".join(str(exc) for exc in _leaves(group)))
 
 

@@ -16,6 +16,9 @@ import attrs
 import trio
 import trio_websocket
 
+from coordinator.accounts.keys import hash_secret
+from coordinator.accounts.service import Accounts
+from coordinator.accounts.sqlite import SqliteStore
 from coordinator.api.exchange import Edge
 from coordinator.api.routes import Api, create_app
 from coordinator.api.transport import Connections, ListenError, bind_http, serve_http
@@ -56,6 +59,7 @@ class Coordinator:
     connections: Connections
     drain: Drain
     shared: Shared  # Solo, or the Redis seam (cluster/shared.py)
+    accounts: Accounts  # named keys, their limits, the usage ledger
 
     @property
     def asgi(self) -> Any:
@@ -130,12 +134,26 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
     elif pins is None and config.identity_pins_file:
         pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config, registry, metrics, directory, drain)
-    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
+    accounts = await _open_accounts(nursery, config, metrics)
+    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins,
+                         accounts=accounts))
     connections = Connections(config.keep_alive_timeout, config.request_head_timeout,
                                   config.max_body_bytes)
     return Coordinator(config, registry, metrics, dispatcher,
                        ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
-                       Edge(app, drain), connections, drain, shared)
+                       Edge(app, drain), connections, drain, shared, accounts)
+
+
+async def _open_accounts(nursery: trio.Nursery, config: Config, metrics: Metrics) -> Accounts:
+    """Named keys, limits and the ledger (docs/accounts.md), their store opened and read;
+    :class:`~coordinator.accounts.store.StoreError` when it cannot be."""
+    store = await SqliteStore.open(config.keys_db or ":memory:",
+                                   retention=config.ledger_retention)
+    accounts = Accounts(store, frozenset(hash_secret(k) for k in config.api_keys),
+                        metrics=metrics, metrics_per_key=config.metrics_per_key)
+    await accounts.load()
+    await nursery.start(accounts.run)
+    return accounts
 
 
 async def serve(

@@ -154,6 +154,14 @@ class Config:
     # Every Redis call (connect, command, a connection from the pool) waits at most this
     # long: a hung Redis reads "degraded" instead of stalling admissions silently.
     redis_timeout: float = 2.0
+    # -- accounts (docs/accounts.md): named keys, limits, the usage ledger
+    # The SQLite file of named keys and the ledger (one instance; with redis_url they live
+    # in Redis). Empty: kept in memory, forgotten at exit (`coordinator serve` sets a file).
+    keys_db: str = ""
+    # A request without max_tokens reserves its prompt estimate plus this many tokens.
+    token_bound_default: int = 4096
+    ledger_retention: float = 90 * 86400.0  # seconds of ledger kept for usage reports
+    metrics_per_key: bool = False  # a tokens-charged series per key name
     # -- misc
     seed: int | None = None
 
@@ -220,6 +228,7 @@ class ConfigError(ValueError):
 _PORTS = frozenset({"http_port", "provider_port", "cluster_port", "advertise_port"})
 _FRACTIONS = frozenset({"backup_fraction", "model_memory_fraction", "hedge_budget"})
 _AT_LEAST_ONE = frozenset({
+    "token_bound_default", "ledger_retention",
     "max_body_bytes", "max_frame_bytes", "max_json_depth", "max_tokens_limit",
     "request_buffer_chunks", "max_response_bytes", "max_connections", "max_attempts", "breaker_strikes",
     "default_provider_slots", "max_provider_slots", "max_pending_providers",

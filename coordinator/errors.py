@@ -18,6 +18,7 @@ class ApiError(Exception):
     code: str | None = None
     retry_after: int | None = None
     param: str | None = None  # the request field at fault, when one is (OpenAI's "param")
+    headers: dict[str, str] | None = None  # more headers for the answer (x-ratelimit-*)
 
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"

@@ -54,6 +54,18 @@ class Metrics:
         self.requests = Counter(
             "coordinator_requests", "HTTP requests by route and status", ["route", "status"],
             registry=r)
+        self.throttled = Counter(
+            "coordinator_requests_refused_by_limit", "Requests a key's limits refused before "
+            "any dispatch, by limit (requests, tokens, concurrency, budget, budget_gone, "
+            "too_big, model, unavailable)", ["limit"], registry=r)
+        self.tokens_charged = Counter(
+            "coordinator_tokens_charged", "Tokens charged in the usage ledger, by kind "
+            "(prompt, completion)", ["kind"], registry=r)
+        # Per key name only when asked (metrics_per_key): keys are an operator's to make,
+        # and a label per key is a time series per key.
+        self.key_tokens = Counter(
+            "coordinator_key_tokens_charged", "Tokens charged, by key name (metrics_per_key)",
+            ["key"], registry=r)
         self.frames_rejected = Counter(
             "coordinator_provider_frames_rejected", "Provider frames rejected", ["reason"],
             registry=r)

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("coordinator.protocol",),
     ("coordinator.sizes", "coordinator.wsio"),
     ("coordinator.config",),
+    ("coordinator.accounts",),
     ("coordinator.descriptors",),
     ("coordinator.registry",),
     ("coordinator.providers",),

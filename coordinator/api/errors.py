@@ -49,7 +49,7 @@ def error_body(error: ApiError, family: Family) -> dict[str, Any]:
 
 
 def error_headers(error: ApiError) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(error.headers or {})}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
     return headers

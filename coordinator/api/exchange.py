@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -172,6 +173,7 @@ class Exchange:
         self._coalesce = connection is not None and not http2
         self._last_next = False
         self._relays: list[Relay] = []
+        self._at_finish: list[Callable[[], object]] = []
         self.body_read = not has_body
         # A client that asked for the connection to close (it would otherwise wait
         # keep_alive_timeout for it), or, once the response starts, an early answer.
@@ -183,6 +185,10 @@ class Exchange:
     def own(self, relay: Relay) -> None:
         """The request owns this committed winner until the response is over."""
         self._relays.append(relay)
+
+    def on_finish(self, close: Callable[[], object]) -> None:
+        """Call ``close`` (synchronous, idempotent) when the response is over."""
+        self._at_finish.append(close)
 
     def last_part_next(self) -> None:
         """The next body part is the last before the end: it leaves with the end."""
@@ -264,6 +270,8 @@ class Exchange:
         """The application is done: close what the response left open, write the log line."""
         for relay in self._relays:  # a stream nobody read to its end
             await relay.abandon()
+        for close in self._at_finish:
+            close()
         if self._coalesce:
             self._hold(False)
             with trio.CancelScope(shield=True):

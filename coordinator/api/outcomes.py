@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import orjson
 
 from coordinator import errors
+from coordinator.accounts import limits
+from coordinator.accounts import service as accounts
 from coordinator.dispatch import race
 from coordinator.dispatch.chunks import Event
 from coordinator.dispatch.items import End, InBandError, InBandReason
@@ -15,6 +18,33 @@ from coordinator.dispatch.request import DispatchFailed, FailureKind
 from coordinator.metrics import Metrics
 from coordinator.protocol import Usage
 from coordinator.registry.state import Refusal, Refused
+
+
+def admission_error(refused: accounts.Refused) -> errors.ApiError:
+    """A request its key may not send (now, or at all), as the consumer's answer."""
+    if refused.unavailable:
+        return errors.ApiError(503, refused.message, "server_error", "accounts_unavailable",
+                               retry_after=5)
+    if refused.model_not_allowed:
+        return errors.ApiError(403, refused.message, "permission_error", "model_not_allowed",
+                               param="model")
+    throttled = refused.throttled
+    assert throttled is not None
+    match throttled.refusal:
+        case limits.Refusal.TOO_BIG:
+            return errors.ApiError(400, refused.message, "invalid_request_error",
+                                   "request_exceeds_limit", param="max_tokens",
+                                   headers=throttled.headers)
+        case limits.Refusal.BUDGET_GONE:
+            return errors.ApiError(403, refused.message, "permission_error",
+                                   "insufficient_quota", headers=throttled.headers)
+        case limits.Refusal.BUDGET:
+            code = "insufficient_quota"
+        case _:
+            code = "rate_limit_exceeded"
+    retry = None if throttled.retry_after is None else max(1, math.ceil(throttled.retry_after))
+    return errors.ApiError(429, refused.message, "rate_limit_error", code, retry_after=retry,
+                           headers=throttled.headers)
 
 
 def dispatch_error(failed: DispatchFailed) -> errors.ApiError:

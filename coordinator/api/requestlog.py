@@ -35,6 +35,7 @@ class RequestRecord:
     request_id: str
     route: str
     timing: Timing
+    key: str | None = None  # the key's name, never its secret
     model: str | None = None
     attempts: int | None = None
     providers_tried: list[str] | None = None
@@ -53,7 +54,7 @@ class RequestRecord:
         if not log.isEnabledFor(logging.INFO):
             return
         line: dict[str, Any] = {"request_id": self.request_id, "route": self.route}
-        for name in ("model", "attempts", "providers_tried", "provider", "instance"):
+        for name in ("key", "model", "attempts", "providers_tried", "provider", "instance"):
             if (value := getattr(self, name)) is not None:
                 line[name] = value
         line["result"] = self.result.value

@@ -29,6 +29,7 @@ class ParsedRequest:
     stream: bool
     max_tokens: int
     allowlist: frozenset[str] | None
+    max_tokens_given: bool = False  # the consumer set it (else: the routing default)
 
 
 def parse_body(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int =
         _only_one_choice(body, endpoint)
     stream = _optional(body, "stream", bool, "a boolean") or False
     _optional(body, "tools", list, "an array of tools")
-    max_tokens = default_max_tokens
+    max_tokens, given = default_max_tokens, False
     for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = _optional(body, field, int, "an integer")
         if value is not None:
@@ -128,7 +129,7 @@ def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int =
             if value > max_tokens_limit:
                 raise bad_request(f"'{field}' must be at most {max_tokens_limit}",
                                   "invalid_value", field)
-            max_tokens = value
+            max_tokens, given = value, True
     allowlist = _optional(body, ALLOWLIST_FIELD, list, "an array of provider ids")
     if allowlist is not None and not all(isinstance(p, str) for p in allowlist):
         raise bad_request(f"'{ALLOWLIST_FIELD}' must be an array of strings",
@@ -139,4 +140,5 @@ def validate(endpoint: Endpoint, body: dict[str, Any], default_max_tokens: int =
         stream=stream,
         max_tokens=max_tokens,
         allowlist=frozenset(allowlist) if allowlist is not None else None,
+        max_tokens_given=given,
     )

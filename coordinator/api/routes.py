@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from coordinator import errors, sizes
+from coordinator.accounts import keys
+from coordinator.accounts.service import UNNAMED, Account, Accounts, Refused
+from coordinator.accounts.store import UNNAMED as UNNAMED_KEY
+from coordinator.accounts.store import StoreUnavailable
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.dispatch.attempt import Dispatcher
@@ -43,7 +48,7 @@ from coordinator.untrusted import printable
 from . import exchange, sse
 from .assemble import assemble
 from .errors import Family, family_of, render
-from .outcomes import collect, dispatch_error
+from .outcomes import admission_error, collect, dispatch_error
 from .requestlog import RequestRecord, Result
 from .requests import ParsedRequest, parse_body, validate
 from .status import group_failovers, render_sign_in, render_status
@@ -66,17 +71,20 @@ class Api:
     shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
     pins: SharedPins | None = None  # with several instances: the fleet-wide pins
     status_sessions: StatusSessions = attrs.field(factory=StatusSessions)  # browsers on /status
+    accounts: Accounts | None = None  # named keys, limits, the ledger (None: the static keys)
     _parse_threads: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(1), init=False)
 
     # -- auth
     def _authorized(self, keys: tuple[str, ...]) -> bool:
         # An empty key list authorizes nobody; `coordinator serve` generates a key.
-        offered = request.headers.get("x-api-key", "")
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            offered = auth[7:].strip()
-        return matches_any(offered, keys)
+        return matches_any(_offered_key(), keys)
+
+    def _account(self) -> Account | None:
+        """Who the request comes from: a named key or a static one; None: nobody."""
+        if self.accounts is not None:
+            return self.accounts.authenticate(_offered_key())
+        return UNNAMED if self._authorized(self.config.api_keys) else None
 
     def _admin(self, *, in_url: bool = True) -> errors.ApiError | None:
         """None for a request carrying an admin key (header, or ``?key=`` where allowed).
@@ -107,15 +115,21 @@ class Api:
                 500, "internal error", "server_error", "internal_error"),
                 family_of(endpoint.value))
         finally:
-            # A stream's outcome is known only when it is over: its exchange logs it then.
+            # A stream's outcome is known only when it is over: its exchange logs it then,
+            # and the stream closes its reservation. Any other request is over here: a
+            # reservation still open (an error, a cancellation) is refunded.
             if not record.streaming:
+                if self.accounts is not None:
+                    self.accounts.refund(record.request_id)
                 record.write()
         self.metrics.requests.labels(endpoint.value, str(response.status_code)).inc()
         return response
 
     async def _inference(self, endpoint: Endpoint, record: RequestRecord) -> Response:
-        if not self._authorized(self.config.api_keys):
+        account = self._account()
+        if account is None:
             raise errors.unauthorized()
+        record.key = account.name or UNNAMED_KEY
         raw = await _read_body(self.config.max_body_bytes)
         timing = record.timing
         if len(raw) > PARSE_IN_THREAD_BYTES:
@@ -128,12 +142,14 @@ class Api:
         else:
             parsed, plaintext, job = self._prepare(endpoint, raw, record.request_id)
         record.model = parsed.model
+        limit_headers = await self._admit(account, record, job, parsed)
         ctx = RequestContext(job, endpoint, plaintext, parsed.stream, timing)
         timing.parse = trio.current_time() - timing.started
         relay = await self._dispatch(ctx, record)
         committed = relay.committed
         record.provider = committed.racer.lease.provider_id
         headers = {
+            **limit_headers,
             "X-Provider-Id": committed.racer.lease.provider_id,
             "X-Provider-Version": committed.racer.lease.version,
             "X-Attempts": str(committed.attempts),
@@ -146,6 +162,7 @@ class Api:
             record.instance = link.instance
         if not parsed.stream:
             chunks, usage = await collect(relay, self.metrics, self.config.max_response_bytes)
+            self._charge(record, usage.prompt_tokens, usage.completion_tokens)
             record.result, record.status = Result.SUCCESS, 200
             body = assemble(endpoint, chunks, usage, record.request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")
@@ -158,6 +175,31 @@ class Api:
         )
         response.timeout = None
         return response
+
+    async def _admit(self, account: Account, record: RequestRecord, job: Job,
+                     parsed: ParsedRequest) -> dict[str, str]:
+        """Reserve the request's token bound against its key's limits; the rate headers.
+
+        Before any dispatch: a request over a limit costs no provider anything."""
+        if self.accounts is None:
+            return {}
+        bound = job.prompt_tokens + (parsed.max_tokens if parsed.max_tokens_given
+                                     else self.config.token_bound_default)
+        admission = await self.accounts.admit(account, record.request_id, parsed.model, bound)
+        if isinstance(admission, Refused):
+            self.metrics.throttled.labels(_refusal_label(admission)).inc()
+            raise admission_error(admission)
+        owner = exchange.current()
+        if owner is not None:  # however the response ends, the reservation is closed
+            accounts = self.accounts
+            owner.on_finish(lambda: accounts.refund(record.request_id))
+        return admission.headers
+
+    def _charge(self, record: RequestRecord, prompt_tokens: int, completion_tokens: int) -> None:
+        """Settle the request's reservation: what it used (clamped to its bound)."""
+        if self.accounts is not None:
+            self.accounts.settle(record.request_id, record.provider, prompt_tokens,
+                                 completion_tokens)
 
     def _prepare(self, endpoint: Endpoint, raw: bytes,
                  request_id: str) -> tuple[ParsedRequest, bytes, Job]:
@@ -200,9 +242,10 @@ class Api:
 
     async def _sse(self, endpoint: Endpoint, relay: Relay, record: RequestRecord,
                    owner: exchange.Exchange | None) -> AsyncIterator[bytes]:
-        """The stream's SSE bytes, a batch per write."""
+        """The stream's SSE bytes, a batch per write; the reservation closed as it ends."""
         writer = sse.SseWriter(endpoint)
         record.result = Result.CLIENT_GONE
+        delivered = 0  # events the consumer was given: a cut stream is charged for them
         try:
             async with contextlib.aclosing(relay.batches()) as batches:
                 async for batch in batches:
@@ -211,14 +254,22 @@ class Api:
                             self.metrics.inband_errors.labels(error.reason.value).inc()
                             _log_inband(relay.committed.racer.lease.provider_id, error)
                             record.result, record.error = Result.INBAND_ERROR, error.reason.value
-                        case End():
+                        case End(usage):
                             record.result = Result.SUCCESS
+                            self._charge(record, usage.prompt_tokens, usage.completion_tokens)
                     data = b"".join(writer.frame(item) for item in batch.items)
                     if data:
                         if batch.last and owner is not None:  # out with the end, at once
                             owner.last_part_next()
                         yield data
+                        delivered += len(batch.items)
         finally:
+            # Cut after content (an in-band error, the consumer gone): the prompt and what
+            # was delivered. Nothing delivered: nothing charged. (Settled at End: no-op.)
+            if delivered:
+                self._charge(record, relay.committed.prompt_tokens, delivered)
+            elif self.accounts is not None:
+                self.accounts.refund(record.request_id)
             if owner is not None:  # written once the server has (or has not) sent the end
                 owner.record = record
             else:
@@ -226,7 +277,7 @@ class Api:
 
     # -- the rest of the surface
     async def models(self) -> Response:
-        if not self._authorized(self.config.api_keys):
+        if self._account() is None:
             return error_response(errors.unauthorized(), Family.OPENAI)
         # Read, not asked: a health check or a model list must not cost a full snapshot
         # of a 10,000-provider table (the actor is the only writer; reading is safe).
@@ -235,7 +286,7 @@ class Api:
 
     async def model(self, model_id: str) -> Response:
         """``models.retrieve``: one model some connected provider serves now, as listed."""
-        if not self._authorized(self.config.api_keys):
+        if self._account() is None:
             return error_response(errors.unauthorized(), Family.OPENAI)
         if not self.registry.state.serves(model_id):
             return error_response(errors.not_found(
@@ -320,6 +371,85 @@ class Api:
                                secure=request.scheme == "https", httponly=True,
                                samesite="Strict")
         return response
+
+    # -- keys and usage (docs/accounts.md)
+    def _keys_admin(self) -> tuple[Accounts | None, Response | None]:
+        refused = self._admin(in_url=False)
+        if refused is not None:
+            return None, error_response(refused, Family.OPENAI)
+        if self.accounts is None:
+            return None, error_response(errors.ApiError(
+                404, "named keys are not enabled here", "invalid_request_error",
+                "accounts_disabled"), Family.OPENAI)
+        return self.accounts, None
+
+    async def admin_keys(self) -> Response:
+        """GET: every key (never a secret); POST: a new key, its secret shown this once."""
+        accounts, refusal = self._keys_admin()
+        if accounts is None:
+            return refusal  # type: ignore[return-value]
+        if request.method == "GET":
+            return json_response({"object": "list",
+                                  "data": [k.as_json() for k in accounts.all_keys()]})
+        try:
+            body = await _admin_body()
+            name = keys.check_name(body.get("name"))
+            record, secret = await accounts.create(
+                name, keys.limits_from(body.get("limits") or {}), keys.models_from(
+                    body.get("models")))
+        except keys.KeySpecError as exc:
+            return error_response(errors.bad_request(str(exc), "invalid_key", exc.field),
+                                  Family.OPENAI)
+        except StoreUnavailable as exc:
+            return error_response(_store_down(exc), Family.OPENAI)
+        log.warning("admin created key %s", record.name)
+        return json_response({**record.as_json(), "secret": secret}, 201)
+
+    async def admin_key(self, name: str) -> Response:
+        """GET: one key; PATCH: change its limits or models; DELETE: revoke it."""
+        accounts, refusal = self._keys_admin()
+        if accounts is None:
+            return refusal  # type: ignore[return-value]
+        record = accounts.key(name)
+        if record is None:
+            return error_response(errors.not_found(
+                f"no key named {printable(name, 64)!r}", "key_not_found", None), Family.OPENAI)
+        if request.method == "GET":
+            return json_response(record.as_json())
+        try:
+            if request.method == "DELETE":
+                record = await accounts.change(attrs.evolve(record, state=keys.KeyState.REVOKED))
+                log.warning("admin revoked key %s", record.name)
+                return json_response(record.as_json())
+            body = await _admin_body()
+            changed = attrs.evolve(record, limits=keys.limits_from(
+                body.get("limits") or {}, record.limits))
+            if "models" in body:
+                changed = attrs.evolve(changed, models=keys.models_from(body["models"]))
+            return json_response((await accounts.change(changed)).as_json())
+        except keys.KeySpecError as exc:
+            return error_response(errors.bad_request(str(exc), "invalid_key", exc.field),
+                                  Family.OPENAI)
+        except StoreUnavailable as exc:
+            return error_response(_store_down(exc), Family.OPENAI)
+
+    async def admin_usage(self) -> Response:
+        """Tokens and requests by key and by provider over ``[since, until)`` (UTC
+        seconds; by default the last 24 hours), from the ledger."""
+        accounts, refusal = self._keys_admin()
+        if accounts is None:
+            return refusal  # type: ignore[return-value]
+        until = _seconds(request.args.get("until"), "until", accounts.wall())
+        if isinstance(until, errors.ApiError):
+            return error_response(until, Family.OPENAI)
+        since = _seconds(request.args.get("since"), "since", until - 86400.0)
+        if isinstance(since, errors.ApiError):
+            return error_response(since, Family.OPENAI)
+        try:
+            await accounts.flush()
+            return json_response((await accounts.usage(since, until)).as_json())
+        except StoreUnavailable as exc:
+            return error_response(_store_down(exc), Family.OPENAI)
 
     async def admin_providers(self) -> Response:
         refused = self._admin()
@@ -414,6 +544,57 @@ def _model_entry(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "coordinator"}
 
 
+def _offered_key() -> str:
+    """The key a request offers: ``Authorization: Bearer`` (OpenAI) or ``x-api-key``."""
+    offered = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        offered = auth[7:].strip()
+    return offered
+
+
+ADMIN_BODY_BYTES = 64 * 1024
+
+
+async def _admin_body() -> dict[str, Any]:
+    """An admin request's JSON object (bounded); KeySpecError when it is not one."""
+    raw = await _read_body(ADMIN_BODY_BYTES)
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise keys.KeySpecError("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise keys.KeySpecError("the body is not a JSON object")
+    return body
+
+
+def _seconds(text: str | None, name: str, default: float) -> float | errors.ApiError:
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value < 1e11:
+        return errors.bad_request(f"{name} is a time in seconds since 1970 (UTC)",
+                                  "invalid_value", name)
+    return value
+
+
+def _store_down(exc: StoreUnavailable) -> errors.ApiError:
+    return errors.ApiError(503, f"the keys database is unavailable ({exc}); try again",
+                           "server_error", "accounts_unavailable", retry_after=5)
+
+
+def _refusal_label(refused: Refused) -> str:
+    if refused.unavailable:
+        return "unavailable"
+    if refused.model_not_allowed:
+        return "model"
+    assert refused.throttled is not None
+    return refused.throttled.refusal.value
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, content_type="application/json")
 
@@ -467,6 +648,10 @@ def create_app(api: Api) -> QuartTrio:
     app.add_url_rule("/healthz", view_func=api.healthz, methods=["GET"])
     app.add_url_rule("/metrics", view_func=api.metrics_page, methods=["GET"])
     app.add_url_rule("/v1/admin/providers", view_func=api.admin_providers, methods=["GET"])
+    app.add_url_rule("/v1/admin/keys", view_func=api.admin_keys, methods=["GET", "POST"])
+    app.add_url_rule("/v1/admin/keys/<name>", view_func=api.admin_key,
+                     methods=["GET", "PATCH", "DELETE"])
+    app.add_url_rule("/v1/admin/usage", view_func=api.admin_usage, methods=["GET"])
     app.add_url_rule("/v1/admin/providers/<provider_id>/pin", view_func=api.admin_unpin,
                      methods=["DELETE"])
     app.add_url_rule("/status", view_func=api.status_page, methods=["GET"])

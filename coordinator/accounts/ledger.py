@@ -1,0 +1,84 @@
+"""The usage ledger: one reservation per request, closed exactly once. Pure.
+
+A request is admitted with a *reservation* of its token bound (the prompt estimate
+plus ``max_tokens``). It is closed once, by the first of:
+
+* :meth:`Ledger.settle` — the answer completed: the provider's reported usage,
+  clamped to the bound (a provider cannot charge a consumer more than was reserved);
+* :meth:`Ledger.settle` with what was delivered — a stream broke after content, or the
+  consumer left: the prompt and the content the consumer got;
+* :meth:`Ledger.refund` — the request failed before any content reached the consumer
+  (a refusal, every pre-content failover and race loss included): nothing is charged.
+
+A second close of the same request id is a no-op that returns None (so no path can
+charge twice), and the request's owner closes it in a ``finally`` (so no path leaves
+it open). Each close is a :class:`Entry`: what the store keeps, by key and by provider.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class Close(enum.Enum):
+    SETTLED = "settled"  # charged what the provider reported (clamped), or what was delivered
+    REFUNDED = "refunded"  # nothing reached the consumer: nothing charged
+
+
+@attrs.frozen
+class Reservation:
+    request_id: str
+    key: str | None  # None: an unnamed key (COORDINATOR_API_KEYS)
+    model: str
+    bound: int
+    period: str  # the key's budget window at admission
+
+
+@attrs.frozen
+class Entry:
+    """One closed reservation: what it cost and who served it."""
+
+    request_id: str
+    key: str | None
+    model: str
+    provider: str | None
+    bound: int
+    prompt_tokens: int
+    completion_tokens: int
+    close: Close
+    at: float  # wall-clock seconds
+
+    @property
+    def charged(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.define
+class Ledger:
+    open: dict[str, Reservation] = attrs.field(factory=dict)
+
+    def reserve(self, reservation: Reservation) -> None:
+        if reservation.request_id in self.open:
+            raise ValueError(f"request {reservation.request_id} is already reserved")
+        self.open[reservation.request_id] = reservation
+
+    def settle(self, request_id: str, provider: str | None, prompt_tokens: int,
+               completion_tokens: int, at: float) -> tuple[Reservation, Entry] | None:
+        """Charge what was used, clamped to the bound; None if already closed."""
+        reservation = self.open.pop(request_id, None)
+        if reservation is None:
+            return None
+        prompt = min(max(0, prompt_tokens), reservation.bound)
+        completion = min(max(0, completion_tokens), reservation.bound - prompt)
+        return reservation, Entry(request_id, reservation.key, reservation.model, provider,
+                                  reservation.bound, prompt, completion, Close.SETTLED, at)
+
+    def refund(self, request_id: str, at: float) -> tuple[Reservation, Entry] | None:
+        """Charge nothing; None if already closed."""
+        reservation = self.open.pop(request_id, None)
+        if reservation is None:
+            return None
+        return reservation, Entry(request_id, reservation.key, reservation.model, None,
+                                  reservation.bound, 0, 0, Close.REFUNDED, at)
