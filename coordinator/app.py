@@ -119,7 +119,7 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
 
         shared = pins = RedisShared(config, registry, directory, metrics, peer_url,
                                     identities.live_pins)
-        registry.state.outbox = shared.offer
+        await registry.connect_outbox(shared.offer)
         await nursery.start(shared.run)
     elif pins is None and config.identity_pins_file:
         pins = await PinFile.open(config.identity_pins_file)

@@ -257,25 +257,25 @@ class Api:
     async def models(self) -> Response:
         if not self._authorized(self.config.api_keys):
             return error_response(errors.unauthorized(), Family.OPENAI)
-        # Read, not asked: a health check or a model list must not cost a full snapshot
-        # of a 10,000-provider table (the actor is the only writer; reading is safe).
-        served = self.registry.state.models_served()
+        # Asked for the names alone: a model list must not cost a full snapshot of a
+        # 10,000-provider table.
+        served = await self.registry.models()
         return json_response({"object": "list", "data": [_model_entry(m) for m in served]})
 
     async def model(self, model_id: str) -> Response:
         """``models.retrieve``: one model some connected provider serves now, as listed."""
         if not self._authorized(self.config.api_keys):
             return error_response(errors.unauthorized(), Family.OPENAI)
-        if not self.registry.state.serves(model_id):
+        if not await self.registry.serves(model_id):
             return error_response(errors.not_found(
                 f"the model {model_id[:256]!r} does not exist or is not served"), Family.OPENAI)
         return json_response(_model_entry(model_id))
 
     async def healthz(self) -> Response:
-        providers, queued = self.registry.state.counts()
+        census = await self.registry.census()
         draining = self.drain.draining
         return json_response({"status": "draining" if draining else "ok",
-                              "providers": providers, "queue_depth": queued,
+                              "providers": census.providers, "queue_depth": census.queued,
                               "cluster": self._cluster()}, 503 if draining else 200)
 
     def _cluster(self) -> str:

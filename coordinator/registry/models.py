@@ -52,6 +52,10 @@ class ModelMemory:
     def names(self) -> list[str]:
         return list(self._offline_since)
 
+    def remembered(self, now: float) -> list[str]:
+        """The models remembered at ``now`` (a read: nothing is forgotten here)."""
+        return [m for m, since in self._offline_since.items() if now - since < self.forget_after]
+
     def __len__(self) -> int:
         return len(self._offline_since)
 
