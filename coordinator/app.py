@@ -123,12 +123,17 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
         await nursery.start(shared.run)
     elif pins is None and config.identity_pins_file:
         pins = await PinFile.open(config.identity_pins_file)
-    dispatcher = Dispatcher(config, registry, metrics, directory, drain)
-    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins))
+    dispatcher = Dispatcher(config=config, registry=registry, metrics=metrics,
+                            directory=directory, drain=drain)
+    app = create_app(Api(config=config, registry=registry, dispatcher=dispatcher,
+                         metrics=metrics, identities=identities, drain=drain, shared=shared,
+                         pins=pins))
     connections = ConnectionTable(config.keep_alive_timeout, config.request_head_timeout,
                                   config.max_body_bytes)
     return Coordinator(config, registry, metrics, dispatcher,
-                       ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
+                       ProviderEdge(config=config, registry=registry, metrics=metrics,
+                                    identities=identities, drain=drain, directory=directory,
+                                    pins=pins),
                        EdgeGuard(app, connections, drain), connections, drain, shared)
 
 

@@ -72,16 +72,17 @@ class ConsumerStalled(Exception):
     """An HTTP/2 consumer gave its stream no flow-control window for ``write_timeout``."""
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, kw_only=True)
 class Api:
+    # Collaborators are named and required: a private default would split their state.
     config: Config
     registry: RegistryClient
     dispatcher: Dispatcher
     metrics: Metrics
-    identities: IdentityBook = attrs.field(factory=IdentityBook)
-    drain: Drain = attrs.field(factory=Drain)
-    shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
-    pins: SharedPins | None = None  # with several instances: the fleet-wide pins
+    identities: IdentityBook
+    drain: Drain
+    shared: Any  # cluster/shared.py: its status shows on /healthz and /status
+    pins: SharedPins | None  # with several instances: the fleet-wide pins
     status_sessions: StatusSessions = attrs.field(factory=StatusSessions)  # browsers on /status
     _parse_threads: trio.CapacityLimiter = attrs.field(
         factory=lambda: trio.CapacityLimiter(1), init=False)
