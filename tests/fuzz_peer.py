@@ -929,9 +929,8 @@ def peer_world() -> Callable[[LogCatcher], Any]:
                                   1 << 20)
             record = record_of(entry, FAR_INSTANCE)
 
-            def lease_of(request_id: str) -> Any:
-                held = h.registry._state_for_tests.providers.get(FAR_ID)
-                return None if held is None else held.leases.get(request_id)
+            async def lease_of(request_id: str) -> Any:
+                return await h.registry.lease_of(FAR_ID, request_id)
 
             world.remote = remote_connection(record, link, config, lease_of)
             directory.add(world.remote)
