@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from coordinator.capabilities import parse_version
 from coordinator.dispatch import race
 from coordinator.dispatch.race import Phase, RacerState
+from coordinator.metrics import Metrics
 from coordinator.protocol import ModelInfo, Usage
 from coordinator.providers.admission import MAX_DECODE_TPS
 from coordinator.registry import scheduler
@@ -174,7 +175,7 @@ def _record(pid: str, decode_tps: float) -> ProviderRecord:
 
 
 def test_observed_speed_overrides_what_was_declared():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("boaster", decode_tps=5000.0), 0.0)  # declares it is fast
     s.register(_record("honest", decode_tps=100.0), 0.0)
     for i in range(TRUST_AFTER):
@@ -207,7 +208,7 @@ def test_evidence_of_slowness_counts_at_once_evidence_of_speed_only_when_trusted
 
 
 def test_a_slow_newcomer_loses_the_first_choice_after_one_request():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("slow", decode_tps=5000.0), 0.0)  # claims to be the fastest
     s.register(_record("steady", decode_tps=100.0), 0.0)
     first = s.acquire(AcquireRequest(Job("r0", "m")), 1.0).value
@@ -220,7 +221,7 @@ def test_a_slow_newcomer_loses_the_first_choice_after_one_request():
 
 
 def test_a_provider_outpaced_again_and_again_stops_being_first_and_gets_a_strike():
-    s = RegistryState(make_config(outpaced_strikes=3), rng=random.Random(1))
+    s = RegistryState(make_config(outpaced_strikes=3), Metrics(), rng=random.Random(1))
     s.register(_record("zombie", decode_tps=500.0), 0.0)
     s.register(_record("steady", decode_tps=400.0), 0.0)
     first = s.acquire(AcquireRequest(Job("r0", "m")), 0.0).value
@@ -237,7 +238,7 @@ def test_a_provider_outpaced_again_and_again_stops_being_first_and_gets_a_strike
 
 
 def test_an_unmeasured_provider_takes_few_jobs_at_a_time_while_others_have_room():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("boaster", decode_tps=10_000.0), 0.0)  # claims it is fast
     s.register(_record("steady", decode_tps=100.0), 0.0)
     chosen = []
@@ -251,7 +252,7 @@ def test_an_unmeasured_provider_takes_few_jobs_at_a_time_while_others_have_room(
 
 
 def test_a_measured_provider_is_off_probation():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("fast", decode_tps=100.0), 0.0)
     s.register(_record("slow", decode_tps=10.0), 0.0)
     for i in range(TRUST_AFTER):
@@ -264,7 +265,7 @@ def test_a_measured_provider_is_off_probation():
 
 
 def test_a_grant_carries_the_adaptive_hedge_delay():
-    s = RegistryState(make_config(hedge_floor=0.01), rng=random.Random(1))
+    s = RegistryState(make_config(hedge_floor=0.01), Metrics(), rng=random.Random(1))
     s.register(_record("a", decode_tps=100.0), 0.0)
     job = Job("r", "m", prompt_tokens=100)
     fixed = (5.0 + 0.001 * 100) * 0.5

@@ -80,7 +80,7 @@ async def test_a_watch_returns_once_its_condition_holds(autojump_clock):
 
 
 def test_an_abandoned_watch_is_dropped_and_a_failing_one_answered_with_a_fault():
-    actor = _Actor(RegistryState(make_config()))
+    actor = _Actor(RegistryState(make_config(), Metrics()))
     gone, abandoned = trio.open_memory_channel[object](1)
     broken, hears = trio.open_memory_channel[object](1)
     actor.watchers = [_Watch(lambda state: False, gone),  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.capabilities import parse_version
+from coordinator.metrics import Metrics
 from coordinator.protocol import ModelInfo
 from coordinator.registry.index import reference_key
 from coordinator.registry.mirror import Freed, Renewed, Struck
@@ -47,7 +48,7 @@ def record(pid: str, *models: str, session: int = 1, slots: int = 1, version: st
 
 
 def state(**config: object) -> RegistryState:
-    return RegistryState(make_config(**config), rng=random.Random(1))
+    return RegistryState(make_config(**config), Metrics(), rng=random.Random(1))
 
 
 def ask(model: str = "m", rid: str = "r", **kw: object) -> AcquireRequest:

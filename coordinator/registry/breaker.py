@@ -25,9 +25,10 @@ def is_strike(status: int) -> bool:
 
 @attrs.define
 class Breaker:
-    strikes: int = 2
-    window: float = 60.0
-    cooldown: float = 300.0
+    # No defaults here: config.py's breaker_strikes, _window and _cooldown are the ones.
+    strikes: int
+    window: float
+    cooldown: float
     _recent: dict[BreakerKey, list[float]] = attrs.field(factory=dict, init=False)
     _cooling_until: dict[BreakerKey, float] = attrs.field(factory=dict, init=False)
     _next_sweep: float = attrs.field(default=float("-inf"), init=False)

@@ -63,8 +63,8 @@ def hedge_delay(recent: RecentTimes | None, *, fixed: float, floor: float) -> fl
 
 @attrs.define
 class HedgeBudget:
-    fraction: float = 0.05
-    window: float = 60.0
+    fraction: float  # config.py's hedge_budget
+    window: float  # config.py's hedge_window
     burst: int = 2
     _primaries: deque[float] = attrs.field(factory=deque)
     _backups: deque[float] = attrs.field(factory=deque)

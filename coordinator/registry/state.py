@@ -101,7 +101,7 @@ class Done(Generic[T]):
 @attrs.define(eq=False)
 class RegistryState:
     config: Config
-    metrics: Metrics = attrs.field(factory=Metrics)
+    metrics: Metrics  # the coordinator's: a private default would count nowhere
     rng: random.Random = attrs.field(factory=random.Random)
     # Optional audit hook: called with (event, now, details) for every grant,
     # release and registration. Tests check routing against a reference model.
