@@ -111,8 +111,8 @@ class RegistryState:
     learning: Learning = attrs.field(init=False)
     breaker: Breaker = attrs.field(init=False)
     router: Router = attrs.field(init=False)
-    _shared: list[SharedEvent] = attrs.field(factory=list)  # to go out with the next Done
-    _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    _shared: list[SharedEvent] = attrs.field(factory=list, init=False)  # out with the next Done
+    _serial: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
