@@ -202,7 +202,7 @@ async def _simulated_fleet(nursery: trio.Nursery, running: Running, config: Conf
     fleet = demo_fleet(providers, token=config.provider_tokens[0],
                        behaviour=Behaviour(token_interval=0.03, tokens=40))
     nursery.start_soon(run_fleet, fleet, running.provider_url)
-    await running.registry.wait_for(lambda state: len(state.providers) >= providers)
+    await running.registry.wait_for_providers(providers)
     return (f"{providers} simulated provider{'' if providers == 1 else 's'} "
             "(models: sim-chat-small, sim-vision-large)", "sim-chat-small")
 
@@ -217,7 +217,7 @@ async def _engine_agent(nursery: trio.Nursery, running: Running, config: Config,
                         ProviderKeys.generate(), "demo-agent")
     print(f"waiting for the engine at {engine} …", flush=True)
     provider = await nursery.start(run_agent, agent)
-    await running.registry.wait_for(lambda state: "demo-agent" in state.providers)
+    await running.registry.wait_for_provider("demo-agent")
     models = ", ".join(m.id for m in provider.catalog.models)
     return f"a provider agent for the engine at {engine} (models: {models})", \
         provider.catalog.models[0].id

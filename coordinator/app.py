@@ -129,18 +129,22 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
 
         shared = pins = RedisShared(config, registry, directory, metrics, peer_url,
                                     identities.live_pins)
-        registry.state.outbox = shared.offer
+        await registry.connect_outbox(shared.offer)
         await nursery.start(shared.run)
     elif pins is None and config.identity_pins_file:
         pins = await PinFile.open(config.identity_pins_file)
-    dispatcher = Dispatcher(config, registry, metrics, directory, drain)
+    dispatcher = Dispatcher(config=config, registry=registry, metrics=metrics,
+                            directory=directory, drain=drain)
     accounts = await _open_accounts(nursery, config, metrics)
-    app = create_app(Api(config, registry, dispatcher, metrics, identities, drain, shared, pins,
-                         accounts=accounts))
+    app = create_app(Api(config=config, registry=registry, dispatcher=dispatcher,
+                         metrics=metrics, identities=identities, drain=drain, shared=shared,
+                         pins=pins, accounts=accounts))
     connections = Connections(config.keep_alive_timeout, config.request_head_timeout,
-                                  config.max_body_bytes)
+                              config.max_body_bytes)
     return Coordinator(config, registry, metrics, dispatcher,
-                       ProviderEdge(config, registry, metrics, identities, drain, directory, pins),
+                       ProviderEdge(config=config, registry=registry, metrics=metrics,
+                                    identities=identities, drain=drain, directory=directory,
+                                    pins=pins),
                        Edge(app, drain), connections, drain, shared, accounts)
 
 

@@ -929,9 +929,8 @@ def peer_world() -> Callable[[LogCatcher], Any]:
                                   1 << 20)
             record = record_of(entry, FAR_INSTANCE)
 
-            def lease_of(request_id: str) -> Any:
-                held = h.registry.state.providers.get(FAR_ID)
-                return None if held is None else held.leases.get(request_id)
+            async def lease_of(request_id: str) -> Any:
+                return await h.registry.lease_of(FAR_ID, request_id)
 
             world.remote = remote_connection(record, link, config, lease_of)
             directory.add(world.remote)
@@ -1015,7 +1014,7 @@ def link_scenario(case: LinkCase) -> Scenario:
                 case Rid(_):
                     return "no-such-request.1"
                 case Session(which):
-                    record = world.h.registry.state.providers.get(SIM_ID)
+                    record = world.h.registry._state_for_tests.providers.get(SIM_ID)
                     session = record.session if record is not None else 1
                     return session if which == "right" else session + 1
                 case SealedBody("junk"):

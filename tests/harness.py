@@ -101,7 +101,7 @@ class Harness:
 
     @property
     def state(self) -> Any:
-        return self.coordinator.registry.state
+        return self.coordinator.registry._state_for_tests
 
     async def add_provider(
         self,

@@ -11,7 +11,7 @@ KEY = ("p", "m", "tools")
 
 
 def test_two_strikes_in_window_start_a_cooldown():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     assert not b.record_failure(KEY, 500, 0.0)
     assert b.record_failure(KEY, 502, 59.0)
     assert b.is_cooling(KEY, 60.0)
@@ -20,21 +20,21 @@ def test_two_strikes_in_window_start_a_cooldown():
 
 
 def test_strikes_outside_the_window_do_not_add_up():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     b.record_failure(KEY, 500, 0.0)
     assert not b.record_failure(KEY, 500, 60.0)
     assert not b.is_cooling(KEY, 60.0)
 
 
 def test_capacity_and_client_errors_are_not_strikes():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     for t, status in enumerate((503, 503, 400, 404, 429, 503)):
         assert not b.record_failure(KEY, status, float(t))
     assert not b.is_cooling(KEY, 10.0)
 
 
 def test_failure_during_cooldown_extends_it_without_reentering():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     b.record_failure(KEY, 500, 0.0)
     assert b.record_failure(KEY, 500, 1.0)
     assert not b.record_failure(KEY, 504, 200.0)  # not a new *entry*
@@ -43,7 +43,7 @@ def test_failure_during_cooldown_extends_it_without_reentering():
 
 
 def test_success_clears_only_its_own_key():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     other = ("p", "m", "base")
     for key in (KEY, other):
         b.record_failure(key, 500, 0.0)
@@ -53,7 +53,7 @@ def test_success_clears_only_its_own_key():
 
 
 def test_forget_provider_gives_a_clean_slate():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     b.record_failure(KEY, 500, 0.0)
     b.record_failure(KEY, 500, 1.0)
     b.record_failure(("q", "m", "tools"), 500, 1.0)
@@ -63,7 +63,7 @@ def test_forget_provider_gives_a_clean_slate():
 
 
 def test_memory_is_bounded_under_provider_churn():
-    b = Breaker()
+    b = Breaker(strikes=2, window=60.0, cooldown=300.0)
     for i in range(10_000):
         now = float(i)  # one new provider id a second, each failing twice
         b.record_failure((f"p{i}", "m", "base"), 500, now)

@@ -85,7 +85,7 @@ BASE = Job("r", "m")
 
 
 def check(rec: ProviderRecord, job: Job, **kw: object) -> Gate | None:
-    return gate(rec, job, floors=FLOORS, breaker=kw.pop("breaker", Breaker()), now=0.0, **kw)  # type: ignore[arg-type]
+    return gate(rec, job, floors=FLOORS, breaker=kw.pop("breaker", Breaker(2, 60.0, 300.0)), now=0.0, **kw)  # type: ignore[arg-type]
 
 
 def test_gate_table():
@@ -106,7 +106,7 @@ def test_gate_table():
 
 
 def test_gate_honours_breaker_per_shape():
-    breaker = Breaker()
+    breaker = Breaker(2, 60.0, 300.0)
     breaker.record_failure(("p", "m", "tools"), 500, 0.0)
     breaker.record_failure(("p", "m", "tools"), 500, 1.0)
     assert check(record(), TOOLS, breaker=breaker) is Gate.COOLING
@@ -124,7 +124,7 @@ def test_capabilities_are_what_the_gate_lets_through():
                 rec = record(version=version, is_vision=is_vision)
                 caps = capabilities(rec, rec.models["m"], floors)
                 for job in (TOOLS, VISION, Job("r", "m", Traits(True, True))):
-                    passes = gate(rec, job, floors=floors, breaker=Breaker(), now=0.0) is None
+                    passes = gate(rec, job, floors=floors, breaker=Breaker(2, 60.0, 300.0), now=0.0) is None
                     assert passes == (set(job.traits.names) <= caps), (floors, version, job)
 
 

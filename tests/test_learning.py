@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from coordinator.capabilities import parse_version
 from coordinator.dispatch import race
 from coordinator.dispatch.race import Phase, RacerState
+from coordinator.metrics import Metrics
 from coordinator.protocol import ModelInfo, Usage
 from coordinator.providers.admission import MAX_DECODE_TPS
 from coordinator.registry import scheduler
@@ -174,17 +175,17 @@ def _record(pid: str, decode_tps: float) -> ProviderRecord:
 
 
 def test_observed_speed_overrides_what_was_declared():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("boaster", decode_tps=5000.0), 0.0)  # declares it is fast
     s.register(_record("honest", decode_tps=100.0), 0.0)
     for i in range(TRUST_AFTER):
-        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m"), exclude=frozenset({"honest"})), 1.0)
+        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m"), exclude=frozenset({"honest"})), 1.0).value
         assert isinstance(grant, Grant) and grant.lease.provider_id == "boaster"
         s.release(grant.lease, SUCCESS, 2.0, Observed(ttfc=4.0, decode_tps=5.0,
                                                        prompt_tokens=10))
     view = next(p for p in s.snapshot(3.0).providers if p.id == "boaster").models[0].speed
     assert view is not None and view.source == "observed" and view.decode_tps == 5.0
-    chosen = s.acquire(AcquireRequest(Job("next", "m")), 3.0)
+    chosen = s.acquire(AcquireRequest(Job("next", "m")), 3.0).value
     assert isinstance(chosen, Grant) and chosen.lease.provider_id == "honest"
 
 
@@ -207,42 +208,42 @@ def test_evidence_of_slowness_counts_at_once_evidence_of_speed_only_when_trusted
 
 
 def test_a_slow_newcomer_loses_the_first_choice_after_one_request():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("slow", decode_tps=5000.0), 0.0)  # claims to be the fastest
     s.register(_record("steady", decode_tps=100.0), 0.0)
-    first = s.acquire(AcquireRequest(Job("r0", "m")), 1.0)
+    first = s.acquire(AcquireRequest(Job("r0", "m")), 1.0).value
     assert isinstance(first, Grant) and first.lease.provider_id == "slow"
     s.release(first.lease, SUCCESS, 6.0, Observed(ttfc=5.0, decode_tps=5000.0, prompt_tokens=10))
     for i in range(1, 4):
-        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m")), 6.0 + i)
+        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m")), 6.0 + i).value
         assert isinstance(grant, Grant) and grant.lease.provider_id == "steady"
         s.release(grant.lease, SUCCESS, 6.5 + i)
 
 
 def test_a_provider_outpaced_again_and_again_stops_being_first_and_gets_a_strike():
-    s = RegistryState(make_config(outpaced_strikes=3), rng=random.Random(1))
+    s = RegistryState(make_config(outpaced_strikes=3), Metrics(), rng=random.Random(1))
     s.register(_record("zombie", decode_tps=500.0), 0.0)
     s.register(_record("steady", decode_tps=400.0), 0.0)
-    first = s.acquire(AcquireRequest(Job("r0", "m")), 0.0)
+    first = s.acquire(AcquireRequest(Job("r0", "m")), 0.0).value
     assert isinstance(first, Grant) and first.lease.provider_id == "zombie"
     for i in range(3):
-        grant = s.acquire(AcquireRequest(Job(f"z{i}", "m"), exclude=frozenset({"steady"})), 1.0)
+        grant = s.acquire(AcquireRequest(Job(f"z{i}", "m"), exclude=frozenset({"steady"})), 1.0).value
         assert isinstance(grant, Grant)
         s.release(grant.lease, race.loser_verdict(Phase.PREAMBLE, timed_out=False), 2.0 + i,
                   Outpaced(silent_for=2.5, boilerplate_only=True))
     assert s.breaker.cooldowns(5.0) == {}  # a single strike does not cool (2 needed)
     assert s.breaker._recent  # but it was counted
-    chosen = s.acquire(AcquireRequest(Job("after", "m")), 5.0)
+    chosen = s.acquire(AcquireRequest(Job("after", "m")), 5.0).value
     assert isinstance(chosen, Grant) and chosen.lease.provider_id == "steady"
 
 
 def test_an_unmeasured_provider_takes_few_jobs_at_a_time_while_others_have_room():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("boaster", decode_tps=10_000.0), 0.0)  # claims it is fast
     s.register(_record("steady", decode_tps=100.0), 0.0)
     chosen = []
     for i in range(7):
-        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m")), 0.0)
+        grant = s.acquire(AcquireRequest(Job(f"r{i}", "m")), 0.0).value
         assert isinstance(grant, Grant)
         chosen.append(grant.lease.provider_id)
     # Two each while the other has room under probation; then by estimate (never refused).
@@ -251,28 +252,28 @@ def test_an_unmeasured_provider_takes_few_jobs_at_a_time_while_others_have_room(
 
 
 def test_a_measured_provider_is_off_probation():
-    s = RegistryState(make_config(), rng=random.Random(1))
+    s = RegistryState(make_config(), Metrics(), rng=random.Random(1))
     s.register(_record("fast", decode_tps=100.0), 0.0)
     s.register(_record("slow", decode_tps=10.0), 0.0)
     for i in range(TRUST_AFTER):
-        grant = s.acquire(AcquireRequest(Job(f"w{i}", "m"), exclude=frozenset({"slow"})), 0.0)
+        grant = s.acquire(AcquireRequest(Job(f"w{i}", "m"), exclude=frozenset({"slow"})), 0.0).value
         assert isinstance(grant, Grant)
         s.release(grant.lease, SUCCESS, 1.0, Observed(0.05, 1000.0, 10))
-    held = [s.acquire(AcquireRequest(Job(f"r{i}", "m")), 2.0) for i in range(4)]
+    held = [s.acquire(AcquireRequest(Job(f"r{i}", "m")), 2.0).value for i in range(4)]
     assert [g.lease.provider_id for g in held if isinstance(g, Grant)] == ["fast"] * 4
     assert scheduler.on_probation(s.providers["slow"], Job("x", "m")) is False  # nothing held
 
 
 def test_a_grant_carries_the_adaptive_hedge_delay():
-    s = RegistryState(make_config(hedge_floor=0.01), rng=random.Random(1))
+    s = RegistryState(make_config(hedge_floor=0.01), Metrics(), rng=random.Random(1))
     s.register(_record("a", decode_tps=100.0), 0.0)
     job = Job("r", "m", prompt_tokens=100)
     fixed = (5.0 + 0.001 * 100) * 0.5
-    grant = s.acquire(AcquireRequest(job), 0.0)
+    grant = s.acquire(AcquireRequest(job), 0.0).value
     assert isinstance(grant, Grant) and grant.hedge_after == pytest.approx(fixed)
     for i in range(MIN_SAMPLES):
         s.release(grant.lease, SUCCESS, 1.0, Observed(0.2 + i / 1000, 50.0, 100))
-        grant = s.acquire(AcquireRequest(job), 1.0)
+        grant = s.acquire(AcquireRequest(job), 1.0).value
         assert isinstance(grant, Grant)
     assert grant.hedge_after == pytest.approx(0.2 + 18 / 1000)  # nearest rank: 19th of 20
     assert scheduler.estimated_seconds(s.providers["a"], job, 1.0) > 0

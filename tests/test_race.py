@@ -11,6 +11,7 @@ import itertools
 import pytest
 
 from coordinator.api.outcomes import dispatch_error
+from coordinator.config import Config
 from coordinator.dispatch import race
 from coordinator.dispatch.chunks import ChunkKind
 from coordinator.dispatch.race import (
@@ -34,7 +35,8 @@ from coordinator.dispatch.request import DispatchFailed, FailureKind
 from coordinator.protocol import Usage
 from coordinator.registry.table import CANCELLED, Outcome, Outpaced
 
-LIMITS = race.Limits(preamble_timeout=90.0, inference_timeout=600.0, max_held=2)
+LIMITS = race.Limits.from_config(Config(preamble_timeout=90.0, inference_timeout=600.0,
+                                        max_held_chunks=2))
 ROLE = {"choices": [{"delta": {"role": "assistant"}}]}
 TEXT = {"choices": [{"delta": {"content": "hi"}}]}
 BOILERPLATE = Events(ChunkKind.BOILERPLATE, (ROLE,))
@@ -208,7 +210,8 @@ def test_loser_verdicts(phase, timed_out, verdict):
 
 
 def test_deadlines_are_computed_once_per_attempt():
-    limits = race.Limits(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5)
+    limits = race.Limits.from_config(
+        Config(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5))
     assert limits.deadlines(100.0, prompt_tokens=2000) == race.Deadlines(107.0, 103.5, 3.5)
     assert limits.deadlines(100.0, 2000, hedge_after=0.2).hedge == 100.2
 
@@ -245,14 +248,16 @@ def test_deterministic_statuses_are_recognised():
 
 
 def test_a_refused_backup_is_asked_for_again_ever_less_often_up_to_the_fixed_delay():
-    limits = race.Limits(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5)
+    limits = race.Limits.from_config(
+        Config(ttft_base=5.0, ttft_per_prompt_token=0.001, backup_fraction=0.5))
     deadlines = limits.deadlines(100.0, prompt_tokens=1000, hedge_after=0.2)
     asks = list(itertools.islice(deadlines.hedge_asks(), 9))
     waits = [b - a for a, b in itertools.pairwise(asks)]
     assert asks[0] == 100.2 and waits[0] == pytest.approx(race.MIN_HEDGE_RETRY)
     assert all(b == pytest.approx(min(a * 2, 3.0)) for a, b in itertools.pairwise(waits))
     assert waits[-1] == pytest.approx(3.0)  # (5 + 1) * 0.5: never longer than the fixed hedge
-    tiny = race.Limits(ttft_base=0.01, ttft_per_prompt_token=0.0, backup_fraction=0.5)
+    tiny = race.Limits.from_config(
+        Config(ttft_base=0.01, ttft_per_prompt_token=0.0, backup_fraction=0.5))
     first, second = itertools.islice(tiny.deadlines(0.0, 0).hedge_asks(), 2)
     assert second - first == race.MIN_HEDGE_RETRY  # never a busy loop
 

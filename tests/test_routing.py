@@ -228,7 +228,7 @@ async def test_queued_request_is_served_when_the_slot_frees(autojump_clock):
         await h.assert_quiescent()
 
 
-async def test_queue_drained_by_a_provider_registering(autojump_clock):
+async def test_queue_answered_by_a_provider_registering(autojump_clock):
     async with open_harness() as h:
         await h.add_provider("early")
         h.kill("early")

@@ -60,16 +60,17 @@ log = logging.getLogger(__name__)
 PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, kw_only=True)
 class Api:
+    # Collaborators are named and required: a private default would split their state.
     config: Config
     registry: RegistryClient
     dispatcher: Dispatcher
     metrics: Metrics
-    identities: IdentityBook = attrs.field(factory=IdentityBook)
-    drain: Drain = attrs.field(factory=Drain)
-    shared: Any = None  # cluster/shared.py: its status shows on /healthz and /status
-    pins: SharedPins | None = None  # with several instances: the fleet-wide pins
+    identities: IdentityBook
+    drain: Drain
+    shared: Any  # cluster/shared.py: its status shows on /healthz and /status
+    pins: SharedPins | None  # with several instances: the fleet-wide pins
     status_sessions: StatusSessions = attrs.field(factory=StatusSessions)  # browsers on /status
     accounts: Accounts | None = None  # named keys, limits, the ledger (None: the static keys)
     _parse_threads: trio.CapacityLimiter = attrs.field(
@@ -279,25 +280,25 @@ class Api:
     async def models(self) -> Response:
         if self._account() is None:
             return error_response(errors.unauthorized(), Family.OPENAI)
-        # Read, not asked: a health check or a model list must not cost a full snapshot
-        # of a 10,000-provider table (the actor is the only writer; reading is safe).
-        served = self.registry.state.models_served()
+        # Asked for the names alone: a model list must not cost a full snapshot of a
+        # 10,000-provider table.
+        served = await self.registry.models()
         return json_response({"object": "list", "data": [_model_entry(m) for m in served]})
 
     async def model(self, model_id: str) -> Response:
         """``models.retrieve``: one model some connected provider serves now, as listed."""
         if self._account() is None:
             return error_response(errors.unauthorized(), Family.OPENAI)
-        if not self.registry.state.serves(model_id):
+        if not await self.registry.serves(model_id):
             return error_response(errors.not_found(
                 f"the model {model_id[:256]!r} does not exist or is not served"), Family.OPENAI)
         return json_response(_model_entry(model_id))
 
     async def healthz(self) -> Response:
-        providers, queued = self.registry.state.counts()
+        census = await self.registry.census()
         draining = self.drain.draining
         return json_response({"status": "draining" if draining else "ok",
-                              "providers": providers, "queue_depth": queued,
+                              "providers": census.providers, "queue_depth": census.queued,
                               "cluster": self._cluster()}, 503 if draining else 200)
 
     def _cluster(self) -> str:

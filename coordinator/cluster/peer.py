@@ -275,7 +275,7 @@ class RemoteConnection(ProviderConnection):
         if self.closed or self.link is None:
             raise ProviderGone(self.provider_id)
         if isinstance(message, InferenceRequest):
-            lease = self.lease_of(message.request_id)
+            lease = await self.lease_of(message.request_id)
             if lease is None:
                 raise ProviderGone(self.provider_id)
             try:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import attrs
 
-from coordinator.registry.state import SharedEvent
+from coordinator.registry.mirror import SharedEvent
 
 
 class Shared(Protocol):

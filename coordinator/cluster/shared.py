@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -50,7 +50,8 @@ from coordinator.metrics import Metrics
 from coordinator.providers.connection import Directory
 from coordinator.providers.identity import PinClaim, PinStoreUnavailable
 from coordinator.registry.actor import RegistryClient
-from coordinator.registry.state import Cleared, Freed, Renewed, SharedEvent, Struck
+from coordinator.registry.mirror import Cleared, Freed, Renewed, SharedEvent, Struck
+from coordinator.registry.table import Lease
 from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
@@ -242,8 +243,7 @@ class RedisShared:
         ttl_ms = int(self.config.cluster_ttl * 1000)
         while True:
             await self._keep_pins(client)
-            local = [entries.entry_of(r) for r in self.registry.state.providers.values()
-                     if not r.instance]
+            local = await self.registry.local_providers(entries.entry_of)
             page = entries.InstanceEntry(self.me, self.peer_url, tuple(local))
             await client.set(f"coord:dir:{self.me}", orjson.dumps(entries.dump(page)), px=ttl_ms)
             self._healthy()
@@ -347,10 +347,9 @@ class RedisShared:
                     (connection.provider_id, connection.session) not in keep:
                 self.directory.remove(connection)
 
-    def _lease_of(self, provider_id: str) -> Any:
-        def find(request_id: str) -> Any:
-            record = self.registry.state.providers.get(provider_id)
-            return None if record is None else record.leases.get(request_id)
+    def _lease_of(self, provider_id: str) -> Callable[[str], Awaitable[Lease | None]]:
+        async def find(request_id: str) -> Lease | None:
+            return await self.registry.lease_of(provider_id, request_id)
         return find
 
     # -- the shared breaker and capacity

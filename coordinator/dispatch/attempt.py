@@ -50,13 +50,14 @@ class _Attempt:
     primary: Racer | None = None
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, kw_only=True)
 class Dispatcher:
+    # Collaborators are named and required: a private default would split their state.
     config: Config
     registry: RegistryClient
     metrics: Metrics
-    directory: Directory = attrs.field(factory=Directory)
-    drain: Drain = attrs.field(factory=Drain)
+    directory: Directory
+    drain: Drain
     # Pre-content failures that were retried, newest last (for the status page).
     failovers: deque[tuple[float, str, Failure]] = attrs.field(factory=lambda: deque(maxlen=50))
     limits: race.Limits = attrs.field(

@@ -29,6 +29,7 @@ from coordinator.config import Config
 from coordinator.dispatch.chunks import ChunkKind, Event
 from coordinator.protocol import Usage
 from coordinator.providers.admission import MAX_DECODE_TPS
+from coordinator.registry.hedging import TtftBudget
 from coordinator.registry.table import CANCELLED, SUCCESS, Observed, Outcome, Outpaced
 
 from .items import End, InBandError, InBandReason, RelayItem
@@ -147,19 +148,19 @@ class Fail:
 Decision = Hold | Commit | Fail
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Limits:
-    preamble_timeout: float = 90.0
-    inference_timeout: float = 600.0
-    max_held: int = 8
-    ttft_base: float = 5.0
-    ttft_per_prompt_token: float = 0.001
-    backup_fraction: float = 0.5
+    """The racers' budgets, from the configuration (its defaults are the only ones)."""
+
+    preamble_timeout: float
+    inference_timeout: float
+    max_held: int
+    ttft: TtftBudget
 
     @classmethod
     def from_config(cls, c: Config) -> Limits:
-        return cls(c.preamble_timeout, c.inference_timeout, c.max_held_chunks, c.ttft_base,
-                   c.ttft_per_prompt_token, c.backup_fraction)
+        return cls(preamble_timeout=c.preamble_timeout, inference_timeout=c.inference_timeout,
+                   max_held=c.max_held_chunks, ttft=TtftBudget.from_config(c))
 
     def deadlines(self, now: float, prompt_tokens: int,
                   hedge_after: float | None = None) -> Deadlines:
@@ -168,8 +169,8 @@ class Limits:
         ``hedge_after`` is the registry's adaptive delay (registry/hedging.py);
         without one, the fixed ``backup_fraction`` of the budget.
         """
-        ttft = self.ttft_base + self.ttft_per_prompt_token * prompt_tokens
-        fixed = ttft * self.backup_fraction
+        ttft = self.ttft.ttft(prompt_tokens)
+        fixed = self.ttft.fixed_hedge(prompt_tokens)
         return Deadlines(now + ttft, now + (fixed if hedge_after is None else hedge_after), fixed)
 
 

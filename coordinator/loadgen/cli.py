@@ -196,8 +196,7 @@ async def run_embedded(args: argparse.Namespace, stop: trio.Event,
         for provider in fleet:
             provider.fault_mix = args.fault_mix.entries
         nursery.start_soon(run_fleet, fleet, running.provider_url)
-        everyone = partial(running.registry.wait_for,
-                           lambda state: len(state.providers) >= len(fleet))
+        everyone = partial(running.registry.wait_for_providers, len(fleet))
         report = None
         if not await first_of(stop, everyone):
             report = await _run(args, running.http_url, "load", stop, bar)

@@ -79,15 +79,16 @@ class _Admitted:
     new_pin: tuple[str, str] | None  # (id, key) when this admission made the pin
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, kw_only=True)
 class ProviderEdge:
+    # Collaborators are named and required: a private default would split their state.
     config: Config
     registry: RegistryClient
     metrics: Metrics
     identities: IdentityBook
-    drain: Drain = attrs.field(factory=Drain)
-    directory: Directory = attrs.field(factory=Directory)
-    pins: SharedPins | None = None  # with several instances: the fleet-wide pins
+    drain: Drain
+    directory: Directory
+    pins: SharedPins | None  # with several instances: the fleet-wide pins
     pending: int = 0  # sockets in admission now, without a token in the upgrade request
     pending_proven: int = 0  # and with one (their own places: never starved by the others)
 

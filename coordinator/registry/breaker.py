@@ -25,12 +25,15 @@ def is_strike(status: int) -> bool:
 
 @attrs.define
 class Breaker:
-    strikes: int = 2
-    window: float = 60.0
-    cooldown: float = 300.0
+    # No defaults here: config.py's breaker_strikes, _window and _cooldown are the ones.
+    strikes: int
+    window: float
+    cooldown: float
     _recent: dict[BreakerKey, list[float]] = attrs.field(factory=dict, init=False)
     _cooling_until: dict[BreakerKey, float] = attrs.field(factory=dict, init=False)
     _next_sweep: float = attrs.field(default=float("-inf"), init=False)
+    # Counts changes to the cooldowns: a reader's copy of them is stale once it moves.
+    version: int = attrs.field(default=0, init=False)
 
     def record_failure(self, key: BreakerKey, status: int, now: float) -> bool:
         """Count a failure; return True exactly when the key *enters* cooldown."""
@@ -39,19 +42,22 @@ class Breaker:
             return False
         if self.is_cooling(key, now):
             self._cooling_until[key] = now + self.cooldown
+            self.version += 1
             return False
         recent = [t for t in self._recent.get(key, ()) if now - t < self.window]
         recent.append(now)
         if len(recent) >= self.strikes:
             self._recent.pop(key, None)
             self._cooling_until[key] = now + self.cooldown
+            self.version += 1
             return True
         self._recent[key] = recent
         return False
 
     def record_success(self, key: BreakerKey) -> None:
         self._recent.pop(key, None)
-        self._cooling_until.pop(key, None)
+        if self._cooling_until.pop(key, None) is not None:
+            self.version += 1
 
     def knows(self, key: BreakerKey) -> bool:
         """Whether ``key`` has strikes or a cooldown on record."""
@@ -61,6 +67,7 @@ class Breaker:
         """Cool ``key`` until ``until`` (a cooldown entered elsewhere: another instance)."""
         self._recent.pop(key, None)
         self._cooling_until[key] = max(until, self._cooling_until.get(key, until))
+        self.version += 1
 
     def is_cooling(self, key: BreakerKey, now: float) -> bool:
         until = self._cooling_until.get(key)
@@ -71,10 +78,15 @@ class Breaker:
         for table in (self._recent, self._cooling_until):
             for key in [k for k in table if k[0] == provider_id]:
                 del table[key]
+                self.version += table is self._cooling_until
 
     def cooldowns(self, now: float) -> dict[BreakerKey, float]:
         """Active cooldowns with their expiry time."""
         return {k: until for k, until in self._cooling_until.items() if now < until}
+
+    def cooling_until(self) -> tuple[float, ...]:
+        """When each cooldown on record ends (some may have ended already), in order."""
+        return tuple(sorted(self._cooling_until.values()))
 
     def __len__(self) -> int:
         return len(self._recent) + len(self._cooling_until)

@@ -1,5 +1,10 @@
 """When to start a speculative backup, and how many backups the fleet can afford. Pure.
 
+*Budget for first content.* A request's time to first content is budgeted at
+``ttft_base + ttft_per_prompt_token * prompt tokens`` (:class:`TtftBudget`, the
+one home of that formula: the engine's deadlines and the registry's hedge
+delay both use it); its fixed hedge delay is ``backup_fraction`` of that.
+
 *Delay.* "The Tail at Scale" hedges at the observed 95th percentile of the
 latency, not at a fixed fraction: a backup then races only the slowest 5 % of
 primaries. The hedge delay for a request is the 95th percentile of recent
@@ -21,9 +26,31 @@ from typing import Final
 
 import attrs
 
+from coordinator.config import Config
 from coordinator.registry.speed import RecentTimes
 
 MIN_SAMPLES: Final = 20
+
+
+@attrs.frozen
+class TtftBudget:
+    """How long a request's first content may take, and when its backup is due."""
+
+    base: float
+    per_prompt_token: float
+    backup_fraction: float
+
+    @classmethod
+    def from_config(cls, c: Config) -> TtftBudget:
+        return cls(c.ttft_base, c.ttft_per_prompt_token, c.backup_fraction)
+
+    def ttft(self, prompt_tokens: int) -> float:
+        """Seconds from the dispatch to the first content."""
+        return self.base + self.per_prompt_token * prompt_tokens
+
+    def fixed_hedge(self, prompt_tokens: int) -> float:
+        """Seconds from the dispatch to the backup, before any time is learned."""
+        return self.ttft(prompt_tokens) * self.backup_fraction
 
 
 def hedge_delay(recent: RecentTimes | None, *, fixed: float, floor: float) -> float:
@@ -36,8 +63,8 @@ def hedge_delay(recent: RecentTimes | None, *, fixed: float, floor: float) -> fl
 
 @attrs.define
 class HedgeBudget:
-    fraction: float = 0.05
-    window: float = 60.0
+    fraction: float  # config.py's hedge_budget
+    window: float  # config.py's hedge_window
     burst: int = 2
     _primaries: deque[float] = attrs.field(factory=deque)
     _backups: deque[float] = attrs.field(factory=deque)

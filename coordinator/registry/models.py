@@ -18,8 +18,8 @@ import attrs
 
 @attrs.define
 class ModelMemory:
-    forget_after: float = 3600.0
-    capacity: int = 10_000
+    forget_after: float  # config.py's model_forget_after
+    capacity: int  # config.py's max_known_models
     # Models no live provider serves, with when they went offline; oldest first.
     _offline_since: dict[str, float] = attrs.field(factory=dict)
 
@@ -52,6 +52,10 @@ class ModelMemory:
     def names(self) -> list[str]:
         return list(self._offline_since)
 
+    def remembered(self, now: float) -> list[str]:
+        """The models remembered at ``now`` (a read: nothing is forgotten here)."""
+        return [m for m, since in self._offline_since.items() if now - since < self.forget_after]
+
     def __len__(self) -> int:
         return len(self._offline_since)
 
@@ -69,8 +73,8 @@ class CapabilityMemory:
     first), and per model one entry per distinct capability set (four at most).
     """
 
-    forget_after: float = 3600.0
-    capacity: int = 10_000
+    forget_after: float  # config.py's model_forget_after
+    capacity: int  # config.py's max_known_models
     # model -> capability set -> when a provider with it last left; the model whose
     # latest departure is oldest first, so expiry and eviction take from the front.
     _left: dict[str, dict[frozenset[str], float]] = attrs.field(factory=dict)

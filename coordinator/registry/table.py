@@ -1,4 +1,5 @@
-"""The registry's values: jobs, providers, leases, verdicts and the snapshot it shows.
+"""The registry's values: jobs, providers, leases, grants and refusals, verdicts, and
+what it shows (the snapshot and the census).
 
 The table holds values only — no sockets. A lease names a slot on one session
 of one provider; whoever needs the connection behind it asks the provider
@@ -55,6 +56,31 @@ class Grant:
     queued: float = 0.0  # seconds spent in the queue before the grant
     # Seconds after dispatch to start a speculative backup (registry/hedging.py).
     hedge_after: float | None = None
+
+
+class Refusal(enum.Enum):
+    UNKNOWN_MODEL = "unknown_model"
+    UNSERVABLE = "unservable"  # providers serve the model, none can serve this request
+    TOO_LARGE = "too_large"  # no provider of the model accepts a frame this large
+    EXHAUSTED = "exhausted"  # every otherwise eligible provider already failed this request
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+    OFFLINE = "offline"  # waited in the queue while no provider of the model was connected
+    # The request needs a capability (tool calls, images) no known provider of the
+    # model has — live, or departed and still remembered: for good, not for now.
+    INCAPABLE = "incapable"
+
+
+@attrs.frozen
+class Refused:
+    """A request the registry will not serve (now, or for good): what kind, and a
+    sentence for the consumer. HTTP is the API edge's business (api/outcomes.py)."""
+
+    kind: Refusal
+    detail: str
+
+
+Decision = Grant | Refused | None  # None: wait in the queue
 
 
 @attrs.frozen
@@ -195,6 +221,14 @@ class ProviderView:
     failed: int = 0
     recent_verdicts: int = 0  # the last successes and errors, at most RecentVerdicts.SIZE …
     recent_errors: int = 0  # … and the errors among them
+
+
+@attrs.frozen
+class Census:
+    """Providers online (local and mirrored) and requests queued: for health checks."""
+
+    providers: int
+    queued: int
 
 
 @attrs.frozen
