@@ -51,6 +51,7 @@ from coordinator.providers.connection import Directory
 from coordinator.providers.identity import PinClaim, PinStoreUnavailable
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import Cleared, Freed, Renewed, SharedEvent, Struck
+from coordinator.registry.table import Lease
 from coordinator.untrusted import printable
 
 log = logging.getLogger(__name__)
@@ -342,13 +343,12 @@ class RedisShared:
         neither.
         """
         for connection in self.directory.live():
-            link = getattr(connection, "link", None)
-            if link is not None and link.instance == instance and \
+            if connection.instance == instance and \
                     (connection.provider_id, connection.session) not in keep:
                 self.directory.remove(connection)
 
-    def _lease_of(self, provider_id: str) -> Any:
-        def find(request_id: str) -> Any:
+    def _lease_of(self, provider_id: str) -> Callable[[str], Lease | None]:
+        def find(request_id: str) -> Lease | None:
             record = self.registry.state.providers.get(provider_id)
             return None if record is None else record.leases.get(request_id)
         return find
