@@ -1,8 +1,9 @@
-"""Sessions: tests (3.11-3.13), lint, typecheck, bench, soak.
+"""Sessions: tests (3.11-3.13), slow, lint, typecheck, bench, soak, fuzz.
 
-``python3 -m nox`` runs tests on every listed Python the machine has, then lint
-and typecheck. A Python that is not installed is skipped, not failed, even
-with CI=true (nox's own default there is to fail).
+``python3 -m nox`` runs tests on every listed Python the machine has, the tests
+marked slow once (on the oldest Python), then lint and typecheck: every test runs
+in every CI run. A Python that is not installed is skipped, not failed, even with
+CI=true (nox's own default there is to fail).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import nox
 PYTHONS = ["3.11", "3.12", "3.13"]
 CONSTRAINTS = ("-c", "constraints.txt")
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "slow", "lint", "typecheck"]
 nox.options.error_on_missing_interpreters = False
 nox.options.reuse_existing_virtualenvs = True
 
@@ -58,12 +59,21 @@ def _install_debian(session: nox.Session, package: str, command: str, why: str) 
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
+    """Every test but those marked slow: logic in virtual time, on each Python."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python=PYTHONS[0])
+def slow(session: nox.Session) -> None:
+    """The tests marked slow, once per run: processes, a redis-server, a browser, a real
+    engine, real-time waits on real sockets, long property runs (docs/testing.md)."""
     _install_debian(session, "chromium", "chromium", "the status-page browser test")
     _install_debian(session, "redis-server", "redis-server", "the scale-out tests")
     # The [engine] extra is llama.cpp's server (a prebuilt wheel) for provider-agent's
     # real-engine tests (tests/test_agent_engine.py).
     session.install(*CONSTRAINTS, "-e", ".[test,engine]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-m", "slow", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -1,11 +1,15 @@
-"""Stack floor vs direct-to-provider vs coordinator, measured in one run.
+"""Stack floor vs direct-to-provider vs minimal relay vs coordinator, measured in one run.
 
 Each server runs in its own process; the load generator (coordinator.loadgen.load,
 an h11 client) runs here. All share this machine's cores, so read the ratios,
 not the absolute numbers. ``BENCH_SERVER_CPUS=0`` pins each server (floor,
-direct provider, coordinator) to CPU 0 and everything else (load generator,
-simulated fleet) to the other CPUs, so the server's work is not shared with its
-load. Run: ``python -m benchmarks.bench_stack`` or ``nox -s bench``. Writes
+direct provider, minimal relay, coordinator) to CPU 0 and everything else (load
+generator, simulated fleet, the relay's upstream) to the other CPUs, so the
+server's work is not shared with its load. The minimal relay (``relay_app.py``)
+and the coordinator alternate, one event per provider frame and then 16, so the
+machine's drift hits each pair alike. Run: ``python -m benchmarks.bench_stack`` or
+``nox -s bench``. ``BENCH_SMOKE=1`` (with ``BENCH_SECONDS=2``) runs every phase with
+few requests: it checks the benchmark runs and measures nothing. Writes
 ``bench-results/stack.json``.
 """
 
@@ -32,6 +36,12 @@ KEY = "bench-key"
 TOKEN = "bench-token"
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+SERIAL_REQUESTS = 40 if SMOKE else 400  # c=1, for time to first byte
+FAILOVER_REQUESTS = 30 if SMOKE else 300
+IDLE_STREAMS = 100 if SMOKE else 2000
 
 
 def free_port() -> int:
@@ -137,7 +147,8 @@ async def throughput_and_latency(url: str, *, duration: float, warm: bool = True
                          requests=None, mix=mix, tokens=14, show_progress=False)
     cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, hot["ok"]) if pid else None
     serial = await run_load(url, key=KEY, model="sim-chat-small", concurrency=1, duration=60.0,
-                            requests=400, mix=mix, tokens=14, show_progress=False, extra=extra)
+                            requests=SERIAL_REQUESTS, mix=mix, tokens=14, show_progress=False,
+                            extra=extra)
     fb = serial["_samples"]["first_byte"]
     return {"rps_c64": hot["requests_per_s"], "errors_c64": hot["errors"],
             "cpu_ms_per_request": cpu_ms,
@@ -215,8 +226,11 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
         results["direct"] = await throughput_and_latency(f"http://127.0.0.1:{direct_port}",
                                                          duration=duration, pid=procs[0].pid)
     # One event per provider frame (a provider forwarding each event as it comes), then
-    # every event a provider has at once in one frame (SSE-framed chunks, docs/protocol.md).
-    for name, per_frame in (("coordinator", 1), ("coordinator_batched", 16)):
+    # every event a provider has at once in one frame (SSE-framed chunks, docs/protocol.md);
+    # each time the minimal relay first, then the coordinator.
+    for suffix, per_frame in (("", 1), ("_batched", 16)):
+        results["relay" + suffix] = await minimal_relay(per_frame, duration)
+        name = "coordinator" + suffix
         port, pport = free_port(), free_port()
         fleet = fleet_file(tmp, name, [{"id": "sim", "count": 4, "max_concurrency": 64,
                                         "events_per_frame": per_frame}])
@@ -247,10 +261,10 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         mix = Mix(stream=1.0, tools=0.0, images=0.0)
         own = await run_load(url, key=KEY, model="sim-chat-small", concurrency=1, duration=60,
-                             requests=300, mix=mix, tokens=14, show_progress=False,
-                             extra={"provider_ids": ["good"]})
+                             requests=FAILOVER_REQUESTS, mix=mix, tokens=14,
+                             show_progress=False, extra={"provider_ids": ["good"]})
         failover = await run_load(url, key=KEY, model="sim-chat-small", concurrency=1,
-                                  duration=60, requests=300, mix=mix, tokens=14,
+                                  duration=60, requests=FAILOVER_REQUESTS, mix=mix, tokens=14,
                                   show_progress=False)
         results["failover"] = {
             "backup_own_ttfb_p50_ms": own["first_byte_ms"]["p50"],
@@ -273,13 +287,28 @@ async def main_async(tmp: Path, duration: float) -> dict[str, Any]:
                      f"ws://127.0.0.1:{pport}/"], {})) as procs:
         wait_for_port(port)
         await wait_ready(port, 4)
-        results["idle_streams"] = await idle_streams(port, procs[0].pid, 2000)
+        results["idle_streams"] = await idle_streams(port, procs[0].pid, IDLE_STREAMS)
     return results
+
+
+async def minimal_relay(per_frame: int, duration: float) -> dict[str, Any]:
+    """The minimal relay (pinned as a server) and its upstream (with the load), measured."""
+    port, upstream_port = free_port(), free_port()
+    with processes(([PY, "-m", "benchmarks.relay_app", "upstream", "--port", str(upstream_port),
+                     "--events-per-frame", str(per_frame)], {})):
+        wait_for_port(upstream_port)
+        with processes((server([PY, "-m", "benchmarks.relay_app", "relay", "--port", str(port),
+                                "--upstream", f"ws://127.0.0.1:{upstream_port}/"]),
+                        {})) as procs:
+            wait_for_port(port)
+            return await throughput_and_latency(f"http://127.0.0.1:{port}", duration=duration,
+                                                pid=procs[0].pid)
 
 
 def report(results: dict[str, Any]) -> str:
     floor, direct, coord = results["floor"], results["direct"], results["coordinator"]
     batched = results["coordinator_batched"]
+    relay, relay_batched = results["relay"], results["relay_batched"]
     fo, idle = results["failover"], results["idle_streams"]
     rows = [
         f"server CPU per request (ms, c=64): floor {floor['cpu_ms_per_request']:.2f}, direct "
@@ -287,6 +316,17 @@ def report(results: dict[str, Any]) -> str:
         f"({coord['cpu_ms_per_request'] / floor['cpu_ms_per_request']:.2f}x floor; target <= 1.5x), "
         f"batched frames {batched['cpu_ms_per_request']:.2f} "
         f"({batched['cpu_ms_per_request'] / floor['cpu_ms_per_request']:.2f}x)",
+        f"minimal relay in the same stack, CPU per request (ms, c=64): one event per frame "
+        f"{relay['cpu_ms_per_request']:.2f} -> coordinator "
+        f"{coord['cpu_ms_per_request'] / relay['cpu_ms_per_request']:.2f}x; 16 per frame "
+        f"{relay_batched['cpu_ms_per_request']:.2f} -> coordinator "
+        f"{batched['cpu_ms_per_request'] / relay_batched['cpu_ms_per_request']:.2f}x",
+        f"minimal relay throughput at c=64 (req/s): one event per frame {relay['rps_c64']:.0f} "
+        f"-> coordinator {coord['rps_c64'] / relay['rps_c64'] * 100:.0f}% of it; 16 per frame "
+        f"{relay_batched['rps_c64']:.0f} -> coordinator "
+        f"{batched['rps_c64'] / relay_batched['rps_c64'] * 100:.0f}%; TTFB c=1 p50 "
+        f"{relay['ttfb_c1_p50_ms']:.2f} ms -> coordinator "
+        f"+{coord['ttfb_c1_p50_ms'] - relay['ttfb_c1_p50_ms']:.2f} ms",
         f"throughput with batched provider frames: {batched['rps_c64']:.0f} req/s -> "
         f"{batched['rps_c64'] / floor['rps_c64'] * 100:.0f}% of floor",
         f"throughput at c=64 (req/s): floor {floor['rps_c64']:.0f}, direct {direct['rps_c64']:.0f}, "

@@ -3,7 +3,7 @@
 Each :class:`EngineProcess` runs ``provider-agent tiny-engine`` (provider_agent/tiny.py)
 as a subprocess on a free loopback port, so a test can kill it like a crash. Tests
 that need it are skipped, with the reason, only when llama.cpp's server (the
-``xllamacpp`` wheel of the ``[engine]`` extra) is not installed; the nox tests session
+``xllamacpp`` wheel of the ``[engine]`` extra) is not installed; the nox slow session
 installs it.
 """
 
@@ -24,7 +24,7 @@ import pytest
 HAVE_ENGINE = all(importlib.util.find_spec(m) is not None for m in ("xllamacpp", "gguf", "numpy"))
 needs_engine = pytest.mark.skipif(
     not HAVE_ENGINE, reason="llama.cpp's server is not installed (pip install -c constraints.txt "
-    "-e '.[engine]'; the nox tests session installs it)")
+    "-e '.[engine]'; the nox slow session installs it)")
 
 
 def free_port() -> int:

@@ -52,7 +52,7 @@ from hypothesis import strategies as st
 
 from coordinator import sizes
 from coordinator.cluster.entries import ProviderEntry, record_of
-from coordinator.cluster.peer import PeerLink, PeerServer, RemoteConnection, remote_connection
+from coordinator.cluster.peer import PeerLink, PeerServer, remote_connection
 from coordinator.protocol import (
     FrameError,
     InferenceAccepted,
@@ -72,6 +72,7 @@ from coordinator.protocol.cluster import (
     decode_peer_frame,
 )
 from coordinator.protocol.crypto import load_public_key
+from coordinator.providers.connection import ProviderConnection
 from coordinator.wsio import WholeWriteStream
 from provider_sim.behaviours import Behaviour
 
@@ -830,7 +831,7 @@ class PeerWorld(InProcess):
     peers: PeerServer | None = None
     far: FarInstance | None = None
     link: PeerLink | None = None
-    remote: RemoteConnection | None = None
+    remote: ProviderConnection | None = None
     examples: int = 0
     last_far_rid: str | None = None
     handler_ended: trio.Event = attrs.field(factory=trio.Event)  # a link's handler returned

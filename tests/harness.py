@@ -94,6 +94,7 @@ class Harness:
     _connections: dict[str, trio.CancelScope] = attrs.field(factory=dict)
     _scopes: dict[int, trio.CancelScope] = attrs.field(factory=dict)  # id(provider) -> scope
     _everyone: list[SimProvider] = attrs.field(factory=list)  # incl. replaced sessions
+    _ends: list[trio.abc.AsyncResource] = attrs.field(factory=list)  # providers' stream ends
 
     @property
     def registry(self) -> Any:
@@ -137,6 +138,7 @@ class Harness:
         task_status: Any
     ) -> None:
         client_stream, server_stream = stream_pair()
+        self._ends.append(client_stream)
         with scope:
             async with trio.open_nursery() as nursery:
                 # The server side reads the client's handshake, so it runs alongside.
@@ -200,6 +202,16 @@ class Harness:
         body = {"model": model_id, "stream": stream,
                 "messages": [{"role": "user", "content": "hello"}], **extra}
         return await self.request("/v1/chat/completions", body)
+
+    async def hang_up(self) -> None:
+        """Close every provider's end of its stream, as a process exiting closes its sockets.
+
+        Then the edge's goodbye to each provider (a Close that waits up to
+        ``close_timeout`` for the answer) ends at once: a test in real time would
+        otherwise wait that long for a provider already cancelled.
+        """
+        for end in self._ends:
+            await trio.aclose_forcefully(end)
 
     async def assert_quiescent(self) -> None:
         """No lease, queued request or pending provider stream is left behind."""
@@ -277,4 +289,5 @@ async def open_harness(pins: SharedPins | None = None, **config: Any) -> AsyncIt
         try:
             yield harness
         finally:
+            await harness.hang_up()
             nursery.cancel_scope.cancel()

@@ -1,6 +1,6 @@
 """A throwaway redis-server on a free loopback port, for in-process tests of the Redis seam.
 
-Skipped, with the reason, only when redis-server cannot be found (the nox tests
+Skipped, with the reason, only when redis-server cannot be found (the nox slow
 session installs Debian's redis-server where it can).
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 REDIS = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (the nox tests session installs "
+    REDIS is None, reason="redis-server is not installed (the nox slow session installs "
     "Debian's redis-server where it can: apt-get, as root)")
 
 

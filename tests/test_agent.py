@@ -127,6 +127,7 @@ def _agent(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # a provider-agent process
 @pytest.mark.parametrize("args, says", [
     (["--engine", "http://127.0.0.1:9", "--coordinator", "ws://127.0.0.1:9/", "--token", "t"],
      "no key file at"),
@@ -145,6 +146,7 @@ def test_an_agent_that_cannot_start_says_why_in_one_line(tmp_path, args, says):
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # a provider-agent process
 def test_init_makes_the_key_file_once(tmp_path):
     first = _agent("init", home=tmp_path)
     assert first.returncode == 0 and "keys written to" in first.stdout

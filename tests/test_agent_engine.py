@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import trio
 
 from coordinator.app import Running, serve
@@ -28,7 +29,7 @@ from provider_link.keys import ProviderKeys, create_keys, load_keys
 from .engines import EngineProcess, engine_process, needs_engine
 from .harness import ADMIN_KEY, API_KEY, TOKEN, make_config, poll
 
-pytestmark = needs_engine
+pytestmark = [pytest.mark.slow, needs_engine]  # a real engine, in real time (docs/testing.md)
 CHAT = {"model": "tiny-chatml", "max_tokens": 24, "temperature": 0, "seed": 7,
         "messages": [{"role": "user", "content": "Say hello to the world."}]}
 NULLABLE_TOOL = [{"type": "function", "function": {"name": "lookup", "parameters": {

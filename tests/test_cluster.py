@@ -28,9 +28,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (the nox tests session installs "
-    "Debian's redis-server where it can: apt-get, as root)")
+pytestmark = [
+    pytest.mark.slow,  # processes and a redis-server, in real time (docs/testing.md)
+    pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (the nox slow "
+                       "session installs Debian's redis-server where it can: apt-get, as root)"),
+]
 KEY, TOKEN, CLUSTER = "k", "t", "cluster-secret"
 CHAT = {"model": "sim-chat-small", "messages": [{"role": "user", "content": "hello"}]}
 

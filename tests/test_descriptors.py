@@ -129,6 +129,7 @@ def _coordinator(soft: int, hard: int) -> tuple[subprocess.Popen[str], tuple[str
     raise AssertionError(process.communicate(timeout=30))
 
 
+@pytest.mark.slow  # a coordinator process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_short_descriptor_limit_is_raised_or_named_once():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -412,6 +412,7 @@ def _run_coordinator(*args: str, env: dict[str, str] | None = None) -> subproces
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # a coordinator process
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_drains_and_exits_0_without_a_traceback(signum):
     process = _run_coordinator("serve", "--port", "0", "--provider-port", "0")
@@ -426,6 +427,7 @@ def test_a_signal_drains_and_exits_0_without_a_traceback(signum):
     assert "draining" in out and "coordinator stopped" in out
 
 
+@pytest.mark.slow  # a coordinator process
 @pytest.mark.parametrize(("args", "env", "names"), [
     (["--port", "70000"], {}, "--port"),
     (["--log-level", "LOUD"], {}, "--log-level"),
@@ -453,6 +455,7 @@ def test_operator_errors_are_one_line_and_exit_2(args, env, names):
     assert len([line for line in err.splitlines() if names in line]) == 1
 
 
+@pytest.mark.slow  # a coordinator process
 def test_a_port_in_use_names_the_listener():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -467,6 +470,7 @@ def test_a_port_in_use_names_the_listener():
             assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a coordinator process
 def test_an_unreadable_pins_file_is_one_line_and_exit_2(tmp_path):
     process = _run_coordinator("serve", "--port", "0", "--provider-port", "0",
                                env={"COORDINATOR_IDENTITY_PINS_FILE": str(tmp_path)})
@@ -476,6 +480,7 @@ def test_an_unreadable_pins_file_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a coordinator process
 def test_an_unknown_variable_gets_a_warning_naming_the_closest():
     process = _run_coordinator("serve", env={"COORDINATOR_QUEUE_MAXX": "1",
                                              "COORDINATOR_TTFT_BASE": "-1"})
@@ -526,6 +531,7 @@ def _simulator_says(coordinator_url: str, token: str, expected: str) -> str:
     return "".join(seen) + rest
 
 
+@pytest.mark.slow  # coordinator and provider-sim processes
 def test_the_simulator_tells_its_user_why_it_does_not_serve():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -69,6 +69,8 @@ from .fuzz_peer import (
     relay_to_p,
 )
 
+pytestmark = pytest.mark.slow  # long property runs, some over real sockets (docs/testing.md)
+
 _DB = os.environ.get("FUZZ_DB", ".hypothesis/fuzz")
 
 fuzz = settings(

@@ -90,6 +90,7 @@ def test_every_flag_has_help():
         assert action.help and len(action.help) > 10, action.option_strings
 
 
+@pytest.mark.slow  # load runs in real time
 def test_a_run_that_mostly_fails_exits_1_and_says_why(capsys, refused_url):
     # Nothing listening: 0 % success exited 0.
     argv = ["load", "--url", refused_url, "--duration", "0.3", "--concurrency", "2"]
@@ -115,6 +116,7 @@ def test_failure_reason_is_strictly_past_the_threshold():
     assert failure_reason(report(0, 0), 1.0) == "no request completed"
 
 
+@pytest.mark.slow  # load runs in real time
 async def test_a_stopped_run_reports_what_completed_as_partial():
     async with live_coordinator(providers=1) as (running, fleet):
         stop = trio.Event()
@@ -140,6 +142,7 @@ async def test_a_stopped_run_reports_what_completed_as_partial():
     assert 0 <= report["abandoned_in_flight"] <= 4
 
 
+@pytest.mark.slow  # a load process in real time
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 async def test_a_signal_writes_the_partial_report_and_exits_128_plus_it(tmp_path, signum):
     # It printed "interrupted: no report" and exited 0.
@@ -169,6 +172,7 @@ async def test_a_signal_writes_the_partial_report_and_exits_128_plus_it(tmp_path
     assert report["requests"] >= 4 and report["ok"] == report["requests"]
 
 
+@pytest.mark.slow  # load runs in real time
 def test_log_records_do_not_cut_through_the_progress_bar(monkeypatch):
     # WARNING lines from the embedded coordinator landed after the bar's text.
     terminal = io.StringIO()
@@ -202,6 +206,7 @@ def test_the_bar_steps_aside_for_a_record_and_comes_back():
     assert terminal.getvalue().endswith("3 done\nafter\n")
 
 
+@pytest.mark.slow  # load runs in real time
 def test_a_default_run_shows_failover_at_work_but_almost_no_errors(tmp_path, capsys):
     # The README promised "a few per cent" visible errors; the default mix dropped
     # sockets mid-stream and runs showed 8-18 %, 502s and 503s among them.

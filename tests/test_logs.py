@@ -144,7 +144,11 @@ def test_a_traceback_quoting_outside_text_cannot_forge_a_record():
 
 @pytest.mark.parametrize(("main", "argv"), [(coordinator_cli.main, ["serve"]),
                                             (sim_cli.main, ["fleet", "--n", "1"])])
-def test_the_command_lines_log_through_the_line_safe_formatter(monkeypatch, main, argv):
+def test_the_command_lines_log_through_the_line_safe_formatter(monkeypatch, tmp_path, main,
+                                                              argv):
+    # The fleet locks its default key directory for the process's life: one of its own,
+    # not the user's (where another fleet running on the machine holds the lock).
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     configured: dict = {}
     monkeypatch.setattr(logging, "basicConfig", lambda **kw: configured.update(kw))
     monkeypatch.setattr(trio, "run", lambda *args, **kwargs: None)  # configured, not run

@@ -2,8 +2,9 @@
 Redis restarted empty gets the pins of live providers back (item 4); a hung Redis reads
 "degraded" and refuses explicit ids quickly (item 5).
 
-Real time: the file store writes from a worker thread and Redis is a real process, neither
-of which virtual time can wait for. Each test is bounded.
+The file and Redis stores in real time: the file store writes from a worker thread and
+Redis is a real process, neither of which virtual time can wait for. Each test is bounded.
+The store in memory has neither, so its test runs in virtual time.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ async def _refused_rival_leaves_the_pin_free(h: Harness, pin_of: Any) -> None:
     assert (await h.chat(provider_ids=["own"])).status == 200
 
 
-async def test_a_refused_rival_key_never_becomes_the_pin_in_memory():
+async def test_a_refused_rival_key_never_becomes_the_pin_in_memory(autojump_clock):
     with trio.fail_after(30):
         async with open_harness() as h:
             async def pin_of(provider_id: str) -> str | None:
@@ -72,6 +73,7 @@ async def test_a_refused_rival_key_never_becomes_the_pin_in_the_file(tmp_path):
                 h, lambda provider_id: _pin_in_file(path, provider_id))
 
 
+@pytest.mark.slow  # a redis-server, in real time
 @needs_redis
 async def test_a_refused_rival_key_never_becomes_the_pin_in_redis(redis_server: RedisServer):
     with trio.fail_after(30):
@@ -81,6 +83,7 @@ async def test_a_refused_rival_key_never_becomes_the_pin_in_redis(redis_server: 
                 h, lambda provider_id: _pin_in_redis(h, provider_id))
 
 
+@pytest.mark.slow  # a redis-server, in real time
 @needs_redis
 async def test_redis_restarted_empty_gets_the_pins_of_live_providers_back(
         redis_server: RedisServer):
@@ -110,6 +113,7 @@ async def test_redis_restarted_empty_gets_the_pins_of_live_providers_back(
             await h.connect(back)
 
 
+@pytest.mark.slow  # a redis-server, in real time
 @needs_redis
 async def test_a_hung_redis_reads_degraded_and_explicit_ids_are_refused_quickly(
         redis_server: RedisServer):

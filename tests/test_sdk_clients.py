@@ -97,6 +97,7 @@ async def test_sdks_retry_while_the_capable_provider_is_cooling(autojump_clock):
         assert len(sent) == 3  # the first try and the SDK's two retries: it may succeed later
 
 
+@pytest.mark.slow  # synchronous SDKs against a coordinator on loopback, in real time
 async def test_openai_chat_completions():
     async with live_coordinator() as (running, _):
         client = openai_client(running.http_url)
@@ -129,6 +130,7 @@ async def test_openai_chat_completions():
         assert missing.value.status_code == 404
 
 
+@pytest.mark.slow  # synchronous SDKs against a coordinator on loopback, in real time
 async def test_openai_responses_and_completions():
     async with live_coordinator() as (running, _):
         client = openai_client(running.http_url)
@@ -152,6 +154,7 @@ async def test_openai_responses_and_completions():
             ).responses.create(model=MODEL, input="hi"))
 
 
+@pytest.mark.slow  # synchronous SDKs against a coordinator on loopback, in real time
 async def test_anthropic_messages():
     async with live_coordinator() as (running, _):
         client = anthropic_client(running.http_url)

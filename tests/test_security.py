@@ -690,6 +690,7 @@ async def test_http2_consumers_that_give_no_window_cannot_hold_the_connections(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # real sockets: a 20,000-word answer into a 4 KiB window
 async def test_a_consumer_that_stops_reading_is_cut_and_its_slot_released(autojump_clock):
     async with trio.open_nursery() as nursery:
         running = await nursery.start(serve, make_config(http_port=0, provider_port=0,
@@ -726,6 +727,7 @@ async def test_a_consumer_that_stops_reading_is_cut_and_its_slot_released(autoju
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # real sockets in real time
 async def test_tcp_reset_after_the_upgrade_does_not_end_the_listener(errors):
     async with trio.open_nursery() as nursery:
         running = await _serve_fleet(nursery)
@@ -749,6 +751,7 @@ async def test_tcp_reset_after_the_upgrade_does_not_end_the_listener(errors):
     assert not errors.records
 
 
+@pytest.mark.slow  # real sockets in real time
 async def test_websocket_upgrade_on_an_api_path_is_refused_cleanly(errors):
     async with trio.open_nursery() as nursery:
         running = await _serve_fleet(nursery)
@@ -759,6 +762,7 @@ async def test_websocket_upgrade_on_an_api_path_is_refused_cleanly(errors):
     assert not errors.records
 
 
+@pytest.mark.slow  # real sockets in real time
 async def test_an_upgrade_with_a_request_pipelined_behind_it_is_refused_quietly(capfd, errors):
     """hypercorn's HTTP/1 state is broken by the second request before the 403 is sent:
     the refusal finds nobody to answer, and must not end in a logged traceback."""
@@ -802,6 +806,7 @@ async def _answer_the_close(address: tuple[str, int], first: bytes, answer: byte
 _CLIENT_FRAMES = wsproto.frame_protocol.FrameProtocol(client=True, extensions=[])
 
 
+@pytest.mark.slow  # real sockets in real time
 @pytest.mark.parametrize("answer", [
     _CLIENT_FRAMES.ping(b"ping"),
     _CLIENT_FRAMES.send_data("x" * (300 * 1024), fin=True),  # over register_frame_bytes
@@ -989,6 +994,7 @@ async def test_a_provider_token_in_the_upgrade_request_has_admission_places_of_i
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # real sockets: 150 connections
 @pytest.mark.parametrize("opening", [
     b"GET / HTTP/1.1\r\n",  # an upgrade request never finished: holds a handshake place
     b"GET / HTTP/1.1\r\nHost: x\r\n" + _UPGRADE,  # upgraded, never registers: admission
@@ -1058,6 +1064,7 @@ class _Said(logging.Handler):
         self.event.set()
 
 
+@pytest.mark.slow  # real sockets in real time
 async def test_a_link_refused_for_its_cluster_token_says_so_once(errors):
     # A wrong token looked healthy: requests for the other instance's providers failed
     # with "instance … is gone" and neither side said why.
@@ -1184,6 +1191,7 @@ def test_identity_book_binds_ids_to_keys():
 # ---- found by the fuzz campaign (tests/test_fuzz.py) ----------------------------------
 
 
+@pytest.mark.slow  # real sockets in real time
 async def test_pipelined_http10_garbage_then_reset_does_not_end_the_listener(errors):
     """hypercorn answered the garbage and closed the connection from two tasks at once."""
     pieces = (b"GET /healthz HTTP/1.0\r\nHost: fuzz\r\n\r\nGET /healthz HTTP/1.1\r\nHos",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from provider_sim.behaviours import Behaviour, Fault
 
 from .simulation import ProviderSpec, RequestSpec, Scenario, check_invariants, play, to_json
+
+pytestmark = pytest.mark.slow  # a long property run: whole-system fault schedules (docs/testing.md)
 
 EXAMPLES = int(os.environ.get("SIMULATION_EXAMPLES", "200"))
 

@@ -238,6 +238,7 @@ def test_a_fleet_file_that_is_wrong_says_where(tmp_path, text, says):
         load_fleet(path)
 
 
+@pytest.mark.slow  # a load run over real sockets in real time
 async def test_load_generator_smoke_against_the_demo_fleet():
     async with live_coordinator(providers=2) as (running, _):
         report = await run_load(running.http_url, key="test-key", model="sim-chat-small",

@@ -23,6 +23,8 @@ from provider_sim.__main__ import build_parser
 
 from .test_edges import _run_coordinator
 
+pytestmark = pytest.mark.slow  # provider-sim and coordinator processes (docs/testing.md)
+
 
 def _sim(*args: str, home: Path) -> subprocess.Popen[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}

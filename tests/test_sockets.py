@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import trio
 
 from coordinator.app import serve
 from provider_sim.fleet import demo_fleet, run_fleet
 
 from .harness import API_KEY, TOKEN, make_config
+
+pytestmark = pytest.mark.slow  # real sockets in real time (docs/testing.md)
 
 
 async def test_stream_and_non_stream_over_real_sockets():

@@ -401,7 +401,8 @@ def _signed_in(page: Page) -> bool:
     return "providers" in page.tables
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (the nox tests "
+@pytest.mark.slow  # a browser (headless Chromium), in real time
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (the nox slow "
                     "session installs Debian's chromium where it can)")
 async def test_status_page_in_headless_chromium_signs_in_without_the_key_in_a_url():
     async with live_coordinator(providers=3) as (running, fleet), \

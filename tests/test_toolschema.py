@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,6 +314,7 @@ def added_keys(before: Any, after: Any) -> set[str]:
     return set()
 
 
+@pytest.mark.slow  # a long property run
 @settings(max_examples=300)
 @given(bodies)
 def test_properties_over_generated_schemas(doc):

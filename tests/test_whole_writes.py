@@ -16,7 +16,8 @@ import trio
 import trio.testing
 import trio_websocket
 
-from coordinator.cluster.peer import PeerLink, RemoteConnection
+from coordinator.cluster.peer import PeerLink, PeerRoute
+from coordinator.providers.connection import ProviderConnection
 from coordinator.registry.table import Lease
 from coordinator.wsio import WholeWriteStream
 
@@ -146,9 +147,8 @@ async def test_a_relay_cancelled_before_it_is_written_leaves_nothing_on_the_link
     left, and sends no cancel for it (tests/test_routing.py, the late backup): so the
     link must not wait for one. A retired link closes only once idle."""
     link = PeerLink("b", "ws://b.invalid/", me="a", token="t")
-    other = RemoteConnection(provider_id="p", session=1, ws=None,  # type: ignore[arg-type]
-                             public_key=nacl.public.PrivateKey.generate().public_key,
-                             link=link, instance="b")
+    other = ProviderConnection("p", 1, PeerRoute(link, lambda _: None),
+                               nacl.public.PrivateKey.generate().public_key)
 
     def lease(request_id: str) -> Lease:
         return Lease(request_id, "p", 1, "m1", "base", "1", 1.0, instance="b")

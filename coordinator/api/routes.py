@@ -157,10 +157,10 @@ class Api:
             "X-Timing": timing.header(),
             "X-Request-Id": record.request_id,
         }
-        link = getattr(committed.racer.connection, "link", None)
-        if link is not None:  # a provider connected to another instance (docs/scale-out.md)
-            headers["X-Provider-Instance"] = link.instance
-            record.instance = link.instance
+        instance = committed.racer.connection.instance if committed.racer.connection else ""
+        if instance:  # a provider connected to another instance (docs/scale-out.md)
+            headers["X-Provider-Instance"] = instance
+            record.instance = instance
         if not parsed.stream:
             chunks, usage = await collect(relay, self.metrics, self.config.max_response_bytes)
             self._charge(record, usage.prompt_tokens, usage.completion_tokens)

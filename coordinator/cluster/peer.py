@@ -8,7 +8,7 @@ full provider is a capacity refusal, 503, no strike), forwards the frame, and
 relays P's frames for that request back, still encrypted to A's ephemeral key.
 A decrypts, classifies and commits as always: to A's engine a remote provider
 is one more :class:`~coordinator.providers.connection.ProviderConnection`,
-whose writes go over the link (:class:`RemoteConnection`). A cancel travels
+whose transport is the link (:class:`PeerRoute`) instead of a socket. A cancel travels
 the same way; a link that drops ends every stream on it (before content: a
 failover; after: an in-band error), as a provider disconnect would.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
 import trio
@@ -262,28 +261,32 @@ def _link_limit(config: Config) -> int:
 # ---- A: links to other instances, and the providers behind them ----------------------
 
 
-@attrs.define(eq=False)
-class RemoteConnection(ProviderConnection):
-    """A provider connected to another instance; writes go over the link to it."""
+@attrs.frozen
+class PeerRoute:
+    """The transport of a provider connected to another instance: the link to it.
 
-    link: PeerLink | None = None
-    lease_of: Any = None  # request id -> Lease, read from the registry's table
-    instance: str = ""  # the instance it is connected to
-    remote = True
+    A request's frame travels with its lease (the instance there holds the slot);
+    a link that cannot be opened fails the request as the instance being gone.
+    """
 
-    async def send(self, message: Any) -> None:
-        if self.closed or self.link is None:
-            raise ProviderGone(self.provider_id)
-        if isinstance(message, InferenceRequest):
-            lease = await self.lease_of(message.request_id)
-            if lease is None:
-                raise ProviderGone(self.provider_id)
-            try:
-                await self.link.relay(self, lease, encode_frame(message))
-            except ProviderGone as exc:
-                self.deliver(message.request_id, _instance_gone(message.request_id, str(exc)))
-        elif isinstance(message, Cancel):
-            await self.link.cancel(self, message.request_id)
+    link: PeerLink
+    lease_of: Callable[[str], Awaitable[Lease | None]]  # request id -> its lease here
+
+    @property
+    def instance(self) -> str:
+        return self.link.instance
+
+    async def send(self, connection: ProviderConnection, message: InferenceRequest | Cancel) -> None:
+        if isinstance(message, Cancel):
+            await self.link.cancel(connection, message.request_id)
+            return
+        lease = await self.lease_of(message.request_id)
+        if lease is None:
+            raise ProviderGone(connection.provider_id)
+        try:
+            await self.link.relay(connection, lease, encode_frame(message))
+        except ProviderGone as exc:
+            connection.deliver(message.request_id, _instance_gone(message.request_id, str(exc)))
 
 
 @attrs.define(eq=False)
@@ -303,7 +306,7 @@ class PeerLink:
     dial: Callable[..., Awaitable[trio_websocket.WebSocketConnection]] = wsio.connect
     _ws: trio_websocket.WebSocketConnection | None = None
     _opening: trio.Lock = attrs.field(factory=trio.Lock)
-    _requests: dict[str, RemoteConnection] = attrs.field(factory=dict)
+    _requests: dict[str, ProviderConnection] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = None
     _refused: bool = False  # said once until a link is accepted again
     _retired: trio.Event = attrs.field(factory=trio.Event)
@@ -347,7 +350,7 @@ class PeerLink:
             self._nursery.start_soon(self._watch, ws)
             return ws
 
-    async def relay(self, connection: RemoteConnection, lease: Lease, frame: str) -> None:
+    async def relay(self, connection: ProviderConnection, lease: Lease, frame: str) -> None:
         ws = await self._open()
         self._track(lease.request_id, connection)  # before the write: answers may beat its return
         try:
@@ -358,7 +361,7 @@ class PeerLink:
             self._untrack(lease.request_id)
             raise
 
-    async def cancel(self, connection: RemoteConnection, request_id: str) -> None:
+    async def cancel(self, connection: ProviderConnection, request_id: str) -> None:
         self._untrack(request_id)
         if self._ws is not None and not self._ws.closed:
             await _send(self._ws, RelayCancel(connection.provider_id, connection.session,
@@ -369,12 +372,12 @@ class PeerLink:
         """Requests relayed over this link that have not ended."""
         return len(self._requests)
 
-    def _track(self, request_id: str, connection: RemoteConnection) -> None:
+    def _track(self, request_id: str, connection: ProviderConnection) -> None:
         self._requests[request_id] = connection
         if self._idle.is_set():
             self._idle = trio.Event()
 
-    def _untrack(self, request_id: str) -> RemoteConnection | None:
+    def _untrack(self, request_id: str) -> ProviderConnection | None:
         connection = self._requests.pop(request_id, None)
         if not self._requests:
             self._idle.set()
@@ -469,10 +472,10 @@ def _instance_gone(request_id: str, why: str) -> InferenceError:
 
 
 def remote_connection(record: ProviderRecord, link: PeerLink, config: Config,
-                      lease_of: Any) -> RemoteConnection:
-    return RemoteConnection(
-        provider_id=record.provider_id, session=record.session, ws=None,  # type: ignore[arg-type]
-        public_key=load_public_key(record.public_key), encrypted_chunks=record.encrypted_chunks,
-        stream_buffer=config.request_buffer_chunks,
-        stream_buffer_bytes=config.request_buffer_bytes, link=link, lease_of=lease_of,
-        instance=link.instance)
+                      lease_of: Callable[[str], Awaitable[Lease | None]]) -> ProviderConnection:
+    """A provider connected to ``link``'s instance, as a connection the engine sends to."""
+    return ProviderConnection(
+        provider_id=record.provider_id, session=record.session,
+        transport=PeerRoute(link, lease_of), public_key=load_public_key(record.public_key),
+        encrypted_chunks=record.encrypted_chunks, stream_buffer=config.request_buffer_chunks,
+        stream_buffer_bytes=config.request_buffer_bytes)

@@ -342,8 +342,7 @@ class RedisShared:
         neither.
         """
         for connection in self.directory.live():
-            link = getattr(connection, "link", None)
-            if link is not None and link.instance == instance and \
+            if connection.instance == instance and \
                     (connection.provider_id, connection.session) not in keep:
                 self.directory.remove(connection)
 

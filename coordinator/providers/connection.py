@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Protocol
 
 import attrs
 import nacl.public
@@ -24,7 +25,6 @@ from coordinator.protocol import (
     InferenceError,
     InferenceRequest,
     InferenceResponseChunk,
-    Message,
     encode_frame,
 )
 from coordinator.untrusted import printable
@@ -36,6 +36,42 @@ ProviderEvent = InferenceAccepted | InferenceResponseChunk | InferenceComplete |
 
 class ProviderGone(Exception):
     """The provider's socket is closed; nothing more can be sent to it."""
+
+
+class Transport(Protocol):
+    """Where a connection's writes go: the provider's socket here, or a link to the
+    instance it is connected to (``cluster/peer.py``'s ``PeerRoute``).
+
+    The rest of a connection — its streams, their buffers, how they end — is the
+    same either way, so the engine never asks which it has.
+    """
+
+    @property
+    def instance(self) -> str:
+        """The instance the provider is connected to; "" for this one."""
+        ...
+
+    async def send(self, connection: ProviderConnection, message: InferenceRequest | Cancel) -> None:
+        """Write ``message`` whole (cancelled, only before its first byte), or raise
+        :class:`ProviderGone`."""
+        ...
+
+
+@attrs.frozen
+class ProviderSocket:
+    """A provider connected here: its WebSocket, whose every write is whole (wsio.py)."""
+
+    ws: trio_websocket.WebSocketConnection
+
+    @property
+    def instance(self) -> str:
+        return ""
+
+    async def send(self, connection: ProviderConnection, message: InferenceRequest | Cancel) -> None:
+        try:
+            await self.ws.send_message(encode_frame(message))
+        except trio_websocket.ConnectionClosed:
+            raise ProviderGone(connection.provider_id) from None
 
 
 def _weight(event: ProviderEvent) -> int:
@@ -143,19 +179,17 @@ class Directory:
     def live(self) -> list[ProviderConnection]:
         return list(self._by_session.values())
 
-    def local(self) -> list[ProviderConnection]:
-        """The connections of providers connected to this instance (not via another)."""
-        return [c for c in self._by_session.values() if not c.remote]
-
     def __len__(self) -> int:
         return len(self._by_session)
 
 
 @attrs.define(eq=False)
 class ProviderConnection:
+    """A provider the engine can send to, here or on another instance (``transport``)."""
+
     provider_id: str
     session: int
-    ws: trio_websocket.WebSocketConnection
+    transport: Transport
     public_key: nacl.public.PublicKey
     encrypted_chunks: bool = True
     stream_buffer: int = 256
@@ -166,8 +200,11 @@ class ProviderConnection:
     closed: bool = False
     rejected: int = 0  # frames rejected this session (the edge logs only the first few)
     superseded: trio.Event = attrs.field(factory=trio.Event)
-    remote = False  # a provider connected to another instance (cluster/peer.py)
-    instance = ""  # which instance, when remote
+
+    @property
+    def instance(self) -> str:
+        """The instance the provider is connected to; "" for this one."""
+        return self.transport.instance
 
     # -- per-request streams
     def open_stream(self, request_id: str) -> EventStream:
@@ -232,19 +269,13 @@ class ProviderConnection:
         """A newer session registered under the same id: this one must go."""
         self.superseded.set()
 
-    # -- writes (trio-websocket serializes them with its own lock)
-    async def send(self, message: Message) -> None:
+    # -- writes (trio-websocket serializes a socket's with its own lock)
+    async def send(self, message: InferenceRequest | Cancel) -> None:
         """Write ``message`` whole. Cancelled, it raises only before its first byte
         (coordinator/wsio.py): the engine counts a request as sent when this returns."""
         if self.closed:
             raise ProviderGone(self.provider_id)
-        try:
-            await self.ws.send_message(encode_frame(message))
-        except trio_websocket.ConnectionClosed:
-            raise ProviderGone(self.provider_id) from None
-
-    async def send_request(self, request: InferenceRequest) -> None:
-        await self.send(request)
+        await self.transport.send(self, message)
 
     async def send_cancel(self, request_id: str) -> None:
         with contextlib.suppress(ProviderGone):

@@ -57,7 +57,7 @@ from coordinator.protocol.crypto import (
 )
 from coordinator.providers import admission
 from coordinator.providers.admission import AdmissionError
-from coordinator.providers.connection import Directory, ProviderConnection
+from coordinator.providers.connection import Directory, ProviderConnection, ProviderSocket
 from coordinator.providers.identity import IdentityBook, PinStoreUnavailable, Session, SharedPins
 from coordinator.registry.actor import RegistryClient
 from coordinator.registry.state import RegisterRefused
@@ -91,6 +91,9 @@ class ProviderEdge:
     pins: SharedPins | None  # with several instances: the fleet-wide pins
     pending: int = 0  # sockets in admission now, without a token in the upgrade request
     pending_proven: int = 0  # and with one (their own places: never starved by the others)
+    # The sockets of the providers admitted here (the directory also holds providers
+    # connected to other instances, whose sockets are not ours to close).
+    admitted: set[trio_websocket.WebSocketConnection] = attrs.field(factory=set)
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """trio-websocket handler: one call per provider connection. Never raises."""
@@ -247,7 +250,7 @@ class ProviderEdge:
         connection = ProviderConnection(
             provider_id=provider_id,
             session=session.session,
-            ws=ws,
+            transport=ProviderSocket(ws),
             public_key=load_public_key(register.public_key),
             encrypted_chunks=register.encrypted_response_chunks,
             stream_buffer=self.config.request_buffer_chunks,
@@ -272,6 +275,7 @@ class ProviderEdge:
         answers_in, answers = trio.open_memory_channel[AttestationResponse](4)
         try:
             self.directory.add(connection)
+            self.admitted.add(ws)
             try:
                 superseded = await self.registry.register(record)
             except RegisterRefused as exc:
@@ -291,13 +295,14 @@ class ProviderEdge:
                 nursery.start_soon(
                     self._rechallenge, ws, session.signing_key, register.public_key, answers,
                     nursery.cancel_scope)
-                await self.read_frames(connection, answers_in)
+                await self.read_frames(ws, connection, answers_in)
                 nursery.cancel_scope.cancel(reason="the provider left")
         finally:
             # The id is free again before the registry forgets the provider, so
             # whoever sees it gone may at once register under it.
             self.identities.leave(session)
             self.directory.remove(connection)
+            self.admitted.discard(ws)
             connection.close_all()
             with trio.CancelScope(shield=True):
                 await self.registry.unregister(provider_id, connection.session)
@@ -307,8 +312,8 @@ class ProviderEdge:
     async def close_all(self, code: int, reason: str) -> None:
         """Close every admitted provider's socket with ``code`` (shutdown: 1001, going away)."""
         async with trio.open_nursery() as nursery:
-            for connection in self.directory.local():
-                nursery.start_soon(_close, connection.ws, code, reason, self.config.close_timeout)
+            for ws in list(self.admitted):
+                nursery.start_soon(_close, ws, code, reason, self.config.close_timeout)
 
     async def _watch_supersede(self, connection: ProviderConnection, scope: trio.CancelScope) -> None:
         await connection.superseded.wait()
@@ -338,11 +343,11 @@ class ProviderEdge:
 
     async def read_frames(
         self,
+        ws: trio_websocket.WebSocketConnection,
         connection: ProviderConnection,
         answers: trio.MemorySendChannel[AttestationResponse],
     ) -> None:
-        """Route frames until the socket closes or goes silent past the liveness budget."""
-        ws = connection.ws
+        """Route ``ws``'s frames until it closes or goes silent past the liveness budget."""
         budget = self.config.heartbeat_timeout
         # One liveness scope for the connection; every frame moves its deadline
         # (cheaper on this per-chunk path than a new scope per frame).
