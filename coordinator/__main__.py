@@ -19,6 +19,9 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from coordinator.accounts.cli import add_arguments as add_keys_arguments
+from coordinator.accounts.cli import run_from_args as run_keys
+from coordinator.accounts.cli import with_default_keys_db
 from coordinator.accounts.store import StoreError
 from coordinator.api.transport import ListenError
 from coordinator.app import Running, serve
@@ -63,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="coordinator", description="An inference coordinator: OpenAI- and Anthropic-style "
         "HTTP in front of a fleet of WebSocket providers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo,load}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{serve,demo,load,keys}")
     for name, text in (("serve", "run the coordinator"),
                        ("demo", "run the coordinator with simulated providers on loopback")):
         keys = ("COORDINATOR_API_KEYS, COORDINATOR_ADMIN_KEYS, COORDINATOR_PROVIDER_TOKENS, "
@@ -116,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         "simulated fleet. Exit status: 0; 1 when more than --max-error-rate of the requests "
         "failed; 2 for a flag that cannot be used; 130 after Ctrl-C and 143 after SIGTERM, "
         "which stop the run and print the partial report of what completed."))
+    add_keys_arguments(sub.add_parser(
+        "keys", help="add, list, show or revoke named API keys (docs/accounts.md)",
+        description="Named API keys, in the keys file `coordinator serve` uses (or Redis): "
+        "a running coordinator sees a change within half a second. Exit status: 0; 1 for "
+        "a key that does not exist or a name taken; 2 for a flag that cannot be used or a "
+        "store that cannot be opened."))
     return parser
 
 
@@ -257,6 +267,14 @@ def main(argv: list[str] | None = None) -> None:
         if status:
             sys.exit(status)
         return
+    if args.command == "keys":
+        try:
+            status = run_keys(args, _fail)
+        except* StoreError as group:
+            _fail("; ".join(str(exc) for exc in _leaves(group)))
+        if status:
+            sys.exit(status)
+        return
     logging.basicConfig(level=args.log_level, handlers=[line_safe_handler(
         sys.stderr, "%(asctime)s %(levelname)s %(name)s %(message)s")])
     for warning in unknown_variables():
@@ -270,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                 provider_tokens=("demo-provider-token",),
             )
         else:
-            config = _generated_secrets(_config_from(args))
+            config = with_default_keys_db(_generated_secrets(_config_from(args)))
     except ConfigError as exc:
         _fail(str(exc))
     try:

@@ -18,7 +18,7 @@ import trio_websocket
 
 from coordinator.accounts.keys import hash_secret
 from coordinator.accounts.service import Accounts
-from coordinator.accounts.sqlite import SqliteStore
+from coordinator.accounts.stores import open_store
 from coordinator.api.exchange import Edge
 from coordinator.api.routes import Api, create_app
 from coordinator.api.transport import Connections, ListenError, bind_http, serve_http
@@ -151,8 +151,7 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
 async def _open_accounts(nursery: trio.Nursery, config: Config, metrics: Metrics) -> Accounts:
     """Named keys, limits and the ledger (docs/accounts.md), their store opened and read;
     :class:`~coordinator.accounts.store.StoreError` when it cannot be."""
-    store = await SqliteStore.open(config.keys_db or ":memory:",
-                                   retention=config.ledger_retention)
+    store = await open_store(config)
     accounts = Accounts(store, frozenset(hash_secret(k) for k in config.api_keys),
                         metrics=metrics, metrics_per_key=config.metrics_per_key)
     await accounts.load()

@@ -264,13 +264,14 @@ async def asgi_call(app: Any, method: str, path: str, headers: dict[str, str], b
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
+        # A send is whole or not at all: one cancelled (the consumer gone) delivered nothing.
+        await trio.lowlevel.checkpoint()
         if message["type"] == "http.response.start":
             result.status = message["status"]
             result.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
             result.started_at = trio.current_time()
         elif message["type"] == "http.response.body":
             result.body += message.get("body", b"")
-        await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as nursery:
         async def run() -> None:

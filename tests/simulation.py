@@ -107,6 +107,9 @@ class World:
     providers: dict[str, SimProvider]
     audit: list[tuple[str, float, dict[str, Any]]]
     quiescent_error: str | None = None
+    # The ledger after the schedule: request id -> (prompt, completion, close).
+    ledger: dict[str, tuple[int, int, str]] = attrs.Factory(dict)
+    open_reservations: int = 0
 
 
 def body_for(spec: RequestSpec, index: int) -> dict[str, Any]:
@@ -168,7 +171,19 @@ async def run_scenario(scenario: Scenario) -> World:
         # providers have heard it (bounded, so a missing cancel fails, not hangs).
         with trio.move_on_after(60):
             await h.until(lambda: not _unstopped(world))
+        accounts = h.coordinator.accounts
+        world.open_reservations = len(accounts.ledger.open)
+        await accounts.flush()
+        world.ledger = _ledger_rows(accounts.store)
         return world
+
+
+def _ledger_rows(store: Any) -> dict[str, tuple[int, int, str]]:
+    """Every closed reservation, read from the embedded store's table (in memory here)."""
+    rows = store._db.execute(
+        "SELECT request_id, prompt_tokens, completion_tokens, close FROM ledger").fetchall()
+    return {request_id: (prompt, completion, close)
+            for request_id, prompt, completion, close in rows}
 
 
 async def _churn(h: Any, spec: ProviderSpec) -> None:
@@ -300,6 +315,70 @@ def check_invariants(world: World) -> None:
                          if w.startswith(request_id + ".") and t > commit]
                 assert not later, f"post-content failure was retried: {later}"
     _check_cancels(world)
+    _check_ledger(world)
+
+
+def _check_ledger(world: World) -> None:
+    """Charged exactly once, for what the consumer received: the tokens of a completed
+    answer (its usage), or the content events a cut stream delivered; a request that
+    delivered nothing is refunded; no reservation is left open."""
+    assert world.open_reservations == 0, f"{world.open_reservations} reservations left open"
+    charged = 0
+    for seen in world.seen:
+        result = seen.result
+        assert result is not None
+        if result.status != 200:
+            continue  # refunded: the total below counts every entry
+        request_id = result.headers["x-request-id"]
+        prompt, completion, close = world.ledger[request_id]
+        if seen.spec.stream:
+            received = _content_events(seen.spec.endpoint, result)
+            assert completion == received, \
+                f"{request_id} charged {completion} completion tokens, received {received}"
+            assert (prompt > 0) == (received > 0), f"{request_id} prompt charge {prompt}"
+        elif not _has_answer(seen.spec.endpoint, result):
+            assert (prompt, completion) == (0, 0), f"{request_id}: an empty answer charged"
+        else:
+            usage = result.json()["usage"]
+            expected = (usage.get("prompt_tokens", usage.get("input_tokens")),
+                        usage.get("completion_tokens", usage.get("output_tokens")))
+            assert (prompt, completion) == expected, f"{request_id} charged {prompt, completion}"
+        assert close == ("settled" if prompt + completion else "refunded"), (request_id, close)
+        charged += prompt + completion
+    total = sum(prompt + completion for prompt, completion, _ in world.ledger.values())
+    assert total == charged, f"the ledger charged {total}, consumers received {charged}"
+
+
+def _has_answer(endpoint: str, result: HttpResult) -> bool:
+    """A non-streaming answer with text or a tool call in it."""
+    body = result.json()
+    if _text(endpoint, result, False):
+        return True
+    match endpoint:
+        case "/v1/chat/completions":
+            return bool(body["choices"][0]["message"].get("tool_calls"))
+        case "/v1/responses":
+            return any(item.get("type") == "function_call" for item in body["output"])
+        case "/v1/messages":
+            return any(block.get("type") == "tool_use" for block in body["content"])
+    return False
+
+
+def _content_events(endpoint: str, result: HttpResult) -> int:
+    """Pieces of the answer the consumer received (text or a tool call's arguments)."""
+    pieces = 0
+    for event in result.sse_json:
+        match endpoint:
+            case "/v1/chat/completions":
+                deltas = [c.get("delta") or {} for c in event.get("choices", [])]
+                pieces += any(d.get("content") or d.get("tool_calls") for d in deltas)
+            case "/v1/completions":
+                pieces += any(c.get("text") for c in event.get("choices", []))
+            case "/v1/responses":
+                pieces += str(event.get("type", "")).endswith(".delta")
+            case _:
+                pieces += event.get("type") == "content_block_delta"
+    return pieces
 
 
 def _model(seen: Seen) -> str:

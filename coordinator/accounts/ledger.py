@@ -3,8 +3,10 @@
 A request is admitted with a *reservation* of its token bound (the prompt estimate
 plus ``max_tokens``). It is closed once, by the first of:
 
-* :meth:`Ledger.settle` — the answer completed: the provider's reported usage,
-  clamped to the bound (a provider cannot charge a consumer more than was reserved);
+* :meth:`Ledger.settle` — the answer completed: the provider's reported usage, clamped
+  (completion tokens to the request's ``max_tokens``, prompt tokens to a ceiling a
+  prompt of that size cannot honestly pass): a provider cannot charge a consumer for
+  more than it asked for;
 * :meth:`Ledger.settle` with what was delivered — a stream broke after content, or the
   consumer left: the prompt and the content the consumer got;
 * :meth:`Ledger.refund` — the request failed before any content reached the consumer
@@ -27,13 +29,32 @@ class Close(enum.Enum):
     REFUNDED = "refunded"  # nothing reached the consumer: nothing charged
 
 
+# A prompt's tokens as a provider counts them can exceed the edge's estimate (a chat
+# template adds tokens; a tokenizer splits finer than four characters), but not beyond
+# this: every token is at least one character, and a template adds a few per message.
+PROMPT_CEILING_FACTOR = 4
+PROMPT_CEILING_ALLOWANCE = 256
+
+
+def prompt_ceiling(estimate: int) -> int:
+    """The most prompt tokens a request estimated at ``estimate`` can be charged."""
+    return PROMPT_CEILING_FACTOR * estimate + PROMPT_CEILING_ALLOWANCE
+
+
 @attrs.frozen
 class Reservation:
     request_id: str
     key: str | None  # None: an unnamed key (COORDINATOR_API_KEYS)
     model: str
-    bound: int
+    prompt_estimate: int
+    completion_reserved: int  # max_tokens, or the default bound when the consumer gave none
+    completion_ceiling: int  # max_tokens, or the largest the coordinator allows
     period: str  # the key's budget window at admission
+
+    @property
+    def bound(self) -> int:
+        """What admission counts against the key's limits, corrected at settlement."""
+        return self.prompt_estimate + self.completion_reserved
 
 
 @attrs.frozen
@@ -66,12 +87,12 @@ class Ledger:
 
     def settle(self, request_id: str, provider: str | None, prompt_tokens: int,
                completion_tokens: int, at: float) -> tuple[Reservation, Entry] | None:
-        """Charge what was used, clamped to the bound; None if already closed."""
+        """Charge what was used, clamped; None if already closed."""
         reservation = self.open.pop(request_id, None)
         if reservation is None:
             return None
-        prompt = min(max(0, prompt_tokens), reservation.bound)
-        completion = min(max(0, completion_tokens), reservation.bound - prompt)
+        prompt = min(max(0, prompt_tokens), prompt_ceiling(reservation.prompt_estimate))
+        completion = min(max(0, completion_tokens), reservation.completion_ceiling)
         return reservation, Entry(request_id, reservation.key, reservation.model, provider,
                                   reservation.bound, prompt, completion, Close.SETTLED, at)
 

@@ -161,13 +161,17 @@ def admit(limits: Limits, use: KeyUse, bound: int, now: float, period: str,
 
 
 def settle(use: KeyUse, bound: int, charged: int, now: float, period: str) -> None:
-    """A request admitted with ``bound`` is over, having cost ``charged`` (<= bound)."""
+    """A request admitted with ``bound`` is over, having cost ``charged``: what it did
+    not use goes back; what it used beyond (a prompt longer than estimated) is taken."""
     use.in_flight = max(0, use.in_flight - 1)
-    unused = max(0, bound - charged)
+    over = charged - bound
     if use.tokens is not None:
-        use.tokens.give(unused, now)
+        if over < 0:
+            use.tokens.give(-over, now)
+        else:
+            use.tokens.take(over, now)
     if use.period == period:
-        use.budget_used = max(0, use.budget_used - unused)
+        use.budget_used = max(0, use.budget_used + over)
 
 
 def rate_headers(limits: Limits, use: KeyUse, now: float) -> dict[str, str]:

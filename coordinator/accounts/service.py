@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 REFRESH = 0.5  # seconds between two looks at the store's version
 OUTBOX = 10_000  # closed reservations waiting for the store, at most
 BATCH = 512  # written in one transaction, at most
+LAST_WRITE = 5.0  # seconds the ledger's last writes may take at exit
 
 
 @attrs.frozen
@@ -177,9 +178,12 @@ class Accounts:
         return sorted(self._by_name.values(), key=lambda r: r.name)
 
     # -- one request
-    async def admit(self, account: Account, request_id: str, model: str,
-                    bound: int) -> Granted | Refused:
-        """Reserve ``bound`` tokens for a request, or say why it may not go now."""
+    async def admit(self, account: Account, request_id: str, model: str, prompt_estimate: int,
+                    completion_reserved: int, completion_ceiling: int) -> Granted | Refused:
+        """Reserve a request's bound (its prompt estimate and ``completion_reserved``), or
+        say why it may not go now. ``completion_ceiling``: the most it can be charged for
+        its answer (its ``max_tokens``)."""
+        bound = prompt_estimate + completion_reserved
         if self.failing is not None:
             return Refused(f"the accounts store is unavailable ({self.failing}); try again "
                            "shortly", unavailable=True)
@@ -199,13 +203,14 @@ class Accounts:
                 return Refused(_throttled_message(decision), throttled=decision)
             headers = decision.headers
             period = limits.window_of(key.limits.budget_window, self.wall()).name
-        reservation = Reservation(request_id, account.name, model, bound, period)
+        reservation = Reservation(request_id, account.name, model, prompt_estimate,
+                                  completion_reserved, completion_ceiling, period)
         self.ledger.reserve(reservation)
         return Granted(reservation, headers)
 
     def settle(self, request_id: str, provider: str | None, prompt_tokens: int,
                completion_tokens: int) -> Entry | None:
-        """Charge what a request used (clamped to its bound); None if already closed."""
+        """Charge what a request used (clamped: :mod:`.ledger`); None if already closed."""
         closed = self.ledger.settle(request_id, provider, prompt_tokens, completion_tokens,
                                     self.wall())
         return self._closed(closed)
@@ -239,10 +244,32 @@ class Accounts:
 
     # -- the background: writing the ledger, following key changes
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write)
-            nursery.start_soon(self._follow)
-            task_status.started()
+        """Write the ledger and follow key changes until cancelled; then write what is
+        left (for at most :data:`LAST_WRITE` seconds) and close the store."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write)
+                nursery.start_soon(self._follow)
+                task_status.started()
+        finally:
+            with trio.move_on_after(LAST_WRITE, shield=True):
+                await self._write_the_rest()
+                await self.store.aclose()
+
+    async def _write_the_rest(self) -> None:
+        left: list[Entry] = []
+        while True:
+            try:
+                left.append(self._inbox.receive_nowait())
+            except trio.WouldBlock:
+                break
+        for start in range(0, len(left), BATCH):
+            try:
+                await self.store.record(left[start:start + BATCH])
+            except StoreUnavailable as exc:
+                log.error("accounts: %d closed reservations could not be written at exit (%s)",
+                          len(left) - start, printable(str(exc)))
+                return
 
     async def _write(self) -> None:
         batch: list[Entry] = []

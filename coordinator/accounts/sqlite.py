@@ -10,11 +10,15 @@ Tables: ``keys`` (one row a key: its secret's hash, limits, models, state), ``me
 (``keys_version``, bumped with every key change), ``ledger`` (one row a closed
 reservation, keyed by request id: a retried write cannot charge twice). Ledger rows
 older than ``retention`` seconds are deleted as new ones are written.
+
+``:memory:`` (no ``keys_db``: keys live as long as the process) runs inline instead:
+no disk to wait for, and a worker thread would let a virtual clock jump under it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,22 +54,29 @@ _KEY_COLUMNS = ("name, secret_hash, state, models, requests_per_minute, tokens_p
 class SqliteStore:
     """A :class:`~coordinator.accounts.store.Store` in one SQLite file."""
 
-    def __init__(self, connection: sqlite3.Connection, retention: float) -> None:
+    def __init__(self, connection: sqlite3.Connection, retention: float, *,
+                 inline: bool = False) -> None:
         self._db = connection
         self._retention = retention
         self._turn = trio.CapacityLimiter(1)
+        self._inline = inline
 
     @classmethod
     async def open(cls, path: str, *, retention: float = 90 * 86400.0) -> SqliteStore:
         """Open (creating) the file; :class:`StoreError` naming it when that cannot be."""
+        inline = path == ":memory:"
         try:
-            connection = await trio.to_thread.run_sync(_connect, path)
+            connection = _connect(path) if inline else await trio.to_thread.run_sync(
+                _connect, path)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"keys_db {path}: {exc}") from None
-        return cls(connection, retention)
+        return cls(connection, retention, inline=inline)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
+            if self._inline:
+                await trio.lowlevel.checkpoint()
+                return work(self._db)
             return await trio.to_thread.run_sync(work, self._db, limiter=self._turn)
         except sqlite3.IntegrityError:
             raise
@@ -134,12 +145,25 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._db.close, limiter=self._turn)
+            if self._inline:
+                self._db.close()
+            else:
+                await trio.to_thread.run_sync(self._db.close, limiter=self._turn)
+
+
+def default_path() -> Path:
+    """``coordinator serve``'s keys file: ``$XDG_STATE_HOME/trio-inference-coordinator/keys.db``
+    (``~/.local/state`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "trio-inference-coordinator" / "keys.db"
 
 
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Hashes of secrets and everyone's usage: for this user's eyes only.
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                          check_same_thread=False)
     try:

@@ -31,12 +31,14 @@ from coordinator.accounts.store import StoreUnavailable
 from coordinator.config import Config
 from coordinator.credentials import matches_any
 from coordinator.dispatch.attempt import Dispatcher
+from coordinator.dispatch.chunks import is_delta
 from coordinator.dispatch.items import End, InBandError
 from coordinator.dispatch.relay import Relay
 from coordinator.dispatch.request import Committed, DispatchFailed, RequestContext
 from coordinator.dispatch.timing import Timing
 from coordinator.lifecycle import Drain
 from coordinator.metrics import Metrics
+from coordinator.protocol import Usage
 from coordinator.protocol.endpoints import Endpoint, inner_request
 from coordinator.providers.identity import IdentityBook, PinStoreUnavailable, SharedPins, Unpin
 from coordinator.registry.actor import RegistryClient, RegistryFault
@@ -163,7 +165,8 @@ class Api:
             record.instance = instance
         if not parsed.stream:
             chunks, usage = await collect(relay, self.metrics, self.config.max_response_bytes)
-            self._charge(record, usage.prompt_tokens, usage.completion_tokens)
+            if any(is_delta(endpoint, chunk) for chunk in chunks):  # an empty answer is free
+                self._charge(record, usage.prompt_tokens, usage.completion_tokens)
             record.result, record.status = Result.SUCCESS, 200
             body = assemble(endpoint, chunks, usage, record.request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")
@@ -184,9 +187,12 @@ class Api:
         Before any dispatch: a request over a limit costs no provider anything."""
         if self.accounts is None:
             return {}
-        bound = job.prompt_tokens + (parsed.max_tokens if parsed.max_tokens_given
-                                     else self.config.token_bound_default)
-        admission = await self.accounts.admit(account, record.request_id, parsed.model, bound)
+        if parsed.max_tokens_given:
+            reserved = ceiling = parsed.max_tokens
+        else:  # the engine's own limit decides: reserve a default, charge what it says
+            reserved, ceiling = self.config.token_bound_default, self.config.max_tokens_limit
+        admission = await self.accounts.admit(account, record.request_id, parsed.model,
+                                              job.prompt_tokens, reserved, ceiling)
         if isinstance(admission, Refused):
             self.metrics.throttled.labels(_refusal_label(admission)).inc()
             raise admission_error(admission)
@@ -197,7 +203,7 @@ class Api:
         return admission.headers
 
     def _charge(self, record: RequestRecord, prompt_tokens: int, completion_tokens: int) -> None:
-        """Settle the request's reservation: what it used (clamped to its bound)."""
+        """Settle the request's reservation: what it used (clamped, accounts/ledger.py)."""
         if self.accounts is not None:
             self.accounts.settle(record.request_id, record.provider, prompt_tokens,
                                  completion_tokens)
@@ -246,7 +252,8 @@ class Api:
         """The stream's SSE bytes, a batch per write; the reservation closed as it ends."""
         writer = sse.SseWriter(endpoint)
         record.result = Result.CLIENT_GONE
-        delivered = 0  # events the consumer was given: a cut stream is charged for them
+        delivered = 0  # pieces of the answer given to the consumer: a cut stream's tokens
+        ended: Usage | None = None  # the provider's count, once its end has been given too
         try:
             async with contextlib.aclosing(relay.batches()) as batches:
                 async for batch in batches:
@@ -255,26 +262,36 @@ class Api:
                             self.metrics.inband_errors.labels(error.reason.value).inc()
                             _log_inband(relay.committed.racer.lease.provider_id, error)
                             record.result, record.error = Result.INBAND_ERROR, error.reason.value
-                        case End(usage):
+                        case End():
                             record.result = Result.SUCCESS
-                            self._charge(record, usage.prompt_tokens, usage.completion_tokens)
                     data = b"".join(writer.frame(item) for item in batch.items)
                     if data:
                         if batch.last and owner is not None:  # out with the end, at once
                             owner.last_part_next()
                         yield data
-                        delivered += len(batch.items)
+                        delivered += sum(1 for item in batch.items
+                                         if isinstance(item, dict) and is_delta(endpoint, item))
+                    if isinstance(batch.ending, End):
+                        ended = batch.ending.usage
         finally:
-            # Cut after content (an in-band error, the consumer gone): the prompt and what
-            # was delivered. Nothing delivered: nothing charged. (Settled at End: no-op.)
-            if delivered:
-                self._charge(record, relay.committed.prompt_tokens, delivered)
-            elif self.accounts is not None:
-                self.accounts.refund(record.request_id)
+            self._close_stream(record, relay.committed.prompt_tokens, delivered, ended)
             if owner is not None:  # written once the server has (or has not) sent the end
                 owner.record = record
             else:
                 record.write()
+
+    def _close_stream(self, record: RequestRecord, prompt_estimate: int, delivered: int,
+                      ended: Usage | None) -> None:
+        """A stream's reservation, closed by how it ended: nothing delivered (an empty
+        answer included) is refunded; a whole answer is charged the provider's count; one
+        cut short (an in-band error, the consumer gone) the prompt and what it got."""
+        if not delivered:
+            if self.accounts is not None:
+                self.accounts.refund(record.request_id)
+        elif ended is not None:
+            self._charge(record, ended.prompt_tokens, ended.completion_tokens)
+        else:
+            self._charge(record, prompt_estimate, delivered)
 
     # -- the rest of the surface
     async def models(self) -> Response:
@@ -666,6 +683,11 @@ def create_app(api: Api) -> QuartTrio:
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return response
+
+    @app.errorhandler(errors.ApiError)
+    async def api_error(exc: errors.ApiError) -> Response:
+        # A route's refusal raised from a helper (a body too large, say): its own answer.
+        return error_response(exc, family_of(request.path))
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -107,6 +107,25 @@ def classify_event(endpoint: Endpoint, event: Event) -> ChunkKind:
             return _typed_event(endpoint, event)
 
 
+def is_delta(endpoint: Endpoint, event: Event) -> bool:
+    """Does ``event`` carry a piece of the answer (text, a tool call's arguments)?
+
+    Engines stream about a token a piece: what a stream cut short is charged for.
+    """
+    match endpoint:
+        case Endpoint.CHAT:
+            return any(isinstance(delta := choice.get("delta"), dict) and any(
+                delta.get(key) not in (None, "", []) for key in _CHAT_DELTA_CONTENT_KEYS)
+                for choice in _choices(event) or ())
+        case Endpoint.COMPLETIONS:
+            return any(choice.get("text") not in (None, "") for choice in _choices(event) or ())
+        case Endpoint.RESPONSES:
+            kind = event.get("type")
+            return isinstance(kind, str) and kind.endswith(".delta")
+        case Endpoint.MESSAGES:
+            return event.get("type") == "content_block_delta"
+
+
 def _choices(event: dict[str, Any]) -> list[dict[str, Any]] | None:
     choices = event.get("choices")
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
