@@ -14,7 +14,7 @@ logged as delivered.
 :class:`BoundedStreamBuffer` lets a push go only once the buffer has really
 drained below the low-water mark, so each stream holds at most the high-water
 mark plus one message; the push's wait is what the edge bounds by
-``write_timeout`` (``routes._BodyWatch``), after which the request is cut and
+``write_timeout`` (``exchange.Exchange.send``), after which the request is cut and
 its provider told to stop.
 
 This is the coordinator's one reach into hypercorn's protocol internals, made

@@ -179,7 +179,7 @@ class ConsumerConnection(trio.abc.HalfCloseableStream):
         self.started = 0  # requests that began on this connection
         self.closing = False  # a response said "Connection: close": end after it
         self._table = table
-        self.write_timeout = write_timeout  # also what an HTTP/2 stream may stall (routes)
+        self.write_timeout = write_timeout  # also what an HTTP/2 stream may stall (exchange)
         self._on_close = on_close
         self._idle_since = trio.current_time()
         self._head_since: float | None = None  # when the next request's first byte came

@@ -98,6 +98,6 @@ class Committed:
 
 
 # Called once, synchronously, at the commit: from then on the winner belongs to
-# the request (the API makes its Relay and keeps it with the request, where
-# EdgeGuard releases it if the response did not).
+# the request (the API makes its Relay and gives it to the request's Exchange,
+# which releases it if the response did not).
 Handover = Callable[[Committed], None]
