@@ -298,3 +298,24 @@ async def test_the_key_database_survives_a_restart(tmp_path: Any) -> None:
             listed = await h.request("/v1/admin/keys/revoked-one", method="GET", headers=ADMIN)
             assert listed.json()["state"] == "revoked"
             assert h.coordinator.accounts.limiter.uses["durable"].budget_used == used
+
+
+async def test_the_status_page_has_a_row_per_key_and_never_a_secret(autojump_clock: Any) -> None:
+    async with open_harness() as h:
+        await h.add_provider("a")
+        busy = await _new_key(h, "busy", requests_per_minute=1)
+        assert (await _chat(h, busy)).status == 200
+        assert (await _chat(h, busy)).status == 429
+        assert (await _chat(h, API_KEY)).status == 200
+        page = await h.request("/status", method="GET", headers=ADMIN)
+        assert page.status == 200
+        html = page.body.decode()
+        keys_table = html[html.index('<table id="keys">'):]
+        keys_table = keys_table[:keys_table.index("</table>")]
+        rows = keys_table.split("<tr>")[2:]  # the head, then a row a key
+        assert len(rows) == 2, rows
+        assert "<td>busy</td><td>active</td><td>requests per minute 1</td><td>0</td><td>1</td>" \
+            '<td class="warn">1</td>' in rows[0] + rows[1]
+        assert "<td>(unnamed)</td><td>static</td><td>unlimited</td><td>0</td><td>1</td>" in \
+            rows[0] + rows[1]
+        assert busy not in html

@@ -60,6 +60,19 @@ class Account:
 UNNAMED = Account(None)
 
 
+@attrs.define
+class KeyStats:
+    """What one key did on this instance since it started (the status page's column)."""
+
+    admitted: int = 0
+    refused: int = 0  # over a limit, or a model it may not use
+    charged: int = 0  # tokens
+    in_flight: int = 0
+
+
+STATUS_ROWS = 100  # keys the status page lists, busiest first
+
+
 @attrs.frozen
 class Granted:
     reservation: Reservation
@@ -126,6 +139,7 @@ class Accounts:
     _inbox: trio.MemoryReceiveChannel[Entry] = attrs.field(init=False)
     failing: str | None = None  # why the store cannot be used now, when it cannot
     _unwritten: int = 0  # closed reservations not yet in the store
+    stats: dict[str, KeyStats] = attrs.field(factory=dict)  # by key name, "(unnamed)" too
     _written: trio.Event = attrs.field(factory=trio.Event)  # replaced after each batch
 
     def __attrs_post_init__(self) -> None:
@@ -192,6 +206,7 @@ class Accounts:
         period = ""
         if key is not None:
             if key.models is not None and model not in key.models:
+                self._stats(key.name).refused += 1
                 return Refused(f"this key may not use the model {printable(model, 256)!r}",
                                model_not_allowed=True)
             assert self.limiter is not None
@@ -200,13 +215,34 @@ class Accounts:
             except StoreUnavailable as exc:
                 return Refused(str(exc), unavailable=True)
             if isinstance(decision, limits.Throttled):
+                self._stats(key.name).refused += 1
                 return Refused(_throttled_message(decision), throttled=decision)
             headers = decision.headers
             period = limits.window_of(key.limits.budget_window, self.wall()).name
         reservation = Reservation(request_id, account.name, model, prompt_estimate,
                                   completion_reserved, completion_ceiling, period)
         self.ledger.reserve(reservation)
+        stats = self._stats(account.name or UNNAMED_KEY)
+        stats.admitted += 1
+        stats.in_flight += 1
         return Granted(reservation, headers)
+
+    def _stats(self, name: str) -> KeyStats:
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = KeyStats()
+        return stats
+
+    def status_rows(self) -> list[dict[str, Any]]:
+        """The busiest keys here (at most :data:`STATUS_ROWS`), for the status page."""
+        busiest = sorted(self.stats.items(), key=lambda kv: (-kv[1].charged, kv[0]))
+        rows = []
+        for name, stats in busiest[:STATUS_ROWS]:
+            record = self._by_name.get(name)
+            rows.append({"name": name, **attrs.asdict(stats),
+                         "state": record.state.value if record is not None else "static",
+                         "limits": record.limits.as_json() if record is not None else None})
+        return rows
 
     def settle(self, request_id: str, provider: str | None, prompt_tokens: int,
                completion_tokens: int) -> Entry | None:
@@ -223,6 +259,9 @@ class Accounts:
         if closed is None:
             return None
         reservation, entry = closed
+        stats = self._stats(reservation.key or UNNAMED_KEY)
+        stats.in_flight -= 1
+        stats.charged += entry.charged
         if self.metrics is not None and entry.charged:
             self.metrics.tokens_charged.labels("prompt").inc(entry.prompt_tokens)
             self.metrics.tokens_charged.labels("completion").inc(entry.completion_tokens)

@@ -342,7 +342,8 @@ class Api:
         now = trio.current_time()
         page = render_status((await self.registry.snapshot()).as_json(),
                              group_failovers(self.dispatcher.failovers, now),
-                             self._cluster(), signed_in=signed_in)
+                             self._cluster(), signed_in=signed_in,
+                             keys=self.accounts.status_rows() if self.accounts else None)
         return _html(page)
 
     def _status_session(self) -> bool:

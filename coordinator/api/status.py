@@ -114,6 +114,15 @@ def _provider_row(p: dict[str, Any]) -> str:
             f"{_cell(p['served'])}{_errors(p)}<td>{cooldowns}</td></tr>")
 
 
+def _key_row(k: dict[str, Any]) -> str:
+    set_limits = {name: value for name, value in (k["limits"] or {}).items()
+                  if value is not None and value != "none"}
+    limits = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in set_limits.items())
+    return (f"<tr>{_cell(k['name'])}{_cell(k['state'], 'cool' if k['state'] == 'revoked' else '')}"
+            f"{_cell(limits or 'unlimited')}{_cell(k['in_flight'])}{_cell(k['admitted'])}"
+            f"{_cell(k['refused'], 'warn' if k['refused'] else '')}{_cell(k['charged'])}</tr>")
+
+
 def _failover_row(g: FailoverGroup) -> str:
     when = (f"{g.newest_ago:.1f} s ago" if g.count == 1
             else f"{g.oldest_ago:.1f} to {g.newest_ago:.1f} s ago")
@@ -134,6 +143,9 @@ provider answered a request first while this one had sent nothing; it halves eve
 requests that said anything about the provider's health, as seen by this instance</dd>
 <dt>cooldowns</dt><dd>model/shape pairs not routed to after repeated errors, with the time
 left; shapes are base, tools, vision and tools+vision</dd>
+<dt>keys</dt><dd>the API keys that sent requests to this instance since it started,
+busiest first: requests in flight, admitted, refused (over a limit, or a model the key may
+not use) and tokens charged; the whole ledger is at /v1/admin/usage</dd>
 <dt>failovers</dt><dd>failures before any content, retried on another provider; identical
 ones (same provider, version, status and error) are counted together</dd>
 </dl>"""
@@ -151,9 +163,12 @@ def _page(title: str, body: str, *, refresh: bool) -> str:
 
 
 def render_status(snapshot: dict[str, Any], failovers: list[FailoverGroup],
-                  cluster: str = "solo", *, signed_in: bool = False) -> str:
+                  cluster: str = "solo", *, signed_in: bool = False,
+                  keys: list[dict[str, Any]] | None = None) -> str:
     """The page; ``signed_in``: the visitor came with a session cookie (offer sign-out)."""
     rows = "".join(_provider_row(p) for p in snapshot["providers"])
+    key_rows = "".join(_key_row(k) for k in keys or ()) or \
+        '<tr><td colspan="7" class="muted">no requests yet</td></tr>'
     recent = "".join(_failover_row(g) for g in failovers) or \
         '<tr><td colspan="7" class="muted">none yet</td></tr>'
     cluster_css = "cool" if cluster == "degraded" else "ok"
@@ -165,6 +180,9 @@ cluster <span id="cluster" class="{cluster_css}">{escape(cluster)}</span></p>
 <h2>Providers</h2>
 <table id="providers"><tr><th>provider</th><th>version</th><th>models</th><th>slots</th>
 <th>served</th><th>errors</th><th>cooldowns</th></tr>{rows}</table>
+<h2>Keys</h2>
+<table id="keys"><tr><th>key</th><th>state</th><th>limits</th><th>in flight</th>
+<th>admitted</th><th>refused</th><th>tokens charged</th></tr>{key_rows}</table>
 <h2>Recent failovers</h2>
 <table id="failovers"><tr><th>when</th><th>count</th><th>provider</th><th>version</th>
 <th>status</th><th>error</th><th>latest request</th></tr>{recent}</table>
