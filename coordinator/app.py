@@ -59,7 +59,7 @@ class Coordinator:
     connections: Connections
     drain: Drain
     shared: Shared  # Solo, or the Redis seam (cluster/shared.py)
-    accounts: Accounts  # named keys, their limits, the usage ledger
+    accounts: Accounts | None  # named keys, their limits, the usage ledger (None: off)
 
     @property
     def asgi(self) -> Any:
@@ -135,7 +135,7 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
         pins = await PinFile.open(config.identity_pins_file)
     dispatcher = Dispatcher(config=config, registry=registry, metrics=metrics,
                             directory=directory, drain=drain)
-    accounts = await _open_accounts(nursery, config, metrics)
+    accounts = await _open_accounts(nursery, config, metrics) if config.accounts else None
     app = create_app(Api(config=config, registry=registry, dispatcher=dispatcher,
                          metrics=metrics, identities=identities, drain=drain, shared=shared,
                          pins=pins, accounts=accounts))

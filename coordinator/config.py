@@ -155,6 +155,8 @@ class Config:
     # long: a hung Redis reads "degraded" instead of stalling admissions silently.
     redis_timeout: float = 2.0
     # -- accounts (docs/accounts.md): named keys, limits, the usage ledger
+    # False: none of it — api_keys alone, nothing counted, no keys file.
+    accounts: bool = True
     # The SQLite file of named keys and the ledger (one instance; with redis_url they live
     # in Redis). Empty: kept in memory, forgotten at exit (`coordinator serve` sets a file).
     keys_db: str = ""

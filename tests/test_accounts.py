@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from coordinator.accounts.store import UNNAMED
+from coordinator.accounts.store import UNNAMED, StoreUnavailable
 from provider_sim.behaviours import Behaviour, Fault
 
 from .harness import ADMIN_KEY, API_KEY, MODEL, Harness, HttpResult, open_harness
@@ -319,3 +319,50 @@ async def test_the_status_page_has_a_row_per_key_and_never_a_secret(autojump_clo
         assert "<td>(unnamed)</td><td>static</td><td>unlimited</td><td>0</td><td>1</td>" in \
             rows[0] + rows[1]
         assert busy not in html
+
+
+async def _until(accounts: Any, predicate: Any) -> None:
+    with trio.fail_after(60):
+        while not predicate():
+            await accounts.progressed()
+
+
+class _FlakyStore:
+    """The embedded store, failing while ``broken`` (a disk gone, a lock held)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.broken = store, False
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        async def call(*args: Any) -> Any:
+            if self.broken:
+                raise StoreUnavailable("disk I/O error")
+            return await method(*args)
+        return call
+
+
+async def test_a_store_failing_while_serving_fails_closed_loses_nothing_and_recovers(
+        autojump_clock: Any) -> None:
+    async with open_harness() as h:
+        await h.add_provider("a")
+        accounts = h.coordinator.accounts
+        secret = await _new_key(h, "steady")
+        flaky = accounts.store = _FlakyStore(accounts.store)
+        flaky.broken = True
+        assert (await _chat(h, secret)).status == 200  # admitted before the store failed
+        await _until(accounts, lambda: accounts.failing is not None)
+        refused = await _chat(h, secret)
+        assert refused.status == 503
+        assert refused.json()["error"]["code"] == "accounts_unavailable"
+        assert "disk I/O error" in refused.json()["error"]["message"]
+        assert refused.headers["retry-after"] == "5"
+        usage = await h.request("/v1/admin/usage", method="GET", headers=ADMIN)
+        assert usage.status == 503
+
+        flaky.broken = False
+        await _until(accounts, lambda: accounts.failing is None)
+        assert (await _chat(h, secret)).status == 200
+        row = _row((await _usage(h))["by_key"], "steady")
+        assert row["requests"] == 2  # the one closed while the store was down, kept

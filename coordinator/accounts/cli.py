@@ -76,7 +76,7 @@ def run_from_args(args: argparse.Namespace, fail: Any) -> int:
 
 def with_default_keys_db(config: Config) -> Config:
     """``coordinator serve``'s keys file, unless one is set or Redis holds the keys."""
-    if config.keys_db or config.redis_url:
+    if config.keys_db or config.redis_url or not config.accounts:
         return config
     from .sqlite import default_path
 

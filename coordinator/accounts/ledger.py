@@ -41,11 +41,17 @@ def prompt_ceiling(estimate: int) -> int:
     return PROMPT_CEILING_FACTOR * estimate + PROMPT_CEILING_ALLOWANCE
 
 
+def storable(text: str) -> str:
+    """``text`` with lone surrogates (valid in JSON, not in UTF-8) replaced, so that
+    every store can write what a consumer named."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 @attrs.frozen
 class Reservation:
     request_id: str
     key: str | None  # None: an unnamed key (COORDINATOR_API_KEYS)
-    model: str
+    model: str = attrs.field(converter=storable)
     prompt_estimate: int
     completion_reserved: int  # max_tokens, or the default bound when the consumer gave none
     completion_ceiling: int  # max_tokens, or the largest the coordinator allows

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 REFRESH = 0.5  # seconds between two looks at the store's version
 OUTBOX = 10_000  # closed reservations waiting for the store, at most
 BATCH = 512  # written in one transaction, at most
+LINGER = 0.1  # seconds a closed reservation may wait for others to be written with
 LAST_WRITE = 5.0  # seconds the ledger's last writes may take at exit
 
 
@@ -140,7 +141,8 @@ class Accounts:
     failing: str | None = None  # why the store cannot be used now, when it cannot
     _unwritten: int = 0  # closed reservations not yet in the store
     stats: dict[str, KeyStats] = attrs.field(factory=dict)  # by key name, "(unnamed)" too
-    _written: trio.Event = attrs.field(factory=trio.Event)  # replaced after each batch
+    _progress: trio.Event = attrs.field(factory=trio.Event)  # set (and replaced) after each
+    # batch written and each failure
 
     def __attrs_post_init__(self) -> None:
         self._outbox, self._inbox = trio.open_memory_channel[Entry](OUTBOX)
@@ -315,6 +317,8 @@ class Accounts:
         while True:
             if not batch:
                 batch.append(await self._inbox.receive())
+                # A transaction costs about what a hundred rows do: gather a moment's worth.
+                await trio.sleep(LINGER)
             while len(batch) < BATCH:
                 try:
                     batch.append(self._inbox.receive_nowait())
@@ -328,8 +332,7 @@ class Accounts:
                 continue
             self._unwritten -= len(batch)
             batch = []
-            self._written.set()
-            self._written = trio.Event()
+            self._progressed()
             self._recover()
 
     async def _follow(self) -> None:
@@ -352,16 +355,29 @@ class Accounts:
             log.error("accounts: the store failed (%s); new requests are refused until it "
                       "answers again", printable(why))
         self.failing = why
+        self._progressed()  # a flush waiting for the store gives up
+
+    def _progressed(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     def _recover(self) -> None:
         if self.failing is not None:
             log.warning("accounts: the store answers again; requests are admitted")
-        self.failing = None
+            self.failing = None
+            self._progressed()
+
+    async def progressed(self) -> None:
+        """Wait until a batch of the ledger is written or the store fails or recovers."""
+        await self._progress.wait()
 
     async def flush(self) -> None:
-        """Wait until every closed reservation so far is written (a drain, a test)."""
+        """Wait until every closed reservation so far is written (the usage report, a
+        test); :class:`StoreUnavailable` while the store is failing."""
         while self._unwritten:
-            await self._written.wait()
+            if self.failing is not None:
+                raise StoreUnavailable(self.failing)
+            await self._progress.wait()
 
     # -- administration
     async def create(self, name: str, key_limits: Limits, models: frozenset[str] | None

@@ -9,7 +9,7 @@ service fails closed until the store answers again.
 Tables: ``keys`` (one row a key: its secret's hash, limits, models, state), ``meta``
 (``keys_version``, bumped with every key change), ``ledger`` (one row a closed
 reservation, keyed by request id: a retried write cannot charge twice). Ledger rows
-older than ``retention`` seconds are deleted as new ones are written.
+older than ``retention`` seconds are deleted as new ones are written (every ten minutes).
 
 ``:memory:`` (no ``keys_db``: keys live as long as the process) runs inline instead:
 no disk to wait for, and a worker thread would let a virtual clock jump under it.
@@ -32,6 +32,7 @@ from .store import UNNAMED, KeyExists, StoreError, StoreUnavailable, UsageReport
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 2000
+PRUNE_EVERY = 600.0  # seconds between two deletions of ledger rows past retention
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     name TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
@@ -60,6 +61,7 @@ class SqliteStore:
         self._retention = retention
         self._turn = trio.CapacityLimiter(1)
         self._inline = inline
+        self._pruned = 0.0  # wall-clock seconds of the last pruning of the ledger
 
     @classmethod
     async def open(cls, path: str, *, retention: float = 90 * 86400.0) -> SqliteStore:
@@ -68,7 +70,7 @@ class SqliteStore:
         try:
             connection = _connect(path) if inline else await trio.to_thread.run_sync(
                 _connect, path)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:  # ValueError: a NUL in the path
             raise StoreError(f"keys_db {path}: {exc}") from None
         return cls(connection, retention, inline=inline)
 
@@ -115,13 +117,17 @@ class SqliteStore:
     async def record(self, entries: Sequence[Entry]) -> None:
         rows = [(e.request_id, e.key, e.model, e.provider, e.bound, e.prompt_tokens,
                  e.completion_tokens, e.close.value, e.at) for e in entries]
-        oldest = max((e.at for e in entries), default=0.0) - self._retention
+        newest = max((e.at for e in entries), default=0.0)
+        prune = newest - self._pruned >= PRUNE_EVERY
 
         def record(db: sqlite3.Connection) -> None:
             with db:
                 db.executemany("INSERT OR IGNORE INTO ledger VALUES (?,?,?,?,?,?,?,?,?)", rows)
-                db.execute("DELETE FROM ledger WHERE at < ?", (oldest,))
+                if prune:
+                    db.execute("DELETE FROM ledger WHERE at < ?", (newest - self._retention,))
         await self._run(record)
+        if prune:
+            self._pruned = newest
 
     async def charged_since(self, key: str, since: float) -> int:
         row = await self._run(lambda db: db.execute(
