@@ -17,8 +17,9 @@ import trio
 import trio_websocket
 
 from coordinator.accounts.keys import hash_secret
-from coordinator.accounts.service import Accounts
+from coordinator.accounts.service import Accounts, Limiter
 from coordinator.accounts.sqlite import SqliteStore
+from coordinator.accounts.store import Store
 from coordinator.api.exchange import Edge
 from coordinator.api.routes import Api, create_app
 from coordinator.api.transport import Connections, ListenError, bind_http, serve_http
@@ -151,10 +152,20 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
 async def _open_accounts(nursery: trio.Nursery, config: Config, metrics: Metrics) -> Accounts:
     """Named keys, limits and the ledger (docs/accounts.md), their store opened and read;
     :class:`~coordinator.accounts.store.StoreError` when it cannot be."""
-    store = await SqliteStore.open(config.keys_db or ":memory:",
-                                   retention=config.ledger_retention)
+    store: Store
+    limiter: Limiter | None = None  # None: limits kept in this process
+    if config.redis_url:  # shared by every instance (coredis only when configured)
+        from coordinator.accounts.redis import RedisStore
+        from coordinator.accounts.redislimits import RedisLimits
+
+        store = await RedisStore.open(nursery, config)
+        limiter = RedisLimits(store.link)
+        await nursery.start(limiter.run)
+    else:
+        store = await SqliteStore.open(config.keys_db or ":memory:",
+                                       retention=config.ledger_retention)
     accounts = Accounts(store, frozenset(hash_secret(k) for k in config.api_keys),
-                        metrics=metrics, metrics_per_key=config.metrics_per_key)
+                        limiter=limiter, metrics=metrics, metrics_per_key=config.metrics_per_key)
     await accounts.load()
     await nursery.start(accounts.run)
     return accounts
