@@ -22,7 +22,7 @@ import trio
 from coordinator.accounts.cli import add_arguments as add_keys_arguments
 from coordinator.accounts.cli import run_from_args as run_keys
 from coordinator.accounts.cli import with_default_keys_db
-from coordinator.accounts.store import StoreError
+from coordinator.accounts.store import StoreError, StoreUnavailable
 from coordinator.api.transport import ListenError
 from coordinator.app import Running, serve
 from coordinator.config import Config, ConfigError, unknown_variables
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "keys":
         try:
             status = run_keys(args, _fail)
-        except* StoreError as group:
+        except* (StoreError, StoreUnavailable) as group:
             _fail("; ".join(str(exc) for exc in _leaves(group)))
         if status:
             sys.exit(status)

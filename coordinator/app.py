@@ -151,9 +151,9 @@ async def start_coordinator(nursery: trio.Nursery, config: Config, peer_url: str
 async def _open_accounts(nursery: trio.Nursery, config: Config, metrics: Metrics) -> Accounts:
     """Named keys, limits and the ledger (docs/accounts.md), their store opened and read;
     :class:`~coordinator.accounts.store.StoreError` when it cannot be."""
-    store = await open_store(config)
+    store, limiter = await open_store(nursery, config)
     accounts = Accounts(store, frozenset(hash_secret(k) for k in config.api_keys),
-                        metrics=metrics, metrics_per_key=config.metrics_per_key)
+                        limiter=limiter, metrics=metrics, metrics_per_key=config.metrics_per_key)
     await accounts.load()
     await nursery.start(accounts.run)
     return accounts

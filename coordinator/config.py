@@ -175,6 +175,9 @@ class Config:
         if self.redis_url and self.identity_pins_file:
             problems.append("identity_pins_file: not used with redis_url (the pins live in "
                             "Redis); set one or the other")
+        if self.redis_url and self.keys_db:
+            problems.append("keys_db: not used with redis_url (keys and the ledger live in "
+                            "Redis); set one or the other")
         problems += sizes.check(self.max_frame_bytes, self.register_frame_bytes,
                                 self.request_buffer_bytes)
         if problems:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from coordinator.config import Config
 
 from .keys import BudgetWindow, KeyRecord, KeySpecError, KeyState, check_name, limits_from
 from .service import Accounts
+from .store import Store
 from .stores import open_store
 
 NOT_FOUND = 1
@@ -66,7 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, fail: Any) -> int:
     """Run a ``keys`` command; its exit status. ``fail(message)`` for a usage error."""
     try:
-        config = Config.from_env(keys_db=args.keys_db, redis_url=args.redis_url)
+        # The command reads Redis but never joins the cluster: it needs no cluster token.
+        config = Config.from_env(keys_db=args.keys_db, redis_url=args.redis_url,
+                                 cluster_token=os.environ.get("COORDINATOR_CLUSTER_TOKEN")
+                                 or "(not used by the keys command)")
         config = with_default_keys_db(config)
         spec = _spec(args) if args.keys_command == "add" else None
     except (KeySpecError, ValueError) as exc:
@@ -98,39 +103,45 @@ def _spec(args: argparse.Namespace) -> tuple[str, Any, frozenset[str] | None]:
 
 
 async def _run(config: Config, args: argparse.Namespace, spec: Any) -> int:
-    store = await open_store(config)
-    try:
-        accounts = Accounts(store)
-        await accounts.load()
-        match args.keys_command:
-            case "add":
-                try:
-                    record, secret = await accounts.create(*spec)
-                except KeySpecError as exc:
-                    print(f"coordinator keys: {exc}", file=sys.stderr)
-                    return NOT_FOUND
-                _print(args, record, secret)
-                if not args.json:
-                    print("The secret is shown this once; only its hash is kept.",
-                          file=sys.stderr)
-            case "list":
-                records = accounts.all_keys()
-                if args.json:
-                    print(json.dumps([r.as_json() for r in records], indent=2))
-                else:
-                    for record in records:
-                        print(_line(record))
-            case "show" | "revoke":
-                found = accounts.key(args.name)
-                if found is None:
-                    print(f"coordinator keys: no key named {args.name!r}", file=sys.stderr)
-                    return NOT_FOUND
-                if args.keys_command == "revoke":
-                    found = await accounts.change(attrs.evolve(found, state=KeyState.REVOKED))
-                _print(args, found)
-        return 0
-    finally:
-        await store.aclose()
+    async with trio.open_nursery() as nursery:
+        store, _ = await open_store(nursery, config)
+        try:
+            return await _command(store, args, spec)
+        finally:
+            await store.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _command(store: Store, args: argparse.Namespace, spec: Any) -> int:
+    accounts = Accounts(store)
+    await accounts.load()
+    match args.keys_command:
+        case "add":
+            try:
+                record, secret = await accounts.create(*spec)
+            except KeySpecError as exc:
+                print(f"coordinator keys: {exc}", file=sys.stderr)
+                return NOT_FOUND
+            _print(args, record, secret)
+            if not args.json:
+                print("The secret is shown this once; only its hash is kept.",
+                      file=sys.stderr)
+        case "list":
+            records = accounts.all_keys()
+            if args.json:
+                print(json.dumps([r.as_json() for r in records], indent=2))
+            else:
+                for record in records:
+                    print(_line(record))
+        case "show" | "revoke":
+            found = accounts.key(args.name)
+            if found is None:
+                print(f"coordinator keys: no key named {args.name!r}", file=sys.stderr)
+                return NOT_FOUND
+            if args.keys_command == "revoke":
+                found = await accounts.change(attrs.evolve(found, state=KeyState.REVOKED))
+            _print(args, found)
+    return 0
 
 
 def _print(args: argparse.Namespace, record: KeyRecord, secret: str | None = None) -> None:

@@ -181,9 +181,10 @@ def rate_headers(limits: Limits, use: KeyUse, now: float) -> dict[str, str]:
                                 ("tokens", use.tokens, limits.tokens_per_minute)):
         if bucket is None or limit is None:
             continue
+        reset = bucket.until_full(now)  # refills first: the level is as of now
         headers[f"x-ratelimit-limit-{kind}"] = str(limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
-        headers[f"x-ratelimit-reset-{kind}"] = duration(bucket.until_full(now))
+        headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
     return headers
 
 

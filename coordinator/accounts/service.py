@@ -346,7 +346,9 @@ class Accounts:
             except StoreUnavailable as exc:
                 self._fail(str(exc))
                 continue
-            if self.failing == "the ledger is not being written fast enough" and \
+            if self.failing is not None and self._unwritten == 0:
+                self._recover()  # it answers, and nothing waits for it (else: _write's)
+            elif self.failing == "the ledger is not being written fast enough" and \
                     self._inbox.statistics().current_buffer_used < OUTBOX // 2:
                 self._recover()
 
