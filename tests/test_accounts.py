@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from coordinator.accounts import service
 from coordinator.accounts.store import UNNAMED, StoreUnavailable
 from provider_sim.behaviours import Behaviour, Fault
 
@@ -360,9 +361,29 @@ async def test_a_store_failing_while_serving_fails_closed_loses_nothing_and_reco
         assert refused.headers["retry-after"] == "5"
         usage = await h.request("/v1/admin/usage", method="GET", headers=ADMIN)
         assert usage.status == 503
+        # A shared key has no limit or revocation to miss: served, its charge kept.
+        assert (await _chat(h, API_KEY)).status == 200
 
         flaky.broken = False
         await _until(accounts, lambda: accounts.failing is None)
         assert (await _chat(h, secret)).status == 200
-        row = _row((await _usage(h))["by_key"], "steady")
-        assert row["requests"] == 2  # the one closed while the store was down, kept
+        usage_now = await _usage(h)
+        assert _row(usage_now["by_key"], "steady")["requests"] == 2  # one closed while down
+        assert _row(usage_now["by_key"], "(unnamed)")["requests"] == 1
+
+
+async def test_shared_keys_go_on_while_the_store_fails_until_their_charges_would_not_fit(
+        autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "OUTBOX", 3)
+    async with open_harness() as h:
+        provider = await h.add_provider("a")
+        accounts = h.coordinator.accounts
+        flaky = accounts.store = _FlakyStore(accounts.store)
+        flaky.broken = True
+        assert (await _chat(h, API_KEY)).status == 200
+        await _until(accounts, lambda: accounts.failing is not None)
+        assert [(await _chat(h, API_KEY)).status for _ in range(3)] == [200, 200, 503]
+        assert _received(provider) == 3  # the refused one went nowhere
+        flaky.broken = False
+        await _until(accounts, lambda: accounts.failing is None)
+        assert _row((await _usage(h))["by_key"], "(unnamed)")["requests"] == 3  # none lost

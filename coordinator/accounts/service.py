@@ -200,7 +200,7 @@ class Accounts:
         say why it may not go now. ``completion_ceiling``: the most it can be charged for
         its answer (its ``max_tokens``)."""
         bound = prompt_estimate + completion_reserved
-        if self.failing is not None:
+        if self.failing is not None and (account.key is not None or self._no_room()):
             return Refused(f"the accounts store is unavailable ({self.failing}); try again "
                            "shortly", unavailable=True)
         key = account.key
@@ -228,6 +228,12 @@ class Accounts:
         stats.admitted += 1
         stats.in_flight += 1
         return Granted(reservation, headers)
+
+    def _no_room(self) -> bool:
+        """Whether one more request's entry might not fit in the outbox. While the store
+        fails, the shared keys (no limits to check, no revocation to miss) go on until
+        the entries waiting for it, and those of the requests running, fill it."""
+        return self._unwritten + len(self.ledger.open) >= OUTBOX
 
     def _stats(self, name: str) -> KeyStats:
         stats = self.stats.get(name)
