@@ -22,33 +22,14 @@ from urllib.parse import urlsplit
 import trio
 
 from coordinator.untrusted import line_safe_handler
+from provider_link.cli import USAGE_ERROR, OneLineParser, at_least
 from provider_link.keys import KeyFileError, create_keys, default_key_file, load_keys
 from provider_link.signals import until_signalled
 
 from .agent import AgentConfig, run_agent
 from .catalog import Wanted
 
-USAGE_ERROR = 2
 TOKEN_VARIABLE = "PROVIDER_AGENT_TOKEN"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line naming the flag at fault, not the usage block."""
-        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(USAGE_ERROR)
-
-
-def _at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-    return parse
 
 
 def _url(schemes: tuple[str, ...]) -> Any:
@@ -64,7 +45,7 @@ def _url(schemes: tuple[str, ...]) -> Any:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="provider-agent", description="Serve a local inference engine's "
+    parser = OneLineParser(prog="provider-agent", description="Serve a local inference engine's "
                      "models (llama.cpp, vLLM, SGLang, Ollama, mlx_lm: anything OpenAI-"
                      "compatible) through a coordinator. Other commands: `provider-agent init` "
                      "makes the key file; `provider-agent tiny-engine` runs a tiny real engine.")
@@ -89,10 +70,10 @@ def run_parser() -> argparse.ArgumentParser:
                         help="a Hugging Face snapshot directory with the model's chat template "
                         "(tokenizer_config.json or chat_template.jinja), when the engine does "
                         "not show it (llama.cpp does, in /props)")
-    parser.add_argument("--max-concurrency", type=_at_least(1), default=None,
+    parser.add_argument("--max-concurrency", type=at_least(1), default=None,
                         help="requests at once (default: the engine's slots where it says, "
                         "llama.cpp's /props, else 1)")
-    parser.add_argument("--events-per-frame", type=_at_least(1), default=16,
+    parser.add_argument("--events-per-frame", type=at_least(1), default=16,
                         help="engine events already received that go in one frame (default: 16)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="declare no speed instead of timing one short request at start")
@@ -103,7 +84,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def init_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="provider-agent init",
+    parser = OneLineParser(prog="provider-agent init",
                      description="Make this provider's keys and write them to a key file "
                      "(mode 0600). Do it once: a new key is a new identity.")
     parser.add_argument("--keys", default=None, metavar="PATH",

@@ -9,38 +9,17 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import trio
 
 from coordinator.untrusted import line_safe_handler
+from provider_link.cli import OneLineParser, at_least
 from provider_link.keys import KeyFileError, default_key_directory, keys_in_directory, lock_directory
 from provider_link.signals import until_signalled
 
 from .behaviours import parse_behaviour
 from .fleet import FleetMember, demo_fleet, load_fleet, run_fleet
-
-USAGE_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line naming the flag at fault, not the usage block."""
-        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(USAGE_ERROR)
-
-
-def _at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-    return parse
 
 
 def _ws_urls(text: str) -> list[str]:
@@ -54,15 +33,15 @@ def _ws_urls(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="provider-sim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="provider-sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     fleet = sub.add_parser("fleet", help="run simulated providers against a coordinator")
     fleet.add_argument("--coordinator", default="ws://127.0.0.1:8001/", type=_ws_urls,
                        help="provider URL of the coordinator; several, comma-separated, for "
                        "several instances (providers spread over them and move on failure)")
     fleet.add_argument("--file", help="a TOML fleet file (see provider_sim/fleet.py)")
-    fleet.add_argument("--n", type=_at_least(1), default=4,
+    fleet.add_argument("--n", type=at_least(1), default=4,
                        help="how many providers, without --file (default: 4)")
     fleet.add_argument("--token", default=None,
                        help="provider token (default: demo-provider-token, or the file's)")
@@ -80,19 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed for the providers' random choices (default: 0)")
     fleet.add_argument("--sse-chunks", action="store_true",
                        help="frame chunk payloads as SSE events, as some backends do")
-    fleet.add_argument("--events-per-frame", type=_at_least(1), default=1,
+    fleet.add_argument("--events-per-frame", type=at_least(1), default=1,
                        help="put up to this many ready events in one frame, SSE-framed "
                        "(default: 1)")
-    fleet.add_argument("--max-request-bytes", type=_at_least(1024), default=None,
+    fleet.add_argument("--max-request-bytes", type=at_least(1024), default=None,
                        help="the largest request frame to accept and declare (default: 1 MiB)")
 
     http = sub.add_parser("http", help="one simulated provider as an OpenAI-compatible server")
     http.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    http.add_argument("--port", type=_at_least(0), default=9000,
+    http.add_argument("--port", type=at_least(0), default=9000,
                       help="port, 0 for any free one (default: 9000)")
     http.add_argument("--behaviour", default="healthy",
                       help="fault[:key=value,...] (default: healthy)")
-    http.add_argument("--tokens", type=_at_least(1), default=16,
+    http.add_argument("--tokens", type=at_least(1), default=16,
                       help="words per answer (default: 16)")
     return parser
 
