@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +31,8 @@ from coordinator.accounts.keys import (
     new_secret,
 )
 from coordinator.accounts.ledger import Close, Ledger, Reservation, prompt_ceiling
+from coordinator.accounts.service import UNNAMED as UNNAMED_ACCOUNT
+from coordinator.accounts.service import Accounts, Granted
 from coordinator.accounts.sqlite import PRUNE_EVERY, SqliteStore
 from coordinator.accounts.store import UNNAMED, KeyExists
 
@@ -288,3 +292,21 @@ async def test_a_file_the_store_cannot_open_is_one_clear_error(tmp_path: Path) -
     assert (tmp_path / "fine").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "fine" / "keys.db").stat().st_mode & 0o777 == 0o600
     await store.aclose()
+
+
+async def test_the_ledger_is_written_without_waiting_on_the_clock(mock_clock: Any) -> None:
+    # mock_clock never moves (no autojump): a writer that waited on a timer before
+    # writing would hold every entry, as it did in the fuzz campaign's long-lived worlds.
+    store = await SqliteStore.open(":memory:", retention=30 * DAY)
+    accounts = Accounts(store, wall=lambda: T0)
+    await accounts.load()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(accounts.run)
+        for request_id in ("1", "2", "3"):
+            granted = await accounts.admit(UNNAMED_ACCOUNT, request_id, "m1", 10, 100, 100)
+            assert isinstance(granted, Granted)
+            accounts.settle(request_id, "p1", 10, 5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(r.name, r.requests) for r in (await store.usage(T0 - 1, T0 + 1)).by_key] == [
+            ("(unnamed)", 3)]
+        nursery.cancel_scope.cancel()
