@@ -17,6 +17,15 @@ mark plus one message; the push's wait is what the edge bounds by
 ``write_timeout`` (``exchange.Exchange.send``), after which the request is cut and
 its provider told to stop.
 
+A response the application ends before its end — a stream cut at
+``write_timeout``, an application error after the head — is left open by
+hypercorn: it forgets the stream but never tells the consumer, who waits on
+it until the whole connection closes (no RST_STREAM, no END_STREAM), while
+what the buffer held is still sent as the window opens, and the stream stays
+open in the connection's state, counted against its concurrent streams.
+:func:`_reset_unfinished` resets such a stream (CANCEL) and drops what its
+buffer held.
+
 This is the coordinator's one reach into hypercorn's protocol internals, made
 in one place (:func:`install`), checked against the real hypercorn by
 ``tests/test_h2flow.py``.
@@ -24,9 +33,16 @@ in one place (:func:`install`), checked against the real hypercorn by
 
 from __future__ import annotations
 
+from typing import Any
+
+import h2.errors
+import h2.exceptions
 import hypercorn.protocol.h2 as h2_protocol
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 _STOCK = h2_protocol.StreamBuffer
+_STOCK_STREAM_SEND = h2_protocol.H2Protocol.stream_send
 
 
 class BoundedStreamBuffer(_STOCK):
@@ -54,21 +70,58 @@ class BoundedStreamBuffer(_STOCK):
         return data
 
 
-def install() -> None:
-    """Have hypercorn's HTTP/2 protocol use :class:`BoundedStreamBuffer` (idempotent).
+async def _stream_send(self: Any, event: Any) -> None:
+    """hypercorn's ``H2Protocol.stream_send``; a response left unfinished is reset."""
+    unfinished = isinstance(event, StreamClosed) and _unfinished(self, event.stream_id)
+    if unfinished:
+        await _reset_unfinished(self, event.stream_id)
+    await _STOCK_STREAM_SEND(self, event)
+    if unfinished:
+        await self._flush()  # the RST_STREAM
 
-    Raises ``RuntimeError`` when hypercorn's buffer is not the one this was written
-    for: better no start than an unbounded buffer behind the operator's back.
+
+def _unfinished(protocol: Any, stream_id: int) -> bool:
+    """Whether the stream's application ended without ending its response.
+
+    hypercorn's HTTP stream reports itself closed when its application ends; its state
+    is CLOSED by then only when the response was complete (or when hypercorn answered
+    an application that ended before its head with a 500 of its own)."""
+    stream = protocol.streams.get(stream_id)
+    return isinstance(stream, HTTPStream) and stream.state is not ASGIHTTPState.CLOSED
+
+
+async def _reset_unfinished(protocol: Any, stream_id: int) -> None:
+    """Reset the stream (CANCEL) and drop what its buffer held; the send task, woken,
+    forgets the buffer (its next look at the stream finds it closed)."""
+    buffer = protocol.stream_buffers.get(stream_id)
+    if buffer is not None:
+        await buffer.close()
+    try:
+        protocol.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    except h2.exceptions.ProtocolError:
+        return  # already closed on the wire (the consumer reset it, or the connection went)
+    await protocol._window_updated(stream_id)
+
+
+def install() -> None:
+    """Have hypercorn's HTTP/2 protocol use :class:`BoundedStreamBuffer` and reset the
+    streams its applications leave unfinished (idempotent).
+
+    Raises ``RuntimeError`` when hypercorn's buffer or protocol is not the one this was
+    written for: better no start than an unbounded buffer behind the operator's back.
     """
     if h2_protocol.StreamBuffer is BoundedStreamBuffer:
         return
     probe = _STOCK(_NoEvent)  # type: ignore[arg-type]
     expected = ("buffer", "_complete", "_is_empty", "_paused", "push", "pop", "close")
+    methods = ("stream_send", "_flush", "_window_updated", "_close_stream")
     if not all(hasattr(probe, name) for name in expected) or not isinstance(
-            probe.buffer, bytearray):
-        raise RuntimeError("hypercorn's HTTP/2 StreamBuffer has changed: "
+            probe.buffer, bytearray) or not all(
+            hasattr(h2_protocol.H2Protocol, name) for name in methods):
+        raise RuntimeError("hypercorn's HTTP/2 protocol has changed: "
                            "coordinator/api/h2flow.py needs a look before this version is used")
     h2_protocol.StreamBuffer = BoundedStreamBuffer  # type: ignore[misc]
+    h2_protocol.H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]
 
 
 class _NoEvent:
