@@ -63,10 +63,10 @@ async def _open_streams(connection: Connection, count: int) -> h2.connection.H2C
     return client
 
 
-def _open_stream(client: h2.connection.H2Connection, model_id: str) -> int:
-    """A streaming chat request for ``model_id`` on a new stream (its id returned)."""
+def _open_stream(client: h2.connection.H2Connection, model_id: str, stream: bool = True) -> int:
+    """A chat request for ``model_id`` on a new stream (its id returned)."""
     stream_id = client.get_next_available_stream_id()
-    body = json.dumps({"model": model_id, "stream": True,
+    body = json.dumps({"model": model_id, "stream": stream,
                        "messages": [{"role": "user", "content": "hello"}]}).encode()
     client.send_headers(stream_id, [
         (":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
@@ -166,6 +166,82 @@ async def test_a_stream_cut_at_write_timeout_is_reset_and_its_connection_serves_
             nursery.cancel_scope.cancel()
             await connection.client.aclose()
         await h.assert_quiescent()
+
+
+def _results(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [json.loads(r.getMessage())["result"] for r in caplog.records
+            if r.name == "coordinator.requests"]
+
+
+async def _shut_client(connection: Connection, stream: bool) -> h2.connection.H2Connection:
+    """A client that grants no window, with one chat request open (stream 1)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    _open_stream(client, "m1", stream)
+    await connection.client.send_all(client.data_to_send())
+    return client
+
+
+async def test_a_whole_answer_that_never_leaves_is_not_logged_success(autojump_clock, caplog):
+    """An answer (not streamed) waits for the window like a stream, and is cut at
+    write_timeout: logged consumer_stalled, not success (it was logged as soon as it was
+    assembled, before a byte of it left)."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _shut_client(connection, stream=False)
+            events = _Events()
+            nursery.start_soon(_read_events, connection, client, events)
+            await events.wait_for(lambda e: isinstance(e, h2.events.StreamReset))
+            assert not any(isinstance(e, h2.events.DataReceived) for e in events)
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["consumer_stalled"]
+
+
+async def test_a_stream_reset_before_its_end_left_is_not_logged_success(autojump_clock, caplog):
+    """A short answer sits whole in the stream's buffer, its end waiting for the window,
+    and the consumer resets the stream: nothing was delivered, and the log says so."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _shut_client(connection, stream=True)
+            events = _Events()
+            nursery.start_soon(_read_events, connection, client, events)
+            await h.until(lambda: provider.completed and _in_use(h) == 0)
+            await trio.sleep(5)  # the consumer holds its window shut, then gives up
+            client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            await connection.client.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            assert not any(isinstance(e, h2.events.DataReceived) for e in events)
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["client_gone"]
+
+
+async def test_an_answer_whose_connection_goes_as_its_window_opens_is_not_logged_success(
+        autojump_clock, caplog):
+    """A short answer waits whole in its stream's buffer; the consumer opens the window and
+    says GOAWAY in one write. hypercorn's send task takes the bytes out to send them, finds
+    the connection closed and drops them, which lets the answer's last write return as if
+    it had left: nothing was delivered, and the log says so."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection:
+            client = await _shut_client(connection, stream=True)
+            await h.until(lambda: provider.completed and _in_use(h) == 0)
+            client.increment_flow_control_window(65535, stream_id=1)
+            client.close_connection()
+            await connection.client.send_all(client.data_to_send())
+            answer = await connection.rest()
+        await h.assert_quiescent()
+    assert b"[DONE]" not in answer
+    assert _results(caplog) == ["client_gone"]
 
 
 async def test_a_connection_that_goes_frees_its_streams_slots_at_once(autojump_clock):

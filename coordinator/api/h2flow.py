@@ -26,6 +26,13 @@ open in the connection's state, counted against its concurrent streams.
 :func:`_reset_unfinished` resets such a stream (CANCEL) and drops what its
 buffer held.
 
+A stream that closes before its response is whole — the consumer reset it,
+the connection went, the application left it, or the stream died under the
+application's last write (a consumer's flow-control error) — is marked in its
+request's scope (:func:`response_cut` reads it): hypercorn lets that last write
+return as if it had left (the buffer it waited on was closed, or silently
+gone), and the request log must not call such an answer a success.
+
 This is the coordinator's one reach into hypercorn's protocol internals, made
 in one place (:func:`install`), checked against the real hypercorn by
 ``tests/test_h2flow.py``.
@@ -38,15 +45,37 @@ from typing import Any
 import h2.errors
 import h2.exceptions
 import hypercorn.protocol.h2 as h2_protocol
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 _STOCK = h2_protocol.StreamBuffer
 _STOCK_STREAM_SEND = h2_protocol.H2Protocol.stream_send
+_STOCK_CLOSE_STREAM = h2_protocol.H2Protocol._close_stream
+
+# Set (True) in an HTTP/2 request's ASGI scope when its stream closed before its
+# response was whole: whatever its last write said, the end never left. The scope is
+# the one thing hypercorn's stream and the request's exchange both hold.
+_RESPONSE_CUT_KEY = "coordinator.h2_response_cut"
+
+
+def response_cut(scope: dict[str, Any]) -> bool:
+    """Whether the request's HTTP/2 stream closed before its response's end left."""
+    return bool(scope.get(_RESPONSE_CUT_KEY))
 
 
 class BoundedStreamBuffer(_STOCK):
-    """hypercorn's stream buffer, with pushes that wait for bytes to actually leave."""
+    """hypercorn's stream buffer, with pushes that wait for bytes to actually leave.
+
+    ``dropped``: closed, which hypercorn does only when the stream or the connection
+    went before the stream's end was sent (bytes it had taken out to send may have
+    gone with it) — something its waits do not tell from a buffer sent whole.
+    """
+
+    dropped = False
+
+    async def close(self) -> None:
+        self.dropped = True
+        await super().close()
 
     async def push(self, data: bytes) -> None:
         if self._complete:
@@ -71,13 +100,34 @@ class BoundedStreamBuffer(_STOCK):
 
 
 async def _stream_send(self: Any, event: Any) -> None:
-    """hypercorn's ``H2Protocol.stream_send``; a response left unfinished is reset."""
+    """hypercorn's ``H2Protocol.stream_send``; a response left unfinished is reset, and
+    one whose end did not leave (its buffer dropped, or gone) is marked cut."""
+    if isinstance(event, EndBody):
+        stream = self.streams.get(event.stream_id)
+        buffer = self.stream_buffers.get(event.stream_id)
+        await _STOCK_STREAM_SEND(self, event)
+        if isinstance(stream, HTTPStream) and (buffer is None or getattr(buffer, "dropped", False)):
+            _mark_cut(stream)
+        return
     unfinished = isinstance(event, StreamClosed) and _unfinished(self, event.stream_id)
     if unfinished:
         await _reset_unfinished(self, event.stream_id)
     await _STOCK_STREAM_SEND(self, event)
     if unfinished:
         await self._flush()  # the RST_STREAM
+
+
+async def _close_stream(self: Any, stream_id: int) -> None:
+    """hypercorn's ``H2Protocol._close_stream`` (every way a stream closes goes through
+    it); a response not whole by then is marked cut in its request's scope."""
+    if _unfinished(self, stream_id):
+        _mark_cut(self.streams[stream_id])
+    await _STOCK_CLOSE_STREAM(self, stream_id)
+
+
+def _mark_cut(stream: HTTPStream) -> None:
+    scope: dict[str, Any] = stream.scope  # type: ignore[assignment]  # the app's own dict
+    scope[_RESPONSE_CUT_KEY] = True
 
 
 def _unfinished(protocol: Any, stream_id: int) -> bool:
@@ -87,7 +137,8 @@ def _unfinished(protocol: Any, stream_id: int) -> bool:
     is CLOSED by then only when the response was complete (or when hypercorn answered
     an application that ended before its head with a 500 of its own)."""
     stream = protocol.streams.get(stream_id)
-    return isinstance(stream, HTTPStream) and stream.state is not ASGIHTTPState.CLOSED
+    return (isinstance(stream, HTTPStream) and stream.state is not ASGIHTTPState.CLOSED
+            and hasattr(stream, "scope"))  # no scope: its request head was never handled
 
 
 async def _reset_unfinished(protocol: Any, stream_id: int) -> None:
@@ -122,6 +173,7 @@ def install() -> None:
                            "coordinator/api/h2flow.py needs a look before this version is used")
     h2_protocol.StreamBuffer = BoundedStreamBuffer  # type: ignore[misc]
     h2_protocol.H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]
+    h2_protocol.H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
 
 
 class _NoEvent:
