@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from functools import partial
 from typing import Any
 
 import h2.config
@@ -25,7 +26,7 @@ from coordinator.api.exchange import Edge
 from provider_sim.behaviours import HEALTHY, Behaviour
 
 from .harness import API_KEY, Harness, model, open_harness
-from .memory_http import Connection, open_connection
+from .memory_http import Connection, open_connection, socket_pair
 
 CHUNK = 64 * 1024
 # 200 chunks of 64 KiB, one every 0.5 s: a 100-second, 12.8 MB answer.
@@ -241,6 +242,33 @@ async def test_an_answer_whose_connection_goes_as_its_window_opens_is_not_logged
             answer = await connection.rest()
         await h.assert_quiescent()
     assert b"[DONE]" not in answer
+    assert _results(caplog) == ["client_gone"]
+
+
+async def test_an_answer_whose_bytes_never_reach_the_socket_is_not_logged_success(
+        autojump_clock, caplog):
+    """A short answer waits whole in its stream's buffer; the consumer, no longer reading,
+    opens the window, so the server's write of the answer waits on a full socket, and then
+    the consumer goes. hypercorn let the answer's last write return once its bytes were
+    taken out of the buffer, before they were written: it was logged success (found by the
+    HTTP/2 flow-control fuzz target, one time in about two under trio's scheduling)."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections,
+                                   pair=partial(socket_pair, 16)) as connection:
+            client = await _shut_client(connection, stream=True)
+            events = _Events()
+            async with trio.open_nursery() as reading:
+                reading.start_soon(_read_events, connection, client, events)
+                await events.wait_for(lambda e: isinstance(e, h2.events.ResponseReceived))
+                await h.until(lambda: provider.completed and _in_use(h) == 0)
+                await trio.testing.wait_all_tasks_blocked()
+                reading.cancel_scope.cancel()  # the consumer stops reading
+            client.increment_flow_control_window(65535, stream_id=1)
+            await connection.client.send_all(client.data_to_send())
+            await trio.sleep(1)  # the server's write waits for room on the consumer's socket
+            await connection.client.aclose()
+        await h.assert_quiescent()
     assert _results(caplog) == ["client_gone"]
 
 

@@ -31,7 +31,10 @@ the connection went, the application left it, or the stream died under the
 application's last write (a consumer's flow-control error) — is marked in its
 request's scope (:func:`response_cut` reads it): hypercorn lets that last write
 return as if it had left (the buffer it waited on was closed, or silently
-gone), and the request log must not call such an answer a success.
+gone), and the request log must not call such an answer a success. For the
+same reason that last write waits until the bytes taken out of the buffer
+have been written, not only taken out (:meth:`BoundedStreamBuffer.sent`): a
+write that then fails (the consumer gone) drops them with the connection.
 
 This is the coordinator's one reach into hypercorn's protocol internals, made
 in one place (:func:`install`), checked against the real hypercorn by
@@ -51,6 +54,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 _STOCK = h2_protocol.StreamBuffer
 _STOCK_STREAM_SEND = h2_protocol.H2Protocol.stream_send
 _STOCK_CLOSE_STREAM = h2_protocol.H2Protocol._close_stream
+_STOCK_SEND_DATA = h2_protocol.H2Protocol._send_data
 
 # Set (True) in an HTTP/2 request's ASGI scope when its stream closed before its
 # response was whole: whatever its last write said, the end never left. The scope is
@@ -69,6 +73,10 @@ class BoundedStreamBuffer(_STOCK):
     ``dropped``: closed, which hypercorn does only when the stream or the connection
     went before the stream's end was sent (bytes it had taken out to send may have
     gone with it) — something its waits do not tell from a buffer sent whole.
+
+    The buffer counts as empty (what the response's last write waits for) only once
+    the bytes taken out of it have been written (:meth:`sent`, after hypercorn's
+    ``_send_data``), not when they are taken out: the write may still fail.
     """
 
     dropped = False
@@ -94,9 +102,25 @@ class BoundedStreamBuffer(_STOCK):
         del self.buffer[:length]
         if len(self.buffer) < h2_protocol.BUFFER_LOW_WATER:  # what is left, not what went
             await self._paused.set()
+        return data
+
+    async def sent(self) -> None:
+        """What was taken out has been written: an empty buffer now counts as empty."""
         if not self.buffer:
             await self._is_empty.set()
-        return data
+
+
+async def _send_data(self: Any, stream_id: int) -> None:
+    """hypercorn's ``H2Protocol._send_data`` (take a stream's next bytes out of its buffer
+    and write them); the buffer is told once they are written, or dropped with the
+    connection when the write failed (hypercorn then closes the connection, quietly)."""
+    buffer = self.stream_buffers.get(stream_id)
+    await _STOCK_SEND_DATA(self, stream_id)
+    if isinstance(buffer, BoundedStreamBuffer):
+        if self.closed:
+            await buffer.close()
+        else:
+            await buffer.sent()
 
 
 async def _stream_send(self: Any, event: Any) -> None:
@@ -165,7 +189,7 @@ def install() -> None:
         return
     probe = _STOCK(_NoEvent)  # type: ignore[arg-type]
     expected = ("buffer", "_complete", "_is_empty", "_paused", "push", "pop", "close")
-    methods = ("stream_send", "_flush", "_window_updated", "_close_stream")
+    methods = ("stream_send", "_send_data", "_flush", "_window_updated", "_close_stream")
     if not all(hasattr(probe, name) for name in expected) or not isinstance(
             probe.buffer, bytearray) or not all(
             hasattr(h2_protocol.H2Protocol, name) for name in methods):
@@ -174,6 +198,7 @@ def install() -> None:
     h2_protocol.StreamBuffer = BoundedStreamBuffer  # type: ignore[misc]
     h2_protocol.H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     h2_protocol.H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
+    h2_protocol.H2Protocol._send_data = _send_data  # type: ignore[method-assign]
 
 
 class _NoEvent:
