@@ -132,7 +132,7 @@ FUZZ_GROUPS = {
     "bodies-2": "test_hostile_bodies and (responses or messages)",
     "heads-admission": "test_hostile_heads or test_hostile_frames_before_admission",
     "in-flight": "test_hostile_frames_after_admission",
-    # The HTTP/2 flow-control target (issue 22, item 2) gets its group here.
+    "http2": "test_hostile_http2_flow_control",
 }
 
 

@@ -59,6 +59,7 @@ from .fuzz import (
     raw_scenario,
     valid_register,
 )
+from .fuzz_h2 import H2Case, h2_cases, h2_scenario, h2_world
 from .fuzz_peer import (
     FarCase,
     LinkCase,
@@ -105,6 +106,13 @@ def puppet_world(request: pytest.FixtureRequest) -> Iterator[Campaign]:
 def link_world(request: pytest.FixtureRequest) -> Iterator[Campaign]:
     """Plus the peer server, and a link to a hostile far instance whose provider serves ``fm``."""
     yield from _campaign(request, peer_world())
+
+
+@pytest.fixture
+def http2_world(request: pytest.FixtureRequest) -> Iterator[Campaign]:
+    """The coordinator's real HTTP stack (hypercorn, in memory) and a provider whose
+    behaviour each stream draws."""
+    yield from _campaign(request, h2_world())
 
 
 @pytest.fixture
@@ -192,5 +200,7 @@ def test_hostile_peer_frames(link_world: Campaign, case: LinkCase | FarCase) -> 
     link_world.example(peer_scenario(case), repr(case))
 
 
-# The HTTP/2 flow-control target (issue 22, item 2: streams that never open their window)
-# goes here, with its group in noxfile.py's FUZZ_GROUPS and its line in docs/testing.md.
+@fuzz
+@given(case=h2_cases())
+def test_hostile_http2_flow_control(http2_world: Campaign, case: H2Case) -> None:
+    http2_world.example(h2_scenario(case), repr(case))

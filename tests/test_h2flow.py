@@ -10,10 +10,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from functools import partial
 from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
@@ -21,10 +23,10 @@ import trio
 
 from coordinator.api import h2flow
 from coordinator.api.exchange import Edge
-from provider_sim.behaviours import Behaviour
+from provider_sim.behaviours import HEALTHY, Behaviour
 
-from .harness import API_KEY, Harness, open_harness
-from .memory_http import Connection, open_connection
+from .harness import API_KEY, Harness, model, open_harness
+from .memory_http import Connection, open_connection, socket_pair
 
 CHUNK = 64 * 1024
 # 200 chunks of 64 KiB, one every 0.5 s: a 100-second, 12.8 MB answer.
@@ -56,23 +58,46 @@ async def _open_streams(connection: Connection, count: int) -> h2.connection.H2C
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    body = json.dumps({"model": "m1", "stream": True,
-                       "messages": [{"role": "user", "content": "hello"}]}).encode()
-    for n in range(count):
-        stream_id = 1 + 2 * n
-        client.send_headers(stream_id, [
-            (":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
-            (":authority", "x"), ("authorization", f"Bearer {API_KEY}"),
-            ("content-type", "application/json"), ("content-length", str(len(body)))])
-        client.send_data(stream_id, body, end_stream=True)
+    for _ in range(count):
+        _open_stream(client, "m1")
     await connection.client.send_all(client.data_to_send())
     return client
 
 
+def _open_stream(client: h2.connection.H2Connection, model_id: str, stream: bool = True) -> int:
+    """A chat request for ``model_id`` on a new stream (its id returned)."""
+    stream_id = client.get_next_available_stream_id()
+    body = json.dumps({"model": model_id, "stream": stream,
+                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+    client.send_headers(stream_id, [
+        (":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+        (":authority", "x"), ("authorization", f"Bearer {API_KEY}"),
+        ("content-type", "application/json"), ("content-length", str(len(body)))])
+    client.send_data(stream_id, body, end_stream=True)
+    return stream_id
+
+
+class _Events(list[Any]):
+    """The client's h2 events, and a way to wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = trio.Event()
+
+    def add(self, events: list[Any]) -> None:
+        self.extend(events)
+        self.arrived.set()
+        self.arrived = trio.Event()
+
+    async def wait_for(self, predicate: Any) -> None:
+        while not any(predicate(e) for e in self):
+            await self.arrived.wait()
+
+
 async def _read_events(connection: Connection, client: h2.connection.H2Connection,
-                       into: list[Any]) -> None:
+                       into: _Events) -> None:
     while data := await connection.client.receive_some(65536):
-        into.extend(client.receive_data(bytes(data)))
+        into.add(client.receive_data(bytes(data)))
         if outgoing := client.data_to_send():  # settings acknowledged, and so on
             await connection.client.send_all(outgoing)
 
@@ -90,7 +115,7 @@ async def test_a_stream_without_window_buffers_a_bounded_amount_and_is_cut_at_wr
         async with open_connection(edge, h.coordinator.connections) as connection, \
                 trio.open_nursery() as nursery:
             client = await _open_streams(connection, STREAMS)
-            events: list[Any] = []
+            events = _Events()
             nursery.start_soon(_read_events, connection, client, events)
             await h.until(lambda: _in_use(h) == STREAMS)
             start = trio.current_time()
@@ -107,6 +132,144 @@ async def test_a_stream_without_window_buffers_a_bounded_amount_and_is_cut_at_wr
     logged = [json.loads(r.getMessage()) for r in caplog.records
               if r.name == "coordinator.requests"]
     assert [r["result"] for r in logged] == ["consumer_stalled"] * STREAMS  # not "success"
+
+
+async def test_a_stream_cut_at_write_timeout_is_reset_and_its_connection_serves_on(
+        autojump_clock):
+    """The consumer learns of the cut (RST_STREAM, CANCEL), not only when the connection
+    closes: hypercorn left a stream its application ended unfinished open for good."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        await h.add_provider("big", model(), model("quick"), behaviour=SLOW_BIG,
+                             model_behaviours={"quick": HEALTHY}, max_concurrency=STREAMS)
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _open_streams(connection, 2)
+            events = _Events()
+            nursery.start_soon(_read_events, connection, client, events)
+            await h.until(lambda: _in_use(h) == 2)
+            start = trio.current_time()
+            await h.until(lambda: _in_use(h) == 0)
+            await trio.testing.wait_all_tasks_blocked()
+            resets = {e.stream_id: e.error_code for e in events
+                      if isinstance(e, h2.events.StreamReset)}
+            assert resets == {1: h2.errors.ErrorCodes.CANCEL, 3: h2.errors.ErrorCodes.CANCEL}
+            assert trio.current_time() - start < 31.0
+            # The connection serves on: a stream with a window gets its whole answer.
+            stream_id = _open_stream(client, "quick")
+            client.increment_flow_control_window(65535, stream_id)
+            await connection.client.send_all(client.data_to_send())
+            with trio.fail_after(5):
+                await events.wait_for(lambda e: isinstance(e, h2.events.StreamEnded)
+                                      and e.stream_id == stream_id)
+            body = b"".join(e.data for e in events
+                            if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id)
+            assert body.endswith(b"data: [DONE]\n\n")
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+
+
+def _results(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [json.loads(r.getMessage())["result"] for r in caplog.records
+            if r.name == "coordinator.requests"]
+
+
+async def _shut_client(connection: Connection, stream: bool) -> h2.connection.H2Connection:
+    """A client that grants no window, with one chat request open (stream 1)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    _open_stream(client, "m1", stream)
+    await connection.client.send_all(client.data_to_send())
+    return client
+
+
+async def test_a_whole_answer_that_never_leaves_is_not_logged_success(autojump_clock, caplog):
+    """An answer (not streamed) waits for the window like a stream, and is cut at
+    write_timeout: logged consumer_stalled, not success (it was logged as soon as it was
+    assembled, before a byte of it left)."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _shut_client(connection, stream=False)
+            events = _Events()
+            nursery.start_soon(_read_events, connection, client, events)
+            await events.wait_for(lambda e: isinstance(e, h2.events.StreamReset))
+            assert not any(isinstance(e, h2.events.DataReceived) for e in events)
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["consumer_stalled"]
+
+
+async def test_a_stream_reset_before_its_end_left_is_not_logged_success(autojump_clock, caplog):
+    """A short answer sits whole in the stream's buffer, its end waiting for the window,
+    and the consumer resets the stream: nothing was delivered, and the log says so."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _shut_client(connection, stream=True)
+            events = _Events()
+            nursery.start_soon(_read_events, connection, client, events)
+            await h.until(lambda: provider.completed and _in_use(h) == 0)
+            await trio.sleep(5)  # the consumer holds its window shut, then gives up
+            client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            await connection.client.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            assert not any(isinstance(e, h2.events.DataReceived) for e in events)
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["client_gone"]
+
+
+async def test_an_answer_whose_connection_goes_as_its_window_opens_is_not_logged_success(
+        autojump_clock, caplog):
+    """A short answer waits whole in its stream's buffer; the consumer opens the window and
+    says GOAWAY in one write. hypercorn's send task takes the bytes out to send them, finds
+    the connection closed and drops them, which lets the answer's last write return as if
+    it had left: nothing was delivered, and the log says so."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection:
+            client = await _shut_client(connection, stream=True)
+            await h.until(lambda: provider.completed and _in_use(h) == 0)
+            client.increment_flow_control_window(65535, stream_id=1)
+            client.close_connection()
+            await connection.client.send_all(client.data_to_send())
+            answer = await connection.rest()
+        await h.assert_quiescent()
+    assert b"[DONE]" not in answer
+    assert _results(caplog) == ["client_gone"]
+
+
+async def test_an_answer_whose_bytes_never_reach_the_socket_is_not_logged_success(
+        autojump_clock, caplog):
+    """A short answer waits whole in its stream's buffer; the consumer, no longer reading,
+    opens the window, so the server's write of the answer waits on a full socket, and then
+    the consumer goes. hypercorn let the answer's last write return once its bytes were
+    taken out of the buffer, before they were written: it was logged success (found by the
+    HTTP/2 flow-control fuzz target, one time in about two under trio's scheduling)."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("p")
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections,
+                                   pair=partial(socket_pair, 16)) as connection:
+            client = await _shut_client(connection, stream=True)
+            events = _Events()
+            async with trio.open_nursery() as reading:
+                reading.start_soon(_read_events, connection, client, events)
+                await events.wait_for(lambda e: isinstance(e, h2.events.ResponseReceived))
+                await h.until(lambda: provider.completed and _in_use(h) == 0)
+                await trio.testing.wait_all_tasks_blocked()
+                reading.cancel_scope.cancel()  # the consumer stops reading
+            client.increment_flow_control_window(65535, stream_id=1)
+            await connection.client.send_all(client.data_to_send())
+            await trio.sleep(1)  # the server's write waits for room on the consumer's socket
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["client_gone"]
 
 
 async def test_a_connection_that_goes_frees_its_streams_slots_at_once(autojump_clock):

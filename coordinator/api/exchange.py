@@ -22,8 +22,9 @@ route that answers it finds it, as quart's own ``request`` is found.
   coordinator drains, answer 503 (``/healthz`` says "draining", ``/metrics`` still
   answers) and count requests in flight, so the drain knows when they are done.
 * **What escapes the application** becomes an error answer in the family's shape,
-  never a crash (:func:`_isolated`); and the request's log line is written when the
-  response is over, saying what the consumer got.
+  never a crash (:func:`_isolated`); and the log line of a stream, or of a whole
+  answer, is written when the response is over, saying what the consumer got: a
+  success only once the answer's end has left.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from coordinator.dispatch.relay import Relay
 from coordinator.lifecycle import Drain
 from coordinator.untrusted import printable
 
+from . import h2flow
 from .errors import Family, family_of, render
 from .requestlog import RequestRecord, Result
 from .transport import ConsumerConnection, FramingRefused
@@ -171,6 +173,9 @@ class Exchange:
         self._stall_limit = connection.write_timeout if http2 and connection else None
         # Over HTTP/2 writes of many streams interleave: there is no pair to coalesce.
         self._coalesce = connection is not None and not http2
+        # Where hypercorn marks an HTTP/2 stream closed before its response's end left
+        # (h2flow.response_cut): the application's last write returned all the same.
+        self._h2_scope = scope if http2 else None
         self._last_next = False
         self._relays: list[Relay] = []
         self._at_finish: list[Callable[[], object]] = []
@@ -180,7 +185,8 @@ class Exchange:
         self.closing = _asks_to_close(scope)
         self.started = False
         self.finished = False  # the response's last part was handed to the server
-        self.record: RequestRecord | None = None  # a stream's, logged when it is over
+        # A stream's, or a whole answer's success: logged when the response is over.
+        self.record: RequestRecord | None = None
 
     def own(self, relay: Relay) -> None:
         """The request owns this committed winner until the response is over."""
@@ -279,9 +285,15 @@ class Exchange:
         if self.record is not None:
             if stalled:
                 self.record.result = Result.CONSUMER_STALLED  # whatever it had got to
-            elif not self.finished and self.record.result is Result.SUCCESS:
+            elif not self._end_left() and self.record.result is Result.SUCCESS:
                 self.record.result = Result.CLIENT_GONE
             self.record.write()
+
+    def _end_left(self) -> bool:
+        """Whether the response's end left: handed to the server, and over HTTP/2 not
+        dropped with its stream (the consumer reset it, the connection went)."""
+        return self.finished and not (self._h2_scope is not None
+                                      and h2flow.response_cut(self._h2_scope))
 
     def end(self) -> None:
         if self.connection is not None:

@@ -2,8 +2,9 @@
 
 Never any prompt or output content: ids, the route, the model name (validated and bounded
 before it is recorded), which providers were tried, how it ended, the status and the
-latency. A stream's outcome is known only when its response is over, so the request's
-exchange writes its line then (exchange.py); other requests', their handler.
+latency. A stream's outcome, and whether a whole answer succeeded (its end left), are
+known only when the response is over, so the request's exchange writes their line then
+(exchange.py); other requests', their handler.
 """
 
 from __future__ import annotations

@@ -120,11 +120,16 @@ class Api:
         finally:
             # A stream's outcome is known only when it is over: its exchange logs it then,
             # and the stream closes its reservation. Any other request is over here: a
-            # reservation still open (an error, a cancellation) is refunded.
+            # reservation still open (an error, a cancellation) is refunded. A whole
+            # answer is a success only once it has left: its exchange logs it then.
             if not record.streaming:
                 if self.accounts is not None:
                     self.accounts.refund(record.request_id)
-                record.write()
+                owner = exchange.current()
+                if owner is not None and record.result is Result.SUCCESS:
+                    owner.record = record
+                else:
+                    record.write()
         self.metrics.requests.labels(endpoint.value, str(response.status_code)).inc()
         return response
 
