@@ -54,7 +54,7 @@ import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import hypercorn.config
@@ -73,8 +73,15 @@ from coordinator.untrusted import printable
 
 from .framing import RequestFraming, Stage
 
-if TYPE_CHECKING:
-    from .exchange import Edge
+
+class Edge(Protocol):
+    """What the transport serves (``exchange.Edge``): the application, and each request
+    handed the connection it came on."""
+
+    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None: ...
+
+    async def handle(self, connection: ConsumerConnection | None, scope: dict[str, Any],
+                     receive: Any, send: Any) -> None: ...
 
 log = logging.getLogger(__name__)
 
