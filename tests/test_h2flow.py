@@ -200,6 +200,10 @@ async def test_a_whole_answer_that_never_leaves_is_not_logged_success(autojump_c
             nursery.cancel_scope.cancel()
             await connection.client.aclose()
         await h.assert_quiescent()
+        # Nothing reached the consumer: nothing is charged (the ledger has the refund).
+        accounts = h.coordinator.accounts
+        await accounts.flush()
+        assert (await accounts.usage(0.0, accounts.wall() + 1)).by_key == ()
     assert _results(caplog) == ["consumer_stalled"]
 
 

@@ -179,6 +179,7 @@ class Exchange:
         self._last_next = False
         self._relays: list[Relay] = []
         self._at_finish: list[Callable[[], object]] = []
+        self._if_delivered: list[Callable[[], object]] = []
         self.body_read = not has_body
         # A client that asked for the connection to close (it would otherwise wait
         # keep_alive_timeout for it), or, once the response starts, an early answer.
@@ -195,6 +196,11 @@ class Exchange:
     def on_finish(self, close: Callable[[], object]) -> None:
         """Call ``close`` (synchronous, idempotent) when the response is over."""
         self._at_finish.append(close)
+
+    def on_delivered(self, settle: Callable[[], object]) -> None:
+        """Call ``settle`` when the response is over if its end left (before the
+        :meth:`on_finish` closers): a whole answer is charged once the consumer has it."""
+        self._if_delivered.append(settle)
 
     def last_part_next(self) -> None:
         """The next body part is the last before the end: it leaves with the end."""
@@ -276,16 +282,20 @@ class Exchange:
         """The application is done: close what the response left open, write the log line."""
         for relay in self._relays:  # a stream nobody read to its end
             await relay.abandon()
-        for close in self._at_finish:
-            close()
         if self._coalesce:
             self._hold(False)
             with trio.CancelScope(shield=True):
                 await self._flush()
+        delivered = not stalled and self._end_left()
+        if delivered:
+            for settle in self._if_delivered:
+                settle()
+        for close in self._at_finish:
+            close()
         if self.record is not None:
             if stalled:
                 self.record.result = Result.CONSUMER_STALLED  # whatever it had got to
-            elif not self._end_left() and self.record.result is Result.SUCCESS:
+            elif not delivered and self.record.result is Result.SUCCESS:
                 self.record.result = Result.CLIENT_GONE
             self.record.write()
 

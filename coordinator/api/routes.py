@@ -15,6 +15,7 @@ import math
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -123,12 +124,12 @@ class Api:
             # reservation still open (an error, a cancellation) is refunded. A whole
             # answer is a success only once it has left: its exchange logs it then.
             if not record.streaming:
-                if self.accounts is not None:
-                    self.accounts.refund(record.request_id)
                 owner = exchange.current()
                 if owner is not None and record.result is Result.SUCCESS:
-                    owner.record = record
+                    owner.record = record  # its charge too waits for the answer to leave
                 else:
+                    if self.accounts is not None:
+                        self.accounts.refund(record.request_id)
                     record.write()
         self.metrics.requests.labels(endpoint.value, str(response.status_code)).inc()
         return response
@@ -171,7 +172,13 @@ class Api:
         if not parsed.stream:
             chunks, usage = await collect(relay, self.metrics, self.config.max_response_bytes)
             if any(is_delta(endpoint, chunk) for chunk in chunks):  # an empty answer is free
-                self._charge(record, usage.prompt_tokens, usage.completion_tokens)
+                charge = partial(self._charge, record, usage.prompt_tokens,
+                                 usage.completion_tokens)
+                owner = exchange.current()
+                if owner is None:  # in-process: nothing between the answer and its consumer
+                    charge()
+                else:  # once it has left (a consumer that never takes it pays nothing)
+                    owner.on_delivered(charge)
             record.result, record.status = Result.SUCCESS, 200
             body = assemble(endpoint, chunks, usage, record.request_id)
             return Response(json.dumps(body), 200, headers, content_type="application/json")
