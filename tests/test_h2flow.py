@@ -292,6 +292,88 @@ async def test_a_connection_that_goes_frees_its_streams_slots_at_once(autojump_c
         assert not [o for o in gc.get_objects() if isinstance(o, h2flow._STOCK)]
 
 
+async def _dribbling_client(connection: Connection, window: int,
+                            stream: bool = True) -> h2.connection.H2Connection:
+    """A client whose streams get a ``window``-byte window, with one chat request open."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    _open_stream(client, "m1", stream)
+    await connection.client.send_all(client.data_to_send())
+    return client
+
+
+async def _give_back_what_is_read(connection: Connection, client: h2.connection.H2Connection,
+                                  into: _Events, most: int) -> None:
+    """Read, and give back each DATA frame's bytes at once (stream and connection), as a
+    library acknowledging what it read does; after ``most`` DATA frames, only read."""
+    frames = 0
+    while data := await connection.client.receive_some(65536):
+        events = client.receive_data(bytes(data))
+        into.add(events)
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                frames += 1
+                if frames > most:
+                    continue
+                client.increment_flow_control_window(event.flow_controlled_length)
+                if event.stream_id in client.streams and not client.streams[event.stream_id].closed:
+                    client.increment_flow_control_window(event.flow_controlled_length,
+                                                         event.stream_id)
+        if outgoing := client.data_to_send():
+            await connection.client.send_all(outgoing)
+
+
+async def test_a_one_byte_window_given_back_byte_by_byte_is_not_served_byte_by_byte(
+        autojump_clock, caplog):
+    """A consumer keeps its window at one byte and gives back each byte it reads ("data
+    dribble", CVE-2019-9511): hypercorn wrote one DATA frame per byte of the answer, its
+    task never waiting, so the clock never moved and write_timeout never came (found by
+    the HTTP/2 fuzz target). The stream is held as if its window were shut: cut at
+    write_timeout, its slot freed and its provider told to stop."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        provider = await h.add_provider("big", behaviour=SLOW_BIG)
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _dribbling_client(connection, window=1)
+            events = _Events()
+            nursery.start_soon(_give_back_what_is_read, connection, client, events, 200)
+            await h.until(lambda: _in_use(h) == 1)
+            start = trio.current_time()
+            await events.wait_for(lambda e: isinstance(e, h2.events.StreamReset))
+            assert 30.0 <= trio.current_time() - start < 31.0  # write_timeout
+            sizes = [e.flow_controlled_length for e in events
+                     if isinstance(e, h2.events.DataReceived)]
+            assert sizes == []  # not one sliver (200 one-byte frames before)
+            await h.until(lambda: _in_use(h) == 0 and len(provider.cancelled) == 1)
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["consumer_stalled"]
+
+
+async def test_what_fits_a_small_window_is_sent(autojump_clock, caplog):
+    """Held is only what would go in slivers: a whole answer that fits a window below
+    MIN_DATA_FRAME leaves at once, in one frame."""
+    async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
+        await h.add_provider("p", behaviour=Behaviour(text="ok"))
+        async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
+                trio.open_nursery() as nursery:
+            client = await _dribbling_client(connection, window=h2flow.MIN_DATA_FRAME - 1,
+                                             stream=False)
+            events = _Events()
+            nursery.start_soon(_give_back_what_is_read, connection, client, events, 200)
+            with trio.fail_after(5):
+                await events.wait_for(lambda e: isinstance(e, h2.events.StreamEnded))
+            frames = [e for e in events if isinstance(e, h2.events.DataReceived) and e.data]
+            assert len(frames) == 1
+            assert json.loads(frames[0].data)["choices"][0]["message"]["content"] == "ok"
+            nursery.cancel_scope.cancel()
+            await connection.client.aclose()
+        await h.assert_quiescent()
+    assert _results(caplog) == ["success"]
+
+
 def test_the_bounded_buffer_is_what_hypercorn_uses():
     import hypercorn.protocol.h2 as h2_protocol
 

@@ -36,6 +36,15 @@ same reason that last write waits until the bytes taken out of the buffer
 have been written, not only taken out (:meth:`BoundedStreamBuffer.sent`): a
 write that then fails (the consumer gone) drops them with the connection.
 
+A consumer may also keep its window tiny and give back each byte it reads
+(CVE-2019-9511, "data dribble"): hypercorn then writes one DATA frame per byte, a
+frame and a window update per byte of the answer, its task never waiting — the
+whole process busy for one consumer. A stream whose window is below
+:data:`MIN_DATA_FRAME` while more than the window waits is held instead
+(:func:`_dribble`), as if its window were shut, until a window update makes
+room: a consumer that never does is cut at ``write_timeout`` like one that
+never reads.
+
 This is the coordinator's one reach into hypercorn's protocol internals, made
 in one place (:func:`install`), checked against the real hypercorn by
 ``tests/test_h2flow.py``.
@@ -55,6 +64,10 @@ _STOCK = h2_protocol.StreamBuffer
 _STOCK_STREAM_SEND = h2_protocol.H2Protocol.stream_send
 _STOCK_CLOSE_STREAM = h2_protocol.H2Protocol._close_stream
 _STOCK_SEND_DATA = h2_protocol.H2Protocol._send_data
+
+# The smallest DATA frame sent while more is waiting than the window allows (a 9-byte
+# frame head is then under 1 % of it); a window below it counts as shut.
+MIN_DATA_FRAME = 1024
 
 # Set (True) in an HTTP/2 request's ASGI scope when its stream closed before its
 # response was whole: whatever its last write said, the end never left. The scope is
@@ -115,12 +128,24 @@ async def _send_data(self: Any, stream_id: int) -> None:
     and write them); the buffer is told once they are written, or dropped with the
     connection when the write failed (hypercorn then closes the connection, quietly)."""
     buffer = self.stream_buffers.get(stream_id)
+    if isinstance(buffer, BoundedStreamBuffer) and _dribble(self, stream_id, buffer):
+        self.priority.block(stream_id)  # until a window update unblocks it
+        return
     await _STOCK_SEND_DATA(self, stream_id)
     if isinstance(buffer, BoundedStreamBuffer):
         if self.closed:
             await buffer.close()
         else:
             await buffer.sent()
+
+
+def _dribble(protocol: Any, stream_id: int, buffer: BoundedStreamBuffer) -> bool:
+    """Whether the stream's window would only let a sliver of what waits go (hold it)."""
+    try:
+        window: int = protocol.connection.local_flow_control_window(stream_id)
+    except h2.exceptions.ProtocolError:  # no such stream, or closed
+        return False  # hypercorn's own send finds it closed and lets the buffer go
+    return 0 < window < MIN_DATA_FRAME and window < len(buffer.buffer)
 
 
 async def _stream_send(self: Any, event: Any) -> None:
