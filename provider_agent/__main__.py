@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-import trio
-
 from coordinator.untrusted import line_safe_handler
 from provider_link.cli import USAGE_ERROR, OneLineParser, at_least
 from provider_link.keys import KeyFileError, create_keys, default_key_file, load_keys
-from provider_link.signals import until_signalled
+from provider_link.signals import run_until_signalled
 
 from .agent import AgentConfig, run_agent
 from .catalog import Wanted
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     config = AgentConfig(engine_url=args.engine[0], coordinators=tuple(args.coordinator),
                          token=token, keys=keys, provider_id=args.provider_id, wanted=wanted,
                          events_per_frame=args.events_per_frame)
-    trio.run(until_signalled, run_agent, config)
+    run_until_signalled(run_agent, config)
 
 
 def _fail(message: str) -> NoReturn:

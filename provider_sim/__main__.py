@@ -16,7 +16,7 @@ import trio
 from coordinator.untrusted import line_safe_handler
 from provider_link.cli import OneLineParser, at_least
 from provider_link.keys import KeyFileError, default_key_directory, keys_in_directory, lock_directory
-from provider_link.signals import until_signalled
+from provider_link.signals import run_until_signalled
 
 from .behaviours import parse_behaviour
 from .fleet import FleetMember, demo_fleet, load_fleet, run_fleet
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.max_request_bytes is not None:
                 member.provider.max_request_bytes = args.max_request_bytes
         count = len(members)
-        print(f"{count} simulated provider{'' if count == 1 else 's'} connecting to "
-              f"{','.join(args.coordinator)} (Ctrl-C to stop)", flush=True)
-        trio.run(until_signalled, run_fleet, members, args.coordinator)
+        run_until_signalled(run_fleet, members, args.coordinator,
+                            ready=f"{count} simulated provider{'' if count == 1 else 's'} "
+                                  f"connecting to {','.join(args.coordinator)} (Ctrl-C to stop)")
     else:
         from .http import serve_http
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                                           args.tokens)
                 print(f"simulated provider (OpenAI-compatible) on {url}", flush=True)
 
-        trio.run(until_signalled, serve_and_say)
+        run_until_signalled(serve_and_say)
 
 
 def _use_key_directory(members: list[FleetMember], directory: Path) -> None:
