@@ -53,13 +53,15 @@ class _CountingEdge:
         await self.edge.handle(connection, scope, receive, send_counted)
 
 
-async def _open_streams(connection: Connection, count: int) -> h2.connection.H2Connection:
-    """``count`` streaming chat requests on one HTTP/2 connection that grants no window."""
+async def _open_streams(connection: Connection, count: int = 1, *, window: int = 0,
+                        stream: bool = True) -> h2.connection.H2Connection:
+    """``count`` chat requests on one HTTP/2 connection whose streams get a ``window``-byte
+    window (none, by default)."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
-    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
     for _ in range(count):
-        _open_stream(client, "m1")
+        _open_stream(client, "m1", stream)
     await connection.client.send_all(client.data_to_send())
     return client
 
@@ -174,16 +176,6 @@ def _results(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.name == "coordinator.requests"]
 
 
-async def _shut_client(connection: Connection, stream: bool) -> h2.connection.H2Connection:
-    """A client that grants no window, with one chat request open (stream 1)."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    _open_stream(client, "m1", stream)
-    await connection.client.send_all(client.data_to_send())
-    return client
-
-
 async def test_a_whole_answer_that_never_leaves_is_not_logged_success(autojump_clock, caplog):
     """An answer (not streamed) waits for the window like a stream, and is cut at
     write_timeout: logged consumer_stalled, not success (it was logged as soon as it was
@@ -192,7 +184,7 @@ async def test_a_whole_answer_that_never_leaves_is_not_logged_success(autojump_c
         await h.add_provider("p")
         async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
                 trio.open_nursery() as nursery:
-            client = await _shut_client(connection, stream=False)
+            client = await _open_streams(connection, stream=False)
             events = _Events()
             nursery.start_soon(_read_events, connection, client, events)
             await events.wait_for(lambda e: isinstance(e, h2.events.StreamReset))
@@ -214,7 +206,7 @@ async def test_a_stream_reset_before_its_end_left_is_not_logged_success(autojump
         provider = await h.add_provider("p")
         async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
                 trio.open_nursery() as nursery:
-            client = await _shut_client(connection, stream=True)
+            client = await _open_streams(connection)
             events = _Events()
             nursery.start_soon(_read_events, connection, client, events)
             await h.until(lambda: provider.completed and _in_use(h) == 0)
@@ -238,7 +230,7 @@ async def test_an_answer_whose_connection_goes_as_its_window_opens_is_not_logged
     async with open_harness(write_timeout=30.0, speculative_backup=False) as h:
         provider = await h.add_provider("p")
         async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection:
-            client = await _shut_client(connection, stream=True)
+            client = await _open_streams(connection)
             await h.until(lambda: provider.completed and _in_use(h) == 0)
             client.increment_flow_control_window(65535, stream_id=1)
             client.close_connection()
@@ -260,7 +252,7 @@ async def test_an_answer_whose_bytes_never_reach_the_socket_is_not_logged_succes
         provider = await h.add_provider("p")
         async with open_connection(h.coordinator.http_edge, h.coordinator.connections,
                                    pair=partial(socket_pair, 16)) as connection:
-            client = await _shut_client(connection, stream=True)
+            client = await _open_streams(connection)
             events = _Events()
             async with trio.open_nursery() as reading:
                 reading.start_soon(_read_events, connection, client, events)
@@ -290,17 +282,6 @@ async def test_a_connection_that_goes_frees_its_streams_slots_at_once(autojump_c
         await h.assert_quiescent()
         gc.collect()  # and what the streams buffered is given back: nothing holds it
         assert not [o for o in gc.get_objects() if isinstance(o, h2flow._STOCK)]
-
-
-async def _dribbling_client(connection: Connection, window: int,
-                            stream: bool = True) -> h2.connection.H2Connection:
-    """A client whose streams get a ``window``-byte window, with one chat request open."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
-    _open_stream(client, "m1", stream)
-    await connection.client.send_all(client.data_to_send())
-    return client
 
 
 async def _give_back_what_is_read(connection: Connection, client: h2.connection.H2Connection,
@@ -335,7 +316,7 @@ async def test_a_one_byte_window_given_back_byte_by_byte_is_not_served_byte_by_b
         provider = await h.add_provider("big", behaviour=SLOW_BIG)
         async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
                 trio.open_nursery() as nursery:
-            client = await _dribbling_client(connection, window=1)
+            client = await _open_streams(connection, window=1)
             events = _Events()
             nursery.start_soon(_give_back_what_is_read, connection, client, events, 200)
             await h.until(lambda: _in_use(h) == 1)
@@ -359,8 +340,8 @@ async def test_what_fits_a_small_window_is_sent(autojump_clock, caplog):
         await h.add_provider("p", behaviour=Behaviour(text="ok"))
         async with open_connection(h.coordinator.http_edge, h.coordinator.connections) as connection, \
                 trio.open_nursery() as nursery:
-            client = await _dribbling_client(connection, window=h2flow.MIN_DATA_FRAME - 1,
-                                             stream=False)
+            client = await _open_streams(connection, window=h2flow.MIN_DATA_FRAME - 1,
+                                         stream=False)
             events = _Events()
             nursery.start_soon(_give_back_what_is_read, connection, client, events, 200)
             with trio.fail_after(5):

@@ -39,7 +39,8 @@ class Output:
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process, self.lines = process, []
         self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -63,7 +64,7 @@ class Output:
     def stop(self) -> str:
         self.process.send_signal(signal.SIGINT)
         self.process.wait(30)
-        time.sleep(0.1)  # the reader's last lines
+        self._reader.join(5)  # it has read to the end of the output: the last lines are in
         return "".join(self.lines)
 
 
